@@ -1,0 +1,116 @@
+"""The `mdcache` command: extract, info, ls, verify, bench."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import bench, extract, store, verify
+from .config import opt, typer_command
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Offline teacher-feature cache for MaskDistill: extract once, train many times, share.")
+console = Console()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def fidelity_text(f: dict) -> str:
+    return f"cos {f['mean_cosine']:.5f} (worst {f['min_cosine']:.5f})" if f else "-"
+
+
+@dataclass
+class InfoConfig:
+    """Show one cache: fingerprint, shapes, codec, bytes per view, fidelity, completeness."""
+
+    cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
+    json_out: bool = opt(False, "Print the manifest and statistics as JSON.", param="--json")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+
+
+def info(cfg: InfoConfig) -> None:
+    cache = _open(cfg.cache, cfg.storage_option)
+    stats = cache.stats()
+    if cfg.json_out:
+        print(json.dumps({"manifest": cache.manifest, "stats": stats}, indent=1))
+        return
+    m, fp = cache.manifest, cache.manifest["fingerprint"]
+    t = Table(show_header=False, box=None)
+    t.add_row("cache", cache.url)
+    t.add_row("id", m["cache_id"])
+    t.add_row("teacher", f"{m['teacher']['spec']} ({fp['teacher']['arch']}, weights {fp['teacher']['weights']}, "
+                         f"sha256 {fp['teacher']['weights_sha256'][:12]}, tap {fp['teacher']['tap']}, {fp['teacher']['precision']})")
+    t.add_row("targets", f"{m['views']} views x {m['teacher']['tokens']} tokens ({'x'.join(map(str, m['teacher']['patch_grid']))}) "
+                         f"x {m['teacher']['dim']} dims, codec {m['codec']['name']}")
+    v = fp["views"]
+    t.add_row("views", f"{v['image_size']}px, crop scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, "
+                       f"flip {v['flip']}, seed {v['seed']}, replay {v['replay']}")
+    t.add_row("source", f"{m['source']['spec']} ({fp['source']['shards']} {fp['source']['kind']} shards)")
+    t.add_row("complete", f"{stats['shards_done']}/{stats['shards_total']} shards, {stats['samples']} images, "
+                          f"{stats['skipped']} skipped")
+    t.add_row("size", f"{human_bytes(stats['bytes'])}, {human_bytes(stats['bytes_per_view'])} per view")
+    t.add_row("fidelity", fidelity_text(stats["fidelity"]) + (f", rel-L2 {stats['fidelity']['mean_rel_l2']:.5f} "
+                          f"(worst {stats['fidelity']['max_rel_l2']:.5f}) on {stats['fidelity']['tokens']} tokens"
+                          if stats["fidelity"] else ""))
+    t.add_row("created", f"{m['created_by']} at {m['created_at']}")
+    console.print(t)
+
+
+@dataclass
+class LsConfig:
+    """List the caches under a root, one row each."""
+
+    root: str = opt(None, "Cache root, local path or fsspec URL.")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+
+
+def ls(cfg: LsConfig) -> None:
+    try:
+        caches = store.list_caches(cfg.root, extract.parse_storage_options(cfg.storage_option))
+    except store.CacheError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(2)
+    t = Table("id", "teacher", "tap", "source", "views", "codec", "images", "shards", "bytes", "bytes/view",
+              "fidelity", "created")
+    for c in caches:
+        s, m = c.stats(), c.manifest
+        t.add_row(m["cache_id"], m["teacher"]["spec"] + (" (random)" if m["fingerprint"]["teacher"]["weights"] == "random-init" else ""),
+                  m["fingerprint"]["teacher"]["tap"], m["source"]["spec"], str(m["views"]), m["codec"]["name"],
+                  str(s["samples"]), f"{s['shards_done']}/{s['shards_total']}", human_bytes(s["bytes"]),
+                  human_bytes(s["bytes_per_view"]), fidelity_text(s["fidelity"]), f"{m['created_by']} {m['created_at']}")
+    console.print(t if caches else f"no caches under {cfg.root}")
+
+
+def _open(url: str, storage_option: list[str]) -> store.Cache:
+    try:
+        return store.open_cache(url, extract.parse_storage_options(storage_option))
+    except store.CacheError as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(2)
+
+
+def _extract(cfg: extract.ExtractConfig) -> None:
+    from .sources import SourceError
+    from .teachers import TeacherError
+
+    try:
+        extract.run_cli(cfg)
+    except (SourceError, TeacherError, store.CacheError, ValueError, typer.BadParameter) as e:
+        Console(stderr=True).print(f"[red]error:[/] {e}")
+        raise SystemExit(2)
+
+
+typer_command(app, extract.ExtractConfig, _extract, "extract")
+typer_command(app, InfoConfig, info, "info", arguments=("cache",))
+typer_command(app, LsConfig, ls, "ls", arguments=("root",))
+typer_command(app, verify.VerifyConfig, verify.run_cli, "verify", arguments=("cache",))
+typer_command(app, bench.BenchConfig, bench.run_cli, "bench")

@@ -1,0 +1,199 @@
+"""Image sources: WebDataset tar shards (any fsspec URL) or an image folder cut into virtual shards.
+
+Tars are read as a stream with the standard library (members grouped by key, WebDataset's
+convention), so nothing in a source is ever unpickled and every error can name its shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import fsspec
+from braceexpand import braceexpand
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SourceError(RuntimeError):
+    """A source shard that is missing, unreadable or truncated. The message names it."""
+
+
+@dataclass(frozen=True)
+class SourceShard:
+    name: str                       # stable name: tar basename without .tar, or folder-NNNNNN
+    url: str                        # the tar, or the folder root
+    size: int                       # bytes (identity)
+    files: tuple[str, ...] = ()     # folder shards: paths relative to url
+    classes: tuple[str, ...] = ()   # folder sources: sorted class names (index = label)
+
+    def to_json(self) -> dict:
+        d = {"name": self.name, "url": self.url, "size": self.size}
+        if self.files:
+            d["files"] = list(self.files)
+        return d
+
+
+@dataclass
+class Sample:
+    key: str
+    data: bytes | None              # encoded image, None if the sample had no image member
+    label: int | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def _fs(url: str, storage_options: dict | None):
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def _unstrip(fs, url: str, path: str) -> str:
+    """fsspec strips the protocol; put it back so URLs stay usable on their own."""
+    proto = url.split("://", 1)[0] if "://" in url else None
+    return f"{proto}://{path}" if proto and proto != "file" else path
+
+
+def list_source(spec: str, storage_options: dict | None = None, folder_shard_size: int = 1000) -> list[SourceShard]:
+    """Expand a source spec (brace pattern, glob, list of tars, or a folder) into ordered shards."""
+    if not spec:
+        raise SourceError("no source given (--source 'shards/train-{000000..000009}.tar' or an image folder)")
+    patterns = [p for part in spec.split(",") if part for p in braceexpand(part.strip())] if "{" in spec else [
+        p.strip() for p in spec.split(",") if p.strip()]
+    if len(patterns) == 1:
+        fs, path = _fs(patterns[0], storage_options)
+        if fs.isdir(path):
+            return _list_folder(patterns[0], fs, path, folder_shard_size)
+    shards = []
+    for pat in patterns:
+        fs, path = _fs(pat, storage_options)
+        if any(c in path for c in "*?["):
+            found = sorted(fs.glob(path))
+            if not found:
+                raise SourceError(f"source pattern {pat!r} matches no file")
+            paths = found
+        else:
+            paths = [path]
+        for p in paths:
+            try:
+                info = fs.info(p)
+            except FileNotFoundError:
+                raise SourceError(f"source shard {_unstrip(fs, pat, p)!r} does not exist") from None
+            except OSError as e:
+                raise SourceError(f"source shard {_unstrip(fs, pat, p)!r} is unreadable: {e}") from e
+            name = os.path.basename(p)
+            name = re.sub(r"\.(tar|tgz|tar\.gz)$", "", name)
+            shards.append(SourceShard(name=name, url=_unstrip(fs, pat, p), size=int(info.get("size") or 0)))
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise SourceError(f"source shard names must be unique; repeated: {', '.join(dup[:5])}")
+    return shards
+
+
+def _list_folder(url: str, fs, root: str, shard_size: int) -> list[SourceShard]:
+    entries = fs.find(root, detail=True)
+    files = sorted((p[len(root.rstrip("/")):].lstrip("/"), info["size"])
+                   for p, info in entries.items() if p.rsplit(".", 1)[-1].lower() in IMAGE_EXTS)
+    if not files:
+        raise SourceError(f"image folder {url!r} contains no {'/'.join(IMAGE_EXTS)} files")
+    classes = tuple(sorted({f.split("/")[0] for f, _ in files if "/" in f}))
+    shards = []
+    for i in range(0, len(files), shard_size):
+        chunk = files[i:i + shard_size]
+        shards.append(SourceShard(name=f"folder-{i // shard_size:06d}", url=url.rstrip("/"),
+                                  size=sum(s for _, s in chunk), files=tuple(f for f, _ in chunk), classes=classes))
+    return shards
+
+
+def select(shards: list[SourceShard], which: str | None) -> list[SourceShard]:
+    """`--shards`: None (all), 'a:b' (python slice), or 'i,j,k' (indices)."""
+    if not which:
+        return shards
+    try:
+        if ":" in which:
+            a, b = (int(x) if x else None for x in which.split(":", 1))
+            return shards[a:b]
+        return [shards[int(i)] for i in which.split(",")]
+    except (ValueError, IndexError) as e:
+        raise SourceError(f"--shards {which!r}: expected 'start:stop' or 'i,j,...' within 0..{len(shards) - 1}") from e
+
+
+def identity(shards: list[SourceShard]) -> dict:
+    """Source dataset identity for the fingerprint: shard names and sizes (and folder file lists)."""
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{s.name}\t{s.size}\n".encode())
+        for f in s.files:
+            h.update(f"  {f}\n".encode())
+    kind = "folder" if shards and shards[0].files else "tar"
+    return {"kind": kind, "shards": len(shards), "digest": h.hexdigest()[:32]}
+
+
+def iter_samples(shard: SourceShard, storage_options: dict | None = None) -> Iterator[Sample]:
+    """Samples of one shard in stored order. Raises SourceError naming the shard if it is unreadable."""
+    if shard.files:
+        yield from _iter_folder(shard, storage_options)
+    else:
+        yield from _iter_tar(shard, storage_options)
+
+
+def _iter_folder(shard: SourceShard, storage_options: dict | None) -> Iterator[Sample]:
+    fs, root = _fs(shard.url, storage_options)
+    index = {c: i for i, c in enumerate(shard.classes)}
+    for rel in shard.files:
+        try:
+            data = fs.cat_file(f"{root.rstrip('/')}/{rel}")
+        except OSError as e:
+            raise SourceError(f"{shard.url}/{rel}: unreadable: {e}") from e
+        label = index.get(rel.split("/")[0]) if "/" in rel else None
+        yield Sample(key=rel.rsplit(".", 1)[0], data=data, label=label)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    d, base = os.path.split(name)
+    if "." not in base:
+        return name, ""
+    stem, ext = base.split(".", 1)
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _make_sample(key: str, members: dict[str, bytes]) -> Sample:
+    data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+    label, meta = None, {}
+    if "cls" in members:
+        try:
+            label = int(members["cls"].decode().strip())
+        except ValueError:
+            meta["cls_error"] = "unparseable .cls"
+    if "json" in members:
+        try:
+            meta.update(json.loads(members["json"].decode()))
+        except (ValueError, UnicodeDecodeError):
+            meta["json_error"] = "unparseable .json"
+    return Sample(key=key, data=data, label=label, meta=meta)
+
+
+def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Sample]:
+    fs, path = _fs(shard.url, storage_options)
+    key, members, last = None, {}, None
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            for m in tf:
+                if not m.isfile():
+                    continue
+                k, ext = _split_member(m.name)
+                if k != key and key is not None:
+                    yield _make_sample(key, members)
+                    last, members = key, {}
+                key = k
+                members[ext] = tf.extractfile(m).read()
+    except FileNotFoundError:
+        raise SourceError(f"source shard {shard.url!r} does not exist") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        where = f"after sample {last!r}" if last else "at its start"
+        raise SourceError(f"source shard {shard.url!r} is truncated or corrupt ({where}): {e}") from e
+    if key is not None:
+        yield _make_sample(key, members)

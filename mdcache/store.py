@@ -1,0 +1,310 @@
+"""The cache on disk or in a bucket: identity, layout, atomic commits, and the reader.
+
+    <root>/<cache-id>/manifest.json            fingerprint, codec + calibration, shapes, source shards
+    <root>/<cache-id>/shards/<name>.<attempt>/ one Zarr v3 group per source shard (written first)
+    <root>/<cache-id>/commits/<name>.json      the shard's commit record (written last, atomically)
+
+A shard exists for readers only once its commit record exists; the record names the attempt
+directory it vouches for and carries per-view checksums. Nothing here is pickled.
+"""
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+
+from . import codecs
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be used as asked: missing, incomplete, corrupt, or made by something else."""
+
+
+# ----------------------------------------------------------------------------- identity
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def cache_id(fingerprint: dict) -> str:
+    """Same producer -> same id. 16 hex chars of sha256 over the canonical fingerprint."""
+    return hashlib.sha256(canonical_json(fingerprint).encode()).hexdigest()[:16]
+
+
+def array_digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ----------------------------------------------------------------------------- filesystem
+
+def url_to_fs(url: str, storage_options: dict | None = None):
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def is_local(fs) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
+
+
+def read_json(fs, path: str) -> dict:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read().decode())
+
+
+def write_json(fs, path: str, obj: dict, exclusive: bool = False) -> bool:
+    """Atomically publish a small JSON file. With exclusive, never replace an existing one and
+    return False if it already existed. Local: write a temp file, then link/rename it into place.
+    Object stores: one PUT (conditional If-None-Match where the store supports it)."""
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if not exclusive:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # atomic, fails if path exists
+                return True
+            except FileExistsError:
+                return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if exclusive:
+        return _put_if_absent(fs, path, data)
+    fs.pipe_file(path, data)
+    return True
+
+
+def _put_if_absent(fs, path: str, data: bytes) -> bool:
+    try:
+        fs.pipe_file(path, data, mode="create")  # s3fs >= 2024.12: conditional put
+        return True
+    except FileExistsError:
+        return False
+    except TypeError:  # filesystem without mode=: check, put, then verify nobody raced us
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return fs.cat_file(path) == data
+    except OSError as e:  # S3 answers 412 Precondition Failed when the object exists
+        if "PreconditionFailed" in str(e) or "412" in str(e):
+            return False
+        raise
+
+
+# ----------------------------------------------------------------------------- writing
+
+def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None = None) -> dict:
+    """Publish the manifest unless one exists; return the one that is there (first writer wins)."""
+    fs, path = url_to_fs(cache_url, storage_options)
+    mpath = join(path, MANIFEST)
+    if not write_json(fs, mpath, manifest, exclusive=True):
+        existing = read_json(fs, mpath)
+        if existing.get("fingerprint") != manifest["fingerprint"]:
+            raise CacheError(f"{cache_url}: an existing manifest has a different fingerprint "
+                             "(cache made by another teacher/recipe/codec under the same id?)")
+        return existing
+    return manifest
+
+
+def write_shard(cache_url: str, name: str, manifest: dict, keys: list[str], arrays: dict[str, np.ndarray],
+                views: np.ndarray, extra: dict, storage_options: dict | None = None) -> dict | None:
+    """Write one shard's arrays ([K, N, ...] each) into a fresh attempt directory, then commit it.
+
+    Returns the commit record, or None if another writer committed this shard first.
+    """
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    fs, path = url_to_fs(cache_url, storage_options)
+    attempt = f"{name}.{uuid.uuid4().hex[:12]}"
+    group_url = join(cache_url, "shards", attempt)
+    if is_local(fs):
+        group_url = join(path, "shards", attempt)
+    group = zarr.open_group(group_url, mode="w", zarr_format=3, storage_options=None if is_local(fs) else storage_options)
+    checksums = {}
+    n = len(keys)
+    for arr_name, data in list(arrays.items()) + [("views", views)]:
+        chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
+        z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                               compressors=ZstdCodec(level=3), fill_value=0)
+        if data.size:
+            z[...] = data
+        checksums[arr_name] = [array_digest(data[k]) for k in range(data.shape[0])]
+    group.attrs.update({"keys": keys, "shard": name})
+    record = {"shard": name, "path": f"shards/{attempt}", "samples": n, "views": int(views.shape[0]),
+              "keys_sha256": keys_digest(keys), "checksums": checksums, "created_by": who(),
+              "created_at": now(), "format_version": FORMAT_VERSION, **extra}
+    committed = write_json(fs, join(path, "commits", f"{name}.json"), record, exclusive=True)
+    return record if committed else None
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class Cache:
+    """A committed cache: its manifest, its committed shards, and read access to them."""
+
+    url: str
+    manifest: dict
+    storage_options: dict | None = None
+    commits: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def codec(self) -> str:
+        return self.manifest["codec"]["name"]
+
+    @property
+    def calibration(self) -> dict | None:
+        return self.manifest["codec"].get("calibration")
+
+    @property
+    def source_shards(self) -> list[dict]:
+        return self.manifest["source"]["shards"]
+
+    @property
+    def shard_names(self) -> list[str]:
+        """Committed shards, in source order."""
+        return [s["name"] for s in self.source_shards if s["name"] in self.commits]
+
+    @property
+    def complete(self) -> bool:
+        return len(self.commits) == len(self.source_shards)
+
+    def refresh(self) -> "Cache":
+        fs, path = url_to_fs(self.url, self.storage_options)
+        cdir = join(path, "commits")
+        self.commits = {}
+        if fs.exists(cdir):
+            for p in fs.ls(cdir, detail=False):
+                if p.endswith(".json"):
+                    rec = read_json(fs, p)
+                    self.commits[rec["shard"]] = rec
+        return self
+
+    def _group(self, shard: str):
+        import zarr
+
+        if shard not in self.commits:
+            raise CacheError(f"{self.url}: shard {shard!r} is not committed "
+                             f"({len(self.commits)}/{len(self.source_shards)} shards committed)")
+        fs, path = url_to_fs(self.url, self.storage_options)
+        rel = self.commits[shard]["path"]
+        if is_local(fs):
+            return zarr.open_group(join(path, rel), mode="r")
+        return zarr.open_group(join(self.url, rel), mode="r", storage_options=self.storage_options)
+
+    def keys(self, shard: str) -> list[str]:
+        return list(self._group(shard).attrs["keys"])
+
+    def read_encoded(self, shard: str, view: int, check: bool = True) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+        """(keys, encoded arrays for that view [N, ...], view params int32 [N, 7]): one sequential read each."""
+        rec = self.commits.get(shard) or self._group(shard)
+        if not 0 <= view < rec["views"]:
+            raise CacheError(f"{self.url}: shard {shard!r} has {rec['views']} views, asked for view {view}")
+        group = self._group(shard)
+        keys = list(group.attrs["keys"])
+        out = {}
+        for name in list(codecs.CODEC_ARRAYS[self.codec]) + ["views"]:
+            try:
+                a = group[name][view]
+            except Exception as e:  # undecodable chunk, missing file
+                raise CacheError(f"{self.url}: shard {shard!r} array {name!r} view {view} is unreadable: {e}") from e
+            if check and array_digest(a) != rec["checksums"][name][view]:
+                raise CacheError(f"{self.url}: shard {shard!r} array {name!r} view {view}: checksum mismatch "
+                                 "(corrupt cache shard; re-extract it with `mdcache extract` after `mdcache rm --shard`)")
+            out[name] = a
+        if check and keys_digest(keys) != rec["keys_sha256"]:
+            raise CacheError(f"{self.url}: shard {shard!r}: sample keys do not match the commit record")
+        return keys, out, out.pop("views")
+
+    def decode(self, arrays: dict[str, Any]) -> torch.Tensor:
+        """Encoded arrays (numpy or tensors on any device) -> float32 targets on the same device."""
+        tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+        return codecs.decode(self.codec, tensors, self.calibration)
+
+    def read(self, shard: str, view: int, check: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(keys, targets float32 [N, P, D], view params int32 [N, 7])."""
+        keys, arrays, views = self.read_encoded(shard, view, check=check)
+        return keys, self.decode(arrays).numpy(), views
+
+    def stats(self) -> dict:
+        """Completeness, sizes and fidelity aggregated over committed shards."""
+        meter = codecs.FidelityMeter()
+        samples = skipped = 0
+        for rec in self.commits.values():
+            meter.merge(rec.get("fidelity", {}))
+            samples += rec["samples"]
+            skipped += len(rec.get("skipped", []))
+        fs, path = url_to_fs(self.url, self.storage_options)
+        try:
+            nbytes = sum(fs.du(join(path, rec["path"])) for rec in self.commits.values())
+        except FileNotFoundError:
+            nbytes = 0
+        views = samples * self.manifest["views"]
+        return {"shards_done": len(self.commits), "shards_total": len(self.source_shards), "samples": samples,
+                "skipped": skipped, "bytes": nbytes, "bytes_per_view": nbytes / views if views else 0,
+                "fidelity": meter.report()}
+
+
+def open_cache(url: str, storage_options: dict | None = None) -> Cache:
+    """Open a cache directory (`<root>/<cache-id>`). Raises CacheError with the URL if it is not one."""
+    fs, path = url_to_fs(url, storage_options)
+    mpath = join(path, MANIFEST)
+    if not fs.exists(mpath):
+        raise CacheError(f"{url}: no {MANIFEST} here; not a cache directory (use `mdcache ls ROOT` to list caches)")
+    manifest = read_json(fs, mpath)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not supported "
+                         f"(this mdcache reads format {FORMAT_VERSION})")
+    return Cache(url=url.rstrip("/"), manifest=manifest, storage_options=storage_options).refresh()
+
+
+def list_caches(root: str, storage_options: dict | None = None) -> list[Cache]:
+    fs, path = url_to_fs(root, storage_options)
+    if not fs.exists(path):
+        raise CacheError(f"{root}: no such cache root")
+    out = []
+    for p in sorted(fs.ls(path, detail=False)):
+        if fs.exists(join(p, MANIFEST)):
+            out.append(open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options))
+    return out

@@ -1,0 +1,134 @@
+"""`mdcache verify`: every shard's checksums, and (optionally) the teacher re-run on replayed views.
+
+The teacher check is the view-replay contract made executable: decode the source image, replay
+the stored crop with `views.replay`, run the same teacher in fp32, and compare with the stored
+(decoded) targets after the trainer's LayerNorm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from rich.console import Console
+
+from . import codecs, sources, store, views
+from .config import opt
+from .extract import parse_storage_options
+from .teachers import TeacherError, load_teacher, resolve_device, run_teacher
+
+console = Console(stderr=True)
+
+
+@dataclass
+class VerifyConfig:
+    """Check a cache: checksums of every committed shard, and optionally the teacher on replayed views."""
+
+    cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
+    teacher_check: int = opt(0, "Re-run the teacher on this many replayed views and compare with the stored targets (0: skip).")
+    min_cosine: float = opt(0.99, "Teacher check fails if any token's cosine similarity (after LayerNorm) is below this.")
+    weights: Optional[str] = opt(None, "Teacher weights file, if the cache was made with --weights.")
+    source: Optional[str] = opt(None, "Where the source shards are now, if they moved (same shard names).")
+    device: str = opt("auto", "Device for the teacher check.")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+
+
+def check_checksums(cache: store.Cache) -> list[str]:
+    problems = []
+    for name in cache.shard_names:
+        for v in range(cache.commits[name]["views"]):
+            try:
+                cache.read_encoded(name, v, check=True)
+            except store.CacheError as e:
+                problems.append(str(e))
+    return problems
+
+
+def teacher_for(cache: store.Cache, weights: str | None, device) -> "object":
+    """Rebuild the teacher that made this cache, and refuse a different one."""
+    ident = cache.manifest["fingerprint"]["teacher"]
+    random_init = ident["weights"] == "random-init"
+    if ident["weights"].startswith("file:") and not weights:
+        raise TeacherError(f"cache {cache.url} was made with teacher weights from a file "
+                           f"({ident['weights'][5:]}); pass it with --weights PATH")
+    teacher = load_teacher(cache.manifest["teacher"]["spec"], weights=weights, random_init=random_init,
+                           tap=ident["tap"], image_size=ident["image_size"], device=device,
+                           seed=ident.get("init_seed", 0))
+    if teacher.identity["weights_sha256"] != ident["weights_sha256"]:
+        raise TeacherError(f"cache {cache.url} was made by another teacher: weights digest "
+                           f"{ident['weights_sha256']} in the manifest, {teacher.identity['weights_sha256']} loaded")
+    return teacher
+
+
+def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source: str | None = None,
+                  device: str = "auto", storage_options: dict | None = None) -> dict:
+    """Fidelity of stored targets vs the fp32 teacher on n replayed views (spread over views and shards)."""
+    teacher = teacher_for(cache, weights, resolve_device(device))
+    shard_list = [sources.SourceShard(name=s["name"], url=s["url"], size=s["size"], files=tuple(s.get("files", ())),
+                                      classes=tuple(cache.manifest["source"].get("classes", ())))
+                  for s in cache.source_shards]
+    if source:
+        moved = {s.name: s for s in sources.list_source(source, storage_options)}
+        shard_list = [moved.get(s.name, s) for s in shard_list]
+    by_name = {s.name: s for s in shard_list}
+    meter, size, k_views, done = codecs.FidelityMeter(), cache.manifest["image_size"], cache.manifest["views"], 0
+    per_shard = max(1, -(-n // max(1, len(cache.shard_names))))
+    for name in cache.shard_names:
+        if done >= n:
+            break
+        wanted = min(per_shard, n - done)
+        stored = {v: cache.read(name, v) for v in range(k_views)}
+        index = {key: i for i, key in enumerate(stored[0][0])}
+        xs, refs = [], []
+        for sample in sources.iter_samples(by_name[name], storage_options):
+            if sample.key not in index or sample.data is None:
+                continue
+            v = (done + len(xs)) % k_views
+            i = index[sample.key]
+            _, targets, params = stored[v]
+            view = views.replay(views.decode_image(sample.data), params[i], size)
+            xs.append(views.to_tensor(view, teacher.mean, teacher.std))
+            refs.append(torch.from_numpy(targets[i]))
+            if len(xs) == wanted:
+                break
+        if xs:
+            fresh = run_teacher(teacher, torch.stack(xs), "fp32").cpu()
+            meter.update(fresh, torch.stack(refs))
+            done += len(xs)
+    return {"views": done, **meter.report()}
+
+
+def verify(cfg: VerifyConfig) -> dict:
+    so = parse_storage_options(cfg.storage_option)
+    cache = store.open_cache(cfg.cache, so)
+    report = {"cache": cache.url, "shards_done": len(cache.commits), "shards_total": len(cache.source_shards),
+              "problems": check_checksums(cache)}
+    if cfg.teacher_check:
+        tc = teacher_check(cache, cfg.teacher_check, cfg.weights, cfg.source, cfg.device, so)
+        report["teacher_check"] = tc
+        if not tc.get("views"):
+            report["problems"].append("teacher check: no source sample of a committed shard could be read")
+        elif tc["min_cosine"] < cfg.min_cosine:
+            report["problems"].append(f"teacher check: worst token cosine {tc['min_cosine']:.6f} < {cfg.min_cosine} "
+                                      "(targets do not match the teacher on replayed views)")
+    return report
+
+
+def run_cli(cfg: VerifyConfig) -> None:
+    try:
+        report = verify(cfg)
+    except (store.CacheError, TeacherError, sources.SourceError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(2)
+    console.print(f"{report['cache']}: {report['shards_done']}/{report['shards_total']} shards committed, checksums "
+                  + ("OK" if not any("checksum" in p or "unreadable" in p for p in report["problems"]) else "BAD"))
+    tc = report.get("teacher_check")
+    if tc and tc.get("views"):
+        console.print(f"teacher check on {tc['views']} replayed views: cosine mean {tc['mean_cosine']:.6f} "
+                      f"worst {tc['min_cosine']:.6f}, rel-L2 mean {tc['mean_rel_l2']:.5f} worst {tc['max_rel_l2']:.5f}")
+    for p in report["problems"]:
+        console.print(f"[red]problem:[/] {p}")
+    print("OK" if not report["problems"] else "FAILED")
+    if report["problems"]:
+        raise SystemExit(1)
+
