@@ -1,0 +1,52 @@
+"""Shared fixtures: a real-photo WebDataset set and a tiny *real* open_clip ViT teacher (random init).
+
+No weights can be downloaded here, so every teacher in the tests is randomly initialised on purpose
+(`--random-init`), which the cache records in its fingerprint.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub from the tests
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = str(ROOT / "tests" / "assets" / "tiny-clip.json")
+TINY_TEACHER = f"open_clip:{TINY_CLIP}"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """10 classes of real photo crops: train-{000000..000003}.tar (120 images), val-000000.tar (40)."""
+    out = tmp_path_factory.mktemp("demo-data")
+    subprocess.run([sys.executable, str(ROOT / "pipelines" / "demo" / "make_data.py"), "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_spec(demo_data) -> str:
+    return str(demo_data / "train-{000000..000003}.tar")
+
+
+def extract_cfg(source: str, cache: str, **kw):
+    from mdcache.extract import ExtractConfig
+
+    base = dict(source=source, cache=cache, teacher=TINY_TEACHER, random_init=True, image_size=64, views=2,
+                codec="fp16", workers=0, batch_size=8, calib_images=16)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, module: str = "mdcache") -> subprocess.CompletedProcess:
+    """Run `python -m mdcache ...` as a user would, in a fresh process."""
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "COLUMNS": "200", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p

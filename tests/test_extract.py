@@ -1,0 +1,259 @@
+"""mdcache extract end to end: real photos, a real (tiny, random-init) open_clip ViT, real Zarr stores."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg, run_cli
+from mdcache import open_cache, store, views
+from mdcache.extract import extract
+from mdcache.sources import iter_samples, list_source
+from mdcache.teachers import load_teacher, run_teacher
+
+
+def teacher_on_replayed_views(cache, source_spec):
+    """Run the teacher directly on every stored view, replayed from the source images."""
+    t = load_teacher(TINY_TEACHER, random_init=True, image_size=64)
+    shards = {s.name: s for s in list_source(source_spec)}
+    for name in cache.shard_names:
+        images = {s.key: views.decode_image(s.data) for s in iter_samples(shards[name])}
+        for v in range(cache.manifest["views"]):
+            keys, targets, params = cache.read(name, v)
+            x = torch.stack([views.to_tensor(views.replay(images[k], p, 64), t.mean, t.std) for k, p in zip(keys, params)])
+            yield run_teacher(t, x), torch.from_numpy(targets)
+
+
+@pytest.mark.parametrize("codec,threshold", [("fp16", 0.9999), ("int8", 0.999)])
+def test_cache_equals_teacher_on_replayed_views(tmp_path, train_spec, codec, threshold):
+    url, summary = extract(extract_cfg(train_spec, str(tmp_path), codec=codec, workers=2), progress=False)
+    cache = open_cache(url)
+    assert cache.complete and len(cache.shard_names) == 4 and summary["images"] == 120
+    from mdcache.codecs import FidelityMeter
+    meter = FidelityMeter()
+    for fresh, stored in teacher_on_replayed_views(cache, train_spec):
+        meter.update(fresh, stored)
+    rep = meter.report()
+    assert rep["tokens"] == 120 * 2 * 16
+    assert rep["min_cosine"] > threshold, rep
+    recorded = cache.stats()["fidelity"]  # the fidelity recorded while extracting agrees
+    assert recorded["min_cosine"] > threshold and recorded["tokens"] > 0
+
+
+def cache_url_for(tmp_path, source, **kw):
+    """Create (only) the cache's manifest: `--shards 0:0` selects no shard to compute."""
+    url, _ = extract(extract_cfg(source, str(tmp_path), **{"shards": "0:0", **kw}), progress=False)
+    return url.rsplit("/", 1)[-1]
+
+
+def test_cache_id_changes_with_what_produced_it_and_nothing_else(tmp_path, demo_data, train_spec):
+    base = cache_url_for(tmp_path, train_spec)
+    # Not part of the identity: how the work is run.
+    assert cache_url_for(tmp_path, train_spec, workers=2, batch_size=3, fidelity_images=2) == base
+    assert cache_url_for(tmp_path, train_spec, shards="1:2") == base
+    # Part of it: teacher, tap, codec, views, view recipe, source.
+    changed = {
+        "teacher": cache_url_for(tmp_path, train_spec, teacher="timm:vit_tiny_patch16_224"),
+        "tap": cache_url_for(tmp_path, train_spec, tap="proj"),
+        "codec": cache_url_for(tmp_path, train_spec, codec="int8"),
+        "views": cache_url_for(tmp_path, train_spec, views=3),
+        "crop": cache_url_for(tmp_path, train_spec, crop_scale="0.3,1.0"),
+        "seed": cache_url_for(tmp_path, train_spec, seed=1),
+        "source": cache_url_for(tmp_path, str(demo_data / "train-{000000..000002}.tar")),
+    }
+    assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
+
+
+def commits_and_data(url):
+    cache = open_cache(url)
+    out = {}
+    for name in cache.shard_names:
+        rec = dict(cache.commits[name])
+        out[name] = {"checksums": rec["checksums"], "keys": rec["keys_sha256"], "samples": rec["samples"],
+                     "data": [cache.read_encoded(name, v) for v in range(rec["views"])]}
+    return cache, out
+
+
+def assert_same_cache(url_a, url_b):
+    ca, a = commits_and_data(url_a)
+    cb, b = commits_and_data(url_b)
+    assert ca.manifest["fingerprint"] == cb.manifest["fingerprint"]
+    assert ca.manifest["codec"] == cb.manifest["codec"]  # same calibration
+    assert sorted(a) == sorted(b) and ca.complete and cb.complete
+    for name in a:
+        assert a[name]["checksums"] == b[name]["checksums"] and a[name]["keys"] == b[name]["keys"]
+        for (ka, arr_a, va), (kb, arr_b, vb) in zip(a[name]["data"], b[name]["data"]):
+            assert ka == kb and np.array_equal(va, vb)
+            assert all(np.array_equal(arr_a[k], arr_b[k]) for k in arr_a)
+
+
+def extract_args(source, cache, *extra):
+    return ["extract", "--source", source, "--cache", cache, "--teacher", TINY_TEACHER, "--random-init",
+            "--image-size", "64", "--views", "2", "--codec", "int8", "--workers", "0", "--batch-size", "2",
+            "--calib-images", "8", "--folder-shard-size", "10", *extra]
+
+
+@pytest.fixture(scope="module")
+def folder_source(demo_data, tmp_path_factory) -> Path:
+    """The demo photos as a class-folder tree (class = photo name)."""
+    root = tmp_path_factory.mktemp("folder")
+    for shard in list_source(str(demo_data / "train-{000000..000003}.tar")):
+        for s in iter_samples(shard):
+            cls = s.key.rsplit("-", 1)[0]
+            (root / cls).mkdir(exist_ok=True)
+            (root / cls / f"{s.key}.jpg").write_bytes(s.data)
+    return root
+
+
+def test_killed_run_then_rerun_equals_uninterrupted_run(tmp_path, folder_source):
+    killed_root, clean_root = str(tmp_path / "killed"), str(tmp_path / "clean")
+    proc = subprocess.Popen([sys.executable, "-m", "mdcache", *extract_args(str(folder_source), killed_root)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, killed_at = time.time() + 120, None
+    while time.time() < deadline and proc.poll() is None:
+        commits = list(Path(killed_root).glob("*/commits/*.json"))
+        if len(commits) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = len(commits)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None, "extraction finished before it could be killed; make the test slower"
+    url = next(Path(killed_root).glob("*/manifest.json")).parent
+    partial = open_cache(str(url))
+    assert not partial.complete, "the kill should have left shards to do"
+    rerun = run_cli(*extract_args(str(folder_source), killed_root))
+    assert "reusing" in rerun.stderr and rerun.stdout.strip().endswith(url.name)
+    clean = run_cli(*extract_args(str(folder_source), clean_root))
+    assert clean.stdout.strip().splitlines()[-1].endswith(url.name)  # the last line printed is the cache URL
+    assert_same_cache(str(url), clean.stdout.strip().splitlines()[-1])
+
+
+def test_uncommitted_shard_data_is_invisible(tmp_path, train_spec):
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path)), progress=False)
+    cache = open_cache(url)
+    rec = cache.commits["train-000001"]
+    # A crashed writer leaves data without a commit record: readers must not see it.
+    shutil.copytree(Path(url) / rec["path"], Path(url) / "shards" / "train-000001.crashedattempt")
+    os.unlink(Path(url) / "commits" / "train-000001.json")
+    cache = open_cache(url)
+    assert "train-000001" not in cache.shard_names and not cache.complete
+    with pytest.raises(store.CacheError, match="train-000001.*not committed"):
+        cache.read("train-000001", 0)
+    # Re-running redoes exactly that shard and reproduces the same bytes.
+    _, summary = extract(extract_cfg(train_spec, str(tmp_path)), progress=False)
+    assert summary["committed"] == ["train-000001"] and summary["reused"] == 3
+    assert open_cache(url).commits["train-000001"]["checksums"] == rec["checksums"]
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_and_missing_inputs_are_reported(tmp_path, demo_data):
+    good = [(s.key, s.data) for s in iter_samples(list_source(str(demo_data / "train-000000.tar"))[0])][:6]
+    src = tmp_path / "src"
+    src.mkdir()
+    members = [(f"{k}.jpg", d) for k, d in good[:3]]
+    members += [("broken.jpg", good[3][1][: len(good[3][1]) // 3]), ("noimage.cls", b"3"),
+                ("garbage.png", b"not a png at all")]
+    write_tar(src / "bad-000000.tar", members + [(f"{k}.jpg", d) for k, d in good[4:]])
+    write_tar(src / "bad-000001.tar", [(f"{k}.jpg", d) for k, d in good])
+    full = (src / "bad-000001.tar").read_bytes()
+    (src / "bad-000002.tar").write_bytes(full[: len(full) // 2])  # truncated mid-member
+    p = run_cli(*extract_args(str(src / "bad-{000000..000002}.tar"), str(tmp_path / "c")), check=False)
+    assert p.returncode == 1, p.stderr
+    assert "bad-000002" in p.stderr and "truncated" in p.stderr
+    cache = open_cache(p.stdout.strip().splitlines()[-1])
+    assert cache.shard_names == ["bad-000000", "bad-000001"]  # the good shards are kept
+    rec = cache.commits["bad-000000"]
+    skipped = {s["key"]: s["error"] for s in rec["skipped"]}
+    assert set(skipped) == {"broken", "noimage", "garbage"} and "no image member" in skipped["noimage"]
+    assert rec["samples"] == 5 and "broken" not in cache.keys("bad-000000")
+    assert cache.stats()["skipped"] == 3
+    missing = run_cli(*extract_args(str(src / "bad-{000000..000005}.tar"), str(tmp_path / "c")), check=False)
+    assert missing.returncode == 2 and "bad-000003.tar" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_verify_checksums_and_teacher(tmp_path, train_spec):
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path), codec="int8"), progress=False)
+    ok = run_cli("verify", url, "--teacher-check", "12")
+    assert ok.stdout.strip() == "OK" and "teacher check on 12 replayed views" in ok.stderr
+    chunk = Path(url) / open_cache(url).commits["train-000002"]["path"] / "targets" / "c" / "1" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    bad = run_cli("verify", url, check=False)
+    assert bad.returncode == 1 and bad.stdout.strip() == "FAILED"
+    assert "train-000002" in bad.stderr and "view 1" in bad.stderr
+    with pytest.raises(store.CacheError, match="train-000002"):
+        open_cache(url).read("train-000002", 1)
+
+
+def test_verify_refuses_another_teacher(tmp_path, train_spec):
+    import open_clip
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(TINY_CLIP)
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = open_clip.create_model("tiny-clip")
+        paths.append(str(tmp_path / f"w{seed}.safetensors"))
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, paths[-1])
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "c"), random_init=False, weights=paths[0], shards="0:1"),
+                     progress=False)
+    assert run_cli("verify", url, "--teacher-check", "4", "--weights", paths[0]).stdout.strip() == "OK"
+    other = run_cli("verify", url, "--teacher-check", "4", "--weights", paths[1], check=False)
+    assert other.returncode == 2 and "made by another teacher" in other.stderr
+    nope = run_cli("verify", url, "--teacher-check", "4", check=False)
+    assert nope.returncode == 2 and "--weights" in nope.stderr
+
+
+def test_folder_source_virtual_shards(tmp_path, folder_source):
+    p = run_cli(*extract_args(str(folder_source), str(tmp_path), "--shards", "0:3"))
+    cache = open_cache(p.stdout.strip().splitlines()[-1])
+    assert cache.shard_names == ["folder-000000", "folder-000001", "folder-000002"]
+    assert len(cache.source_shards) == 12 and not cache.complete
+    assert cache.manifest["source"]["classes"][:2] == ["astronaut", "camera"]
+    assert cache.keys("folder-000000")[0] == "astronaut/astronaut-000"
+
+
+def test_info_and_ls(tmp_path, train_spec):
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path), codec="int8", shards="0:2"), progress=False)
+    info = run_cli("info", url).stdout
+    assert "2/4 shards" in info and "int8" in info and "random-init" in info and "cos 0.99" in info
+    as_json = json.loads(run_cli("info", url, "--json").stdout)
+    assert as_json["stats"]["samples"] == 60 and as_json["stats"]["bytes_per_view"] > 0
+    ls = run_cli("ls", str(tmp_path)).stdout
+    assert url.rsplit("/", 1)[-1] in ls and "2/4" in ls
+    assert run_cli("info", str(tmp_path), check=False).returncode == 2
+
+
+def test_missing_weights_say_how_to_provide_them(tmp_path, train_spec):
+    p = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path), "--teacher", "clip-b16", check=False,
+                env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2 and "--weights PATH" in p.stderr and "--random-init" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_bench_prints_both_rates_and_ratio(train_spec):
+    p = run_cli("bench", "--source", train_spec, "--teacher", TINY_TEACHER, "--random-init", "--image-size", "64",
+                "--shards", "0:2", "--workers", "1", "--calib-images", "8")
+    out = p.stdout
+    assert "teacher forward only" in out and "full extraction" in out
+    ratio = float(out.split("ratio extraction/teacher-only:")[1].split()[0])
+    assert ratio > 0
