@@ -87,7 +87,8 @@ def ls(cfg: LsConfig) -> None:
                   m["fingerprint"]["teacher"]["tap"], m["source"]["spec"], str(m["views"]), m["codec"]["name"],
                   str(s["samples"]), f"{s['shards_done']}/{s['shards_total']}", human_bytes(s["bytes"]),
                   human_bytes(s["bytes_per_view"]), fidelity_text(s["fidelity"]), f"{m['created_by']} {m['created_at']}")
-    console.print(t if caches else f"no caches under {cfg.root}")
+    out = console if console.is_terminal else Console(width=240)  # logs and pipes get whole rows
+    out.print(t if caches else f"no caches under {cfg.root}")
 
 
 def _open(url: str, storage_option: list[str]) -> store.Cache:

@@ -271,6 +271,9 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress) ->
                  "source": by_name[name].to_json()}
         rec = store.write_shard(cache.url, name, cache.manifest, buf.keys, arrays, views_, extra, so)
         (summary["committed"] if rec else summary["lost_race"]).append(name)
+        if not progress:  # logs (no live bar): one line per shard
+            console.print(f"shard {name}: {'committed' if rec else 'already committed by another extractor'}, "
+                          f"{len(buf.keys)} images, {len(buf.skipped)} skipped, {extra['seconds']:.1f}s")
 
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                TextColumn("{task.fields[ips]:.1f} img/s"), TextColumn("{task.fields[imgs]} imgs"),

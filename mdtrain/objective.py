@@ -1,0 +1,45 @@
+"""The unified-view objective: L(H(S(x_masked))[masked], N(T(x))[masked]).
+
+N is the target normalization (`layernorm`: per-token LayerNorm without affine, eps 1e-6, the same
+function mdcache uses to measure codec fidelity, so the fidelity report speaks about exactly what
+the loss sees). L is Smooth-L1 (MaskDistill), MSE, or cosine distance, on masked tokens only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mdcache.codecs import token_layernorm
+
+TARGET_NORMS = ("layernorm", "none")
+LOSSES = ("smooth_l1", "mse", "cosine")
+
+
+def check(target_norm: str, loss: str) -> None:
+    if target_norm not in TARGET_NORMS:
+        raise ValueError(f"--target-norm {target_norm!r}: choose one of {', '.join(TARGET_NORMS)}")
+    if loss not in LOSSES:
+        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+
+
+def normalize_targets(targets: torch.Tensor, target_norm: str) -> torch.Tensor:
+    """float32 [B,P,D] teacher features -> what the student regresses."""
+    if target_norm == "layernorm":
+        return token_layernorm(targets)
+    if target_norm == "none":
+        return targets.float()
+    raise ValueError(f"unknown target norm {target_norm!r}")
+
+
+def distill_loss(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, target_norm: str = "layernorm",
+                 loss: str = "smooth_l1", beta: float = 2.0) -> torch.Tensor:
+    """Mean loss over masked tokens. pred/targets [B,P,D] (any float dtype), mask bool [B,P]."""
+    p = pred.float()[mask]
+    t = normalize_targets(targets[mask], target_norm)  # per-token: select first, normalize less
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(p, t, beta=beta)
+    if loss == "mse":
+        return F.mse_loss(p, t)
+    if loss == "cosine":
+        return (1.0 - F.cosine_similarity(p, t, dim=-1)).mean()
+    raise ValueError(f"unknown loss {loss!r}")
