@@ -105,7 +105,7 @@ def _extract(cfg: extract.ExtractConfig) -> None:
 
     try:
         extract.run_cli(cfg)
-    except (SourceError, TeacherError, store.CacheError, ValueError, typer.BadParameter) as e:
+    except (SourceError, TeacherError, store.CacheError, ValueError, PermissionError, typer.BadParameter) as e:
         Console(stderr=True).print(f"[red]error:[/] {e}")
         raise SystemExit(2)
 

@@ -6,6 +6,7 @@ next batches compute. Committed shards are skipped, so re-running the same comma
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import codecs, sources, store, views
+from .claims import Claims, Renewer, new_owner
 from .config import opt, parse_floats
 from .teachers import Teacher, load_teacher, resolve_device, resolve_precision, run_teacher
 
@@ -51,6 +53,8 @@ class ExtractConfig:
     calib_images: int = opt(64, "Images (from the first source shard) used to calibrate the int8 codec.")
     fidelity_images: int = opt(8, "Images per shard whose targets are checked against the fp32 teacher for the fidelity report.")
     storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE for the cache and source (repeatable), e.g. endpoint_url=...")
+    claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal; a dead extractor's shards are taken over after it.")
+    wait: bool = opt(True, "When other extractors hold claims on the remaining shards, wait for them (and take over expired claims).")
 
     def recipe(self, image_size: int) -> views.ViewRecipe:
         return views.ViewRecipe(image_size=image_size, scale=parse_floats(self.crop_scale, 2, "--crop-scale"),
@@ -62,12 +66,16 @@ class ExtractConfig:
 
 
 def parse_storage_options(items: list[str]) -> dict:
+    """['endpoint_url=http://...', 'anon=true'] -> fsspec kwargs (JSON scalars are decoded)."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--storage-option {item!r}: expected KEY=VALUE")
-        out[key] = value
+        try:
+            out[key] = json.loads(value) if value in ("true", "false", "null") or value[:1].isdigit() else value
+        except ValueError:
+            out[key] = value
     return out
 
 
@@ -81,16 +89,21 @@ def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> 
     return x, params
 
 
+def empty_batch(shard: str, recipe: views.ViewRecipe, **kw) -> dict:
+    s = recipe.image_size
+    return {"shard": shard, "keys": [], "skipped": [], "last": True, "error": None, "skip": None,
+            "images": torch.zeros(0, 3, s, s), "views": np.zeros((0, recipe.views, 7), np.int32), **kw}
+
+
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, std, batch_size: int,
                   storage_options: dict | None = None) -> Iterator[dict]:
     """Batches of one shard, in order. The last one has last=True (and error= if the shard broke)."""
     keys, imgs, params, skipped = [], [], [], []
 
     def batch(last: bool, error: str | None = None) -> dict:
-        s = recipe.image_size
-        out = {"shard": shard.name, "keys": list(keys), "skipped": list(skipped), "last": last, "error": error,
-               "images": torch.cat(imgs) if imgs else torch.zeros(0, 3, s, s),
-               "views": np.stack(params) if params else np.zeros((0, recipe.views, 7), np.int32)}
+        out = empty_batch(shard.name, recipe, last=last, error=error, keys=list(keys), skipped=list(skipped))
+        if keys:
+            out["images"], out["views"] = torch.cat(imgs), np.stack(params)
         keys.clear(), imgs.clear(), params.clear(), skipped.clear()
         return out
 
@@ -116,14 +129,18 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, st
 class ShardStream(torch.utils.data.IterableDataset):
     """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
-    def __init__(self, shards, recipe, mean, std, batch_size, storage_options=None):
+    def __init__(self, shards, recipe, mean, std, batch_size, storage_options=None, claims: Claims | None = None):
         self.shards, self.recipe, self.mean, self.std = shards, recipe, mean, std
-        self.batch_size, self.storage_options = batch_size, storage_options
+        self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for shard in self.shards[wid::nw]:
+            why_not = self.claims.acquire(shard.name) if self.claims else None
+            if why_not:  # committed meanwhile, or another extractor is on it
+                yield empty_batch(shard.name, self.recipe, skip=why_not)
+                continue
             yield from shard_batches(shard, self.recipe, self.mean, self.std, self.batch_size, self.storage_options)
 
 
@@ -245,20 +262,51 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> tuple[str, dict]:
     reused = len(selected) - len(todo)
     if reused:
         console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
-    summary = {"cache": cache.url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0, "images": 0}
-    if todo:
-        _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress)
+    summary = {"cache": cache.url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0,
+               "images": 0, "seconds": 0.0, "elsewhere": {}}
+    if not todo:
+        return cache.url, summary
+    check_writable(cache.url, so)
+    claims = Claims(cache.url, new_owner(), cfg.claim_ttl, so)
+    renewer = Renewer(claims)
+    renewer.start()
+    try:
+        while todo:
+            summary["elsewhere"] = {}
+            _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, claims)
+            cache.refresh()
+            todo = [s for s in todo if s.name not in cache.commits and s.name not in summary["failed"]]
+            if not todo or not cfg.wait:
+                break
+            owners = sorted(set(summary["elsewhere"].values()))
+            console.print(f"waiting for {len(todo)} shard(s) claimed by {', '.join(owners) or 'others'} "
+                          f"(taken over if their claims expire; --no-wait to stop instead)")
+            time.sleep(min(max(cfg.claim_ttl / 4, 0.5), 30.0))
+    finally:
+        renewer.stop()
     return cache.url, summary
 
 
-def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress) -> None:
+def check_writable(cache_url: str, so: dict) -> None:
+    """Fail early, with a clear message, when the credentials cannot write to the cache."""
+    fs, path = store.url_to_fs(cache_url, so)
+    probe = store.join(path, "claims", f".write-probe-{new_owner().replace(':', '-').replace('@', '-')}")
+    try:
+        store.write_json(fs, probe, {})
+        fs.rm(probe)
+    except PermissionError as e:
+        raise store.CacheError(f"no write access to {cache_url} ({e}); these credentials can list, verify and "
+                               "train from the cache, but extracting needs write permission") from None
+
+
+def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, claims: Claims | None) -> None:
     k = recipe.views
     shapes = {name: (dtype, (teacher.num_patches, teacher.dim)[:rank - 1])
               for name, (dtype, rank) in codecs.CODEC_ARRAYS[cfg.codec].items()}
     calib = cache.calibration
     by_name = {s.name: s for s in todo}
     loader = torch.utils.data.DataLoader(
-        ShardStream(todo, recipe, teacher.mean, teacher.std, cfg.batch_size, so), batch_size=None,
+        ShardStream(todo, recipe, teacher.mean, teacher.std, cfg.batch_size, so, claims), batch_size=None,
         num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None)
     buffers: dict[str, ShardBuffer] = {}
@@ -270,6 +318,8 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress) ->
         extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
                  "source": by_name[name].to_json()}
         rec = store.write_shard(cache.url, name, cache.manifest, buf.keys, arrays, views_, extra, so)
+        if claims:
+            claims.release(name)
         (summary["committed"] if rec else summary["lost_race"]).append(name)
         if not progress:  # logs (no live bar): one line per shard
             console.print(f"shard {name}: {'committed' if rec else 'already committed by another extractor'}, "
@@ -283,6 +333,11 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress) ->
         task = bar.add_task("extract", total=len(todo), ips=0.0, imgs=0)
         for b in loader:
             name = b["shard"]
+            if b["skip"]:
+                if b["skip"] != "committed":
+                    summary["elsewhere"][name] = b["skip"]
+                bar.advance(task)
+                continue
             buf = buffers.setdefault(name, ShardBuffer())
             if len(b["keys"]):
                 feats = run_teacher(teacher, b["images"], precision)
@@ -301,6 +356,8 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress) ->
                 summary["skipped"] += len(buf.skipped)
                 if b["error"]:
                     summary["failed"][name] = b["error"]
+                    if claims:
+                        claims.release(name)
                     console.print(f"[red]shard failed:[/] {b['error']}")
                 else:
                     pending.append(writer.submit(commit, name, buf))
@@ -308,8 +365,8 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress) ->
             bar.update(task, ips=images / max(time.time() - t0, 1e-9), imgs=images)
         _drain(pending, keep=0, bar=bar, task=task)
     writer.shutdown()
-    summary["images"] = images
-    summary["seconds"] = time.time() - t0
+    summary["images"] += images
+    summary["seconds"] += time.time() - t0
 
 
 def _drain(pending: list[Future], keep: int, bar, task) -> list[Future]:
@@ -335,6 +392,9 @@ def run_cli(cfg: ExtractConfig) -> None:
                   (f", {len(summary['lost_race'])} shard(s) committed by another extractor first" if summary["lost_race"] else ""))
     for name, err in summary["failed"].items():
         console.print(f"[red]FAILED[/] shard {name}: {err}")
+    if summary["elsewhere"]:
+        console.print(f"{len(summary['elsewhere'])} shard(s) left to other extractors holding claims: "
+                      + ", ".join(f"{n} ({o})" for n, o in sorted(summary["elsewhere"].items())))
     print(url)
     if summary["failed"]:
         raise SystemExit(1)

@@ -126,7 +126,7 @@ def _put_if_absent(fs, path: str, data: bytes) -> bool:
         fs.pipe_file(path, data)
         return fs.cat_file(path) == data
     except OSError as e:  # S3 answers 412 Precondition Failed when the object exists
-        if "PreconditionFailed" in str(e) or "412" in str(e):
+        if any(m in str(e) for m in ("PreconditionFailed", "pre-condition", "precondition", "412")):
             return False
         raise
 

@@ -280,11 +280,14 @@ def read_view_params(cache: store.Cache, shard: str, view: int) -> tuple[list[st
     return keys, None, params
 
 
-def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Workers = lanes (checked). batch_size=None: lanes batch inside the workers."""
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers if workers > 0 else 0,
-                                       pin_memory=pin_memory, prefetch_factor=4 if workers > 0 else None,
-                                       persistent_workers=False)
+def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False,
+                worker_init_fn=None) -> torch.utils.data.DataLoader:
+    """Workers = lanes (checked). batch_size=None: lanes batch inside the workers. The loader gets its own
+    generator: it would otherwise draw its seed from the global RNG and shift drop-path noise on resume."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=max(0, workers), pin_memory=pin_memory,
+                                       prefetch_factor=4 if workers > 0 else None, persistent_workers=False,
+                                       worker_init_fn=worker_init_fn if workers > 0 else None,
+                                       generator=torch.Generator().manual_seed(stream.cfg.seed))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -1,0 +1,121 @@
+"""Shard claims: several extractors on one cache compute each shard once.
+
+A claim is `<cache>/claims/<shard>.json` = {owner, expires}. It is created with the same
+create-if-absent put as commits, renewed by its owner while it works, released after the commit,
+and taken over by anyone once it has expired (its owner died). Claims only avoid duplicate work:
+correctness never depends on them, because commits themselves are create-if-absent.
+Expiry compares wall clocks of different machines: keep the TTL well above any clock skew.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+
+from . import store
+
+
+def new_owner() -> str:
+    return f"{store.who()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """A claim made on this very host by a process that no longer exists (e.g. killed with -9) is
+    stale now, not after its TTL: a re-run on the same machine resumes at once."""
+    try:
+        host_user, pid, _ = owner.rsplit(":", 2)
+        if host_user.split("@", 1)[1] != socket.gethostname():
+            return False
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        return True
+    except (ValueError, IndexError, PermissionError):
+        return False
+
+
+class Claims:
+    """Claim, renew and release shards of one cache for one owner (picklable into loader workers)."""
+
+    def __init__(self, cache_url: str, owner: str, ttl: float, storage_options: dict | None = None):
+        self.cache_url, self.owner, self.ttl, self.storage_options = cache_url, owner, ttl, storage_options
+
+    def _paths(self, shard: str) -> tuple:
+        fs, path = store.url_to_fs(self.cache_url, self.storage_options)
+        return fs, store.join(path, "claims", f"{shard}.json"), store.join(path, "commits", f"{shard}.json")
+
+    def _record(self, shard: str) -> dict:
+        return {"shard": shard, "owner": self.owner, "expires": time.time() + self.ttl, "ttl": self.ttl,
+                "renewed_at": store.now()}
+
+    def acquire(self, shard: str) -> str | None:
+        """Claim `shard`. Returns None on success, else why not: 'committed' or the live owner."""
+        fs, claim, commit = self._paths(shard)
+        if fs.exists(commit):
+            return "committed"
+        for _ in range(3):
+            if store.write_json(fs, claim, self._record(shard), exclusive=True):
+                return None
+            try:
+                cur = store.read_json(fs, claim)
+            except FileNotFoundError:  # released between our put and our read: try again
+                continue
+            if cur.get("owner") == self.owner:
+                return None
+            if cur.get("expires", 0) > time.time() and not owner_is_dead(cur.get("owner", "")):
+                return cur.get("owner", "?")
+            fs.rm(claim)  # expired: its owner died or stalled; take it over
+        return "contended"
+
+    def renew(self, shard: str) -> bool:
+        fs, claim, _ = self._paths(shard)
+        try:
+            if store.read_json(fs, claim).get("owner") != self.owner:
+                return False
+        except FileNotFoundError:
+            return False
+        store.write_json(fs, claim, self._record(shard))
+        return True
+
+    def release(self, shard: str) -> None:
+        fs, claim, _ = self._paths(shard)
+        try:
+            if store.read_json(fs, claim).get("owner") == self.owner:
+                fs.rm(claim)
+        except FileNotFoundError:
+            pass
+
+    def mine(self) -> list[str]:
+        """Shards this owner currently holds claims on (claims made in loader workers included)."""
+        fs, path = store.url_to_fs(self.cache_url, self.storage_options)
+        cdir = store.join(path, "claims")
+        out = []
+        for p in (fs.ls(cdir, detail=False) if fs.exists(cdir) else []):
+            try:
+                rec = store.read_json(fs, p)
+            except FileNotFoundError:
+                continue
+            if rec.get("owner") == self.owner:
+                out.append(rec["shard"])
+        return out
+
+
+class Renewer(threading.Thread):
+    """Renews every claim of this owner each ttl/3 seconds until stopped."""
+
+    def __init__(self, claims: Claims):
+        super().__init__(daemon=True, name="mdcache-claim-renewer")
+        self.claims, self.stopped = claims, threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.claims.ttl / 3):
+            for shard in self.claims.mine():
+                try:
+                    self.claims.renew(shard)
+                except OSError:
+                    pass  # transient store error: the next round retries well before expiry
+
+    def stop(self) -> None:
+        self.stopped.set()

@@ -1,0 +1,202 @@
+"""`mdtrain bench`: where the time and memory of a pretraining step go, cached vs online teacher.
+
+One run, the same batches (epoch 0 onwards of the same seeded stream) for every phase:
+
+    loader, images + targets     what the cached trainer's loader delivers
+    loader, images only          the same stream without reading targets (the floor)
+    student step only            one batch held in memory, train steps: the compute limit
+    cached step                  loader + dequantize on the device + train step
+    online-teacher step          loader (images only) + teacher forward + train step
+
+The cached and online phases run in separate fresh processes, so each peak RSS is its own
+(the cached process never imports the teacher's library). Targets: loader with targets >= 0.8x
+images-only; cached step >= 0.9x student-only; cached >= 1.25x online for a ViT-B-shaped student
+with a CLIP-B/16-shaped teacher; cached peak RSS lower than online by at least the teacher's size.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import resource
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator, Optional
+
+import torch
+from rich.console import Console
+
+from mdcache.config import opt
+
+from . import data
+from .pretrain import (PretrainConfig, build_optimizer, configure_threads, make_stream, resolve_device,
+                       resolve_precision, setup_data, student_loss)
+from .student import build_student
+
+console = Console()
+
+
+@dataclass
+class BenchConfig:
+    """Measure loader, student-only, cached-step and online-teacher-step images/s and peak memory in one run."""
+
+    cache: str = opt("", "Cache directory made by `mdcache extract`.")
+    student: str = opt("vit_base_patch16_224", "timm student model name.")
+    teacher: str = opt("", "Teacher for the online phase (must be the cache's teacher); empty skips the online phase.")
+    teacher_weights: Optional[str] = opt(None, "Local teacher weights file for the online phase.")
+    random_init: bool = opt(False, "Random-init online teacher (must match a --random-init cache).")
+    source: str = opt("", "Override the cache's source location.")
+    batch_size: int = opt(8, "Images per step.")
+    batches: int = opt(10, "Timed batches per phase.")
+    warmup: int = opt(2, "Untimed batches before each phase.")
+    workers: int = opt(2, "Loader workers.")
+    seed: int = opt(0, "Seed (stream order, masks, init).")
+    device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
+    precision: str = opt("auto", "auto (bf16 on CUDA with bf16), fp32, bf16.")
+    json_out: bool = opt(False, "Print the measurements as JSON.", param="--json")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+
+    def pretrain_config(self, online: bool) -> PretrainConfig:
+        return PretrainConfig(cache=self.cache, source=self.source, student=self.student, batch_size=self.batch_size,
+                              epochs=1000, workers=self.workers, seed=self.seed, device=self.device,
+                              precision=self.precision, warmup_epochs=0, lr=1e-4, drop_path=0.0,
+                              teacher=self.teacher if online else "", teacher_weights=self.teacher_weights,
+                              random_init=self.random_init, storage_option=list(self.storage_option))
+
+
+def stream_batches(setup, workers: int, n: int) -> Iterator[dict]:
+    """n batches from epoch 0 on (wrapping into later epochs), as the trainer would load them."""
+    epoch = 0
+    while n > 0:
+        for batch in data.make_loader(make_stream(setup, epoch), workers):
+            yield batch
+            n -= 1
+            if n == 0:
+                return
+        epoch += 1
+
+
+def timed(batches: Iterator[dict], warmup: int, fn) -> float:
+    """images/s over the batches after `warmup`, calling fn(batch) on each."""
+    t0 = t1 = None
+    images = 0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        fn(batch)
+        if i >= warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            images += len(batch["keys"])
+            t1 = time.perf_counter()  # before the loader shuts down: not part of the rate
+    if t0 is None or not images:
+        raise ValueError("no timed batches: raise --batches or lower --warmup")
+    return images / (t1 - t0)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _phase(cfg: BenchConfig, online: bool, queue) -> None:
+    """One fresh process: the cached phases (loader, student-only, cached step) or the online step."""
+    if "fork" in mp.get_all_start_methods():  # a spawned child inherits 'spawn'; loaders should fork as in training
+        mp.set_start_method("fork", force=True)
+    try:
+        queue.put(_measure(cfg, online))
+    except BaseException as e:  # report, do not hang the parent
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def _measure(cfg: BenchConfig, online: bool) -> dict:
+    pcfg = cfg.pretrain_config(online)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    configure_threads(device, cfg.workers, 1)
+    setup = setup_data(pcfg, 0, 1, device, precision, with_targets=True)
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
+                            teacher_dim=setup.dim).to(device)
+    optimizer, _ = build_optimizer(pcfg, student, cfg.batch_size)
+    n = cfg.warmup + cfg.batches
+
+    def step(batch: dict) -> None:
+        loss = student_loss(student, setup, data.to_device(batch, device), pcfg, precision, device)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    out: dict = {}
+    if online:
+        out["online_step_ips"] = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
+        out["teacher_mb"] = sum(p.numel() * p.element_size() for p in setup.teacher.model.parameters()) / 2**20
+        out["online_peak_rss_mb"] = peak_rss_mb()
+        return out
+    out["loader_targets_ips"] = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, lambda b: None)
+    images_only = replace(setup, stream=replace(setup.stream, with_targets=False))
+    out["loader_images_ips"] = timed(stream_batches(images_only, cfg.workers, n), cfg.warmup, lambda b: None)
+    first = data.to_device(next(stream_batches(setup, 0, 1)), device)
+    first["targets"] = {k: v.clone() for k, v in first["targets"].items()}
+    out["student_only_ips"] = timed(iter([first] * n), cfg.warmup, step)
+    out["cached_step_ips"] = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
+    out["cached_peak_rss_mb"] = peak_rss_mb()
+    out["tokens"], out["teacher_dim"] = setup.stream.grid[0] * setup.stream.grid[1], setup.dim
+    out["image_size"], out["codec"] = setup.stream.image_size, setup.cache.codec
+    return out
+
+
+def _run_phase(cfg: BenchConfig, online: bool) -> dict:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    p = ctx.Process(target=_phase, args=(cfg, online, queue))
+    p.start()
+    result = queue.get()
+    p.join()
+    if "error" in result:
+        raise RuntimeError(f"bench {'online' if online else 'cached'} phase failed: {result['error']}")
+    return result
+
+
+def bench(cfg: BenchConfig) -> dict:
+    if not cfg.cache:
+        raise ValueError("bench needs --cache (and --teacher for the online phase)")
+    r = {"student": cfg.student, "batch_size": cfg.batch_size, "batches": cfg.batches, "workers": cfg.workers}
+    r.update(_run_phase(cfg, online=False))
+    if cfg.teacher:
+        r.update(_run_phase(cfg, online=True))
+    r["ratio_loader_targets_vs_images"] = r["loader_targets_ips"] / r["loader_images_ips"]
+    r["ratio_cached_vs_student_only"] = r["cached_step_ips"] / r["student_only_ips"]
+    if cfg.teacher:
+        r["ratio_cached_vs_online"] = r["cached_step_ips"] / r["online_step_ips"]
+        r["rss_saving_mb"] = r["online_peak_rss_mb"] - r["cached_peak_rss_mb"]
+    return r
+
+
+def run_cli(cfg: BenchConfig) -> None:
+    r = bench(cfg)
+    if cfg.json_out:
+        print(json.dumps(r, indent=1))
+        return
+
+    def verdict(ok: bool) -> str:
+        return "[green]meets[/]" if ok else "[red]BELOW[/]"
+
+    console.print(f"student {r['student']}, {r['image_size']}px, {r['tokens']} tokens x {r['teacher_dim']} dims "
+                  f"({r['codec']} cache), batch {r['batch_size']}, {r['batches']} timed batches, {r['workers']} workers")
+    console.print(f"loader, images + targets : {r['loader_targets_ips']:9.1f} images/s")
+    console.print(f"loader, images only      : {r['loader_images_ips']:9.1f} images/s")
+    console.print(f"student step only (synth): {r['student_only_ips']:9.1f} images/s")
+    console.print(f"cached step              : {r['cached_step_ips']:9.1f} images/s")
+    if "online_step_ips" in r:
+        console.print(f"online-teacher step      : {r['online_step_ips']:9.1f} images/s")
+    x = r["ratio_loader_targets_vs_images"]
+    console.print(f"loader targets / images-only : {x:.3f} ({verdict(x >= 0.8)} target >= 0.8)")
+    x = r["ratio_cached_vs_student_only"]
+    console.print(f"cached step / student-only   : {x:.3f} ({verdict(x >= 0.9)} target >= 0.9)")
+    if "online_step_ips" in r:
+        x = r["ratio_cached_vs_online"]
+        console.print(f"cached / online step         : {x:.3f} ({verdict(x >= 1.25)} target >= 1.25 for ViT-B + CLIP-B/16)")
+        console.print(f"peak RSS cached {r['cached_peak_rss_mb']:.0f} MB, online {r['online_peak_rss_mb']:.0f} MB: "
+                      f"saves {r['rss_saving_mb']:.0f} MB vs teacher {r['teacher_mb']:.0f} MB "
+                      f"({verdict(r['rss_saving_mb'] >= r['teacher_mb'])} target: saving >= teacher size)")
+    else:
+        console.print(f"peak RSS cached {r['cached_peak_rss_mb']:.0f} MB (no --teacher: online phase skipped)")

@@ -1,0 +1,51 @@
+"""Helpers for the mdtrain pretrain tests: real caches from `mdcache extract`, real CLI runs.
+
+Caches live under pytest's session base temp and are addressed by their fingerprint, so asking for
+the same cache from several test modules extracts once and then reuses the committed shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg  # noqa: F401  (re-exported)
+
+STUDENT = "vit_tiny_patch16_224"
+# Small, fast, deterministic training flags shared by the CLI tests.
+TRAIN_FLAGS = ["--student", STUDENT, "--batch-size", "8", "--warmup-epochs", "0", "--lr", "1e-3",
+               "--workers", "2", "--shuffle-buffer", "8", "--no-progress"]
+
+
+def make_cache(root: Path, source: str, **kw) -> str:
+    """A complete cache made by the real extractor (tiny random-init open_clip ViT, 64 px, 4x4 grid)."""
+    from mdcache.extract import extract
+
+    url, summary = extract(extract_cfg(source, str(root), **kw), progress=False)
+    assert not summary["failed"], summary
+    return url
+
+
+def shared_cache(tmp_path_factory, train_spec: str, codec: str = "fp16") -> str:
+    return make_cache(tmp_path_factory.getbasetemp() / f"pretrain-cache-{codec}", train_spec, codec=codec)
+
+
+def mdtrain(*args: str, check: bool = True, env: dict | None = None, timeout: float = 300,
+            torchrun: int = 0) -> subprocess.CompletedProcess:
+    """Run `python -m mdtrain ...` (or `torchrun --nproc-per-node N -m mdtrain ...`) in a fresh process."""
+    if torchrun:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(torchrun),
+               "-m", "mdtrain", *args]
+    else:
+        cmd = [sys.executable, "-m", "mdtrain", *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                       env={**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"mdtrain {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in open(path) if line.strip()]

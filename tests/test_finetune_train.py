@@ -1,0 +1,198 @@
+"""mdtrain finetune on real images (the demo photo set) with a tiny timm ViT (random init, no downloads)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from mdtrain.finetune import FinetuneConfig, InitError, build_model, finetune, load_backbone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "vit_tiny_patch16_224"
+SIZE = 32  # 2x2 patches: a real ViT, fast enough on 2 CPU cores
+
+
+def make_demo(out: str) -> str:
+    subprocess.run([sys.executable, os.path.join(ROOT, "pipelines/demo/make_data.py"), "--out", out],
+                   check=True, capture_output=True)
+    return out
+
+
+def save_student(path: str, name: str = MODEL, size: int = SIZE, seed: int = 0) -> dict:
+    """A pretrained-student stand-in: a timm backbone state dict without classifier, in safetensors."""
+    torch.manual_seed(seed)
+    m = timm.create_model(name, pretrained=False, img_size=size, num_classes=0)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    safetensors.torch.save_file(sd, path)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return make_demo(str(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("student") / "student.safetensors")
+    save_student(path)
+    return path
+
+
+def cfg(data: str, out: str, **kw) -> FinetuneConfig:
+    base = dict(train=f"{data}/train-{{000000..000003}}.tar", val=f"{data}/val-000000.tar", model=MODEL, out=out,
+                input_size=SIZE, epochs=6, warmup_epochs=1, batch_size=16, lr=1e-3, num_workers=0, log_every=0)
+    return FinetuneConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- loading the backbone
+
+def test_load_backbone_takes_every_student_tensor_and_only_the_classifier_is_new(student):
+    sd = safetensors.torch.load_file(student)
+    model = build_model(MODEL, 10, SIZE, drop_path=0.1)
+    report = load_backbone(model, student)
+    assert sorted(report["missing"]) == ["head.bias", "head.weight"]
+    assert report["unexpected"] == [] and report["loaded"] == len(sd)
+    got = model.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(got[k], v), k
+    assert got["head.weight"].shape == (10, 192)
+
+
+def test_load_backbone_adapts_pos_embed_and_avg_pool(student):
+    sd = safetensors.torch.load_file(student)
+    model = build_model(MODEL, 5, 64, global_pool="avg")
+    report = load_backbone(model, student)
+    assert any("resampled pos_embed" in n for n in report["notes"])
+    assert any("fc_norm" in n for n in report["notes"])
+    got = model.state_dict()
+    assert got["pos_embed"].shape == (1, 17, 192)
+    assert torch.equal(got["fc_norm.weight"], sd["norm.weight"])
+    assert torch.equal(got["blocks.11.mlp.fc2.weight"], sd["blocks.11.mlp.fc2.weight"])
+
+
+def test_incompatible_backbone_is_refused_with_a_clear_error(tmp_path, student):
+    small = str(tmp_path / "vit_small.safetensors")
+    save_student(small, "vit_small_patch16_224")
+    with pytest.raises(InitError) as e:
+        load_backbone(build_model(MODEL, 10, SIZE), small)
+    msg = str(e.value)
+    assert small in msg and "another shape" in msg and "patch_embed.proj.weight: checkpoint (384, 3, 16, 16) vs model (192, 3, 16, 16)" in msg
+
+    sd = safetensors.torch.load_file(student)
+    truncated = str(tmp_path / "no_last_block.safetensors")
+    safetensors.torch.save_file({k: v for k, v in sd.items() if not k.startswith("blocks.11.")}, truncated)
+    with pytest.raises(InitError, match=r"backbone tensor\(s\) missing: blocks\.11\."):
+        load_backbone(build_model(MODEL, 10, SIZE), truncated)
+
+    renamed = str(tmp_path / "prefixed.safetensors")
+    safetensors.torch.save_file({f"encoder.{k}": v for k, v in sd.items()}, renamed)
+    with pytest.raises(InitError, match="unexpected tensor"):
+        load_backbone(build_model(MODEL, 10, SIZE), renamed)
+
+
+def test_cli_finetune_refuses_incompatible_init(tmp_path, data):
+    small = str(tmp_path / "vit_small.safetensors")
+    save_student(small, "vit_small_patch16_224")
+    r = subprocess.run([sys.executable, "-m", "mdtrain", "finetune", "--model", MODEL, "--input-size", str(SIZE),
+                        "--init", small, "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar",
+                        "--out", str(tmp_path / "ft"), "--epochs", "1", "--num-workers", "0"],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "does not fit" in r.stderr and "vit_small.safetensors" in r.stderr
+    assert not os.path.exists(tmp_path / "ft" / "last.ckpt")
+
+
+# ----------------------------------------------------------------------------- training
+
+def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data, student):
+    """BEiT v2 recipe (mixup, cutmix, smoothing, RandAugment, erasing, layer decay, drop path, EMA)
+    on 10 separable classes: chance is 10%."""
+    out = str(tmp_path / "ft")
+    r = finetune(cfg(data, out, init=student, model_ema=True, model_ema_decay=0.9))
+    assert r["num_classes"] == 10  # inferred from the .cls labels
+    assert r["best_top1"] >= 40.0, r
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [x["epoch"] for x in rows] == list(range(6))
+    for x in rows:
+        assert {"train_loss", "lr", "val_top1", "val_top5", "ema_top1"} <= set(x)
+        assert x["val_n"] == 40
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["lr"] < max(x["lr"] for x in rows)  # cosine decay after warmup
+    with open(os.path.join(out, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # Checkpoints: weights timm loads as-is, trainer state without pickled objects.
+    best = safetensors.torch.load_file(os.path.join(out, "best.safetensors"))
+    m = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10)
+    m.load_state_dict(best)
+    state = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
+    assert state["epoch"] == 5 and {"model", "optimizer", "scheduler", "ema", "best"} <= set(state)
+    best_meta = torch.load(os.path.join(out, "best.ckpt"), weights_only=True)
+    assert best_meta["metrics"]["val_top1"] == r["best_top1"]
+    assert os.path.exists(os.path.join(out, "ema.safetensors"))
+
+
+def test_from_scratch_baseline_is_the_same_command_without_init(tmp_path, data):
+    out = str(tmp_path / "scratch")
+    r = finetune(cfg(data, out, epochs=1, warmup_epochs=0))
+    assert r["epoch"] == 0 and 0 <= r["val_top1"] <= 100
+    assert json.load(open(os.path.join(out, "config.json")))["init"] == ""
+
+
+def test_resume_is_exact(tmp_path, data, student):
+    """3 epochs in one go == 2 epochs, a new run with --resume auto, 1 more: same weights, same metrics.
+    Mixup, RandAugment, erasing, drop path, EMA and 2 loader workers all draw random numbers."""
+    kw = dict(init=student, epochs=3, num_workers=2, model_ema=True, model_ema_decay=0.9)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    finetune(cfg(data, a, **kw))
+    finetune(cfg(data, b, **kw), epochs_this_run=2)
+    assert len(open(os.path.join(b, "metrics.jsonl")).readlines()) == 2
+    finetune(cfg(data, b, resume="auto", **kw))
+    wa = safetensors.torch.load_file(os.path.join(a, "last.safetensors"))
+    wb = safetensors.torch.load_file(os.path.join(b, "last.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ea = safetensors.torch.load_file(os.path.join(a, "ema.safetensors"))
+    eb = safetensors.torch.load_file(os.path.join(b, "ema.safetensors"))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    ra = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
+    rb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
+    strip = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}  # noqa: E731
+    assert [strip(x) for x in ra] == [strip(x) for x in rb]
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path, data):
+    out = str(tmp_path / "ft")
+    finetune(cfg(data, out, epochs=2), epochs_this_run=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        finetune(cfg(data, out, epochs=2, batch_size=8, resume="auto"))
+
+
+def test_ddp_torchrun_two_processes_gloo(tmp_path, data, student):
+    """Real torchrun, 2 CPU processes: 4 train shards split by rank, 1 val shard split by sample;
+    every val image is counted once and the DDP val top-1 equals a single-process `mdtrain eval`."""
+    out = str(tmp_path / "ddp")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "mdtrain", "finetune", "--model", MODEL, "--input-size", str(SIZE), "--init", student,
+                        "--train", f"{data}/train-{{000000..000003}}.tar", "--val", f"{data}/val-000000.tar",
+                        "--out", out, "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+                        "--num-workers", "0", "--amp", "fp32", "--log-every", "0"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 2 and all(x["val_n"] == 40 for x in rows)
+    assert json.load(open(os.path.join(out, "config.json")))["resolved"]["world"] == 2
+    assert rows[-1]["images"] == 112  # 2 ranks x 2 shards x 30 images, batches of 8 with drop_last
+    e = subprocess.run([sys.executable, "-m", "mdtrain", "eval", "--weights", os.path.join(out, "last.safetensors"),
+                        "--val", f"{data}/val-000000.tar", "--amp", "fp32", "--num-workers", "0"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert e.returncode == 0, e.stderr
+    single = json.loads(e.stdout.strip().splitlines()[-1])
+    assert single["n"] == 40
+    assert abs(single["top1"] - rows[-1]["val_top1"]) <= 2.5  # at most one borderline image of 40

@@ -1,0 +1,167 @@
+"""The lockstep stream on a real cache: split, views, resume positions, lockstep checks, errors."""
+import io
+import os
+import shutil
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from mdcache import open_cache, store, views
+from mdcache.sources import list_source
+from mdtrain import data
+
+from pretrain_helpers import make_cache, shared_cache
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory, train_spec):
+    return open_cache(shared_cache(tmp_path_factory, train_spec))
+
+
+def scfg(**kw):
+    base = dict(batch_size=4, image_size=64, grid=(4, 4), views=2, seed=3, shuffle_buffer=8, lanes=2)
+    base.update(kw)
+    return data.StreamConfig(**base)
+
+
+def keys_of(batches):
+    return [b["keys"] for b in batches]
+
+
+def test_ranks_and_lanes_see_disjoint_data_and_all_views(cache):
+    plan = data.plan_from_cache(cache)
+    assert [p.samples for p in plan] == [30, 30, 30, 30]
+    views_used = {}
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            cfg = scfg(rank=rank, world=2)
+            batches = list(data.ShardStream(plan, cfg, epoch, cache=cache))
+            assert len(batches) == sum(data.lane_batch_counts(plan, cfg, epoch)) == 14  # 2 lanes x 30 // 4
+            ks = [k for b in batches for k in b["keys"]]
+            assert len(ks) == len(set(ks)) == 56
+            seen.append(set(ks))
+            for b in batches:
+                assert b["images"].dtype == torch.uint8 and b["images"].shape == (4, 3, 64, 64)
+                assert b["mask"].shape == (4, 16) and (b["mask"].sum(1) == 6).all()
+                assert b["targets"]["targets"].dtype == torch.float16  # still encoded: decoded on the device
+                for s, v in zip(b["shards"], b["views"]):
+                    views_used.setdefault(s, set()).add((epoch, v))
+        assert not seen[0] & seen[1]  # ranks: disjoint
+    # Every shard uses one view per epoch, and the K=2 epochs use both views.
+    assert all(len(v) == 2 and {x[1] for x in v} == {0, 1} for v in views_used.values()), views_used
+    assert data.steps_per_epoch(plan, scfg(rank=0, world=2), epochs=3) == 14
+
+
+def test_targets_and_pixels_are_the_stored_views(cache, train_spec):
+    plan = data.plan_from_cache(cache)
+    batch = next(iter(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache)))
+    shard = batch["shards"][0]
+    keys, targets, params = cache.read(shard, batch["views"][0])
+    src = {s.name: s for s in list_source(train_spec)}[shard]
+    from mdcache.sources import iter_samples
+    images = {s.key: s.data for s in iter_samples(src)}
+    decoded = cache.decode(batch["targets"])
+    for j, key in enumerate(batch["keys"]):
+        i = keys.index(key)
+        assert torch.equal(decoded[j], torch.from_numpy(targets[i]))
+        view = views.replay(views.decode_image(images[key]), params[i], 64)
+        assert np.array_equal(batch["images"][j].permute(1, 2, 0).numpy(), np.asarray(view))
+        student = data.normalize(batch["images"][j:j + 1], data.STUDENT_MEAN, data.STUDENT_STD)[0]
+        assert torch.equal(student, views.to_tensor(view, data.STUDENT_MEAN, data.STUDENT_STD))
+
+
+def test_order_is_seeded_and_independent_of_loader_workers(cache):
+    plan = data.plan_from_cache(cache)
+    inproc = keys_of(data.ShardStream(plan, scfg(), 1, cache=cache))
+    loader = keys_of(data.make_loader(data.ShardStream(plan, scfg(), 1, cache=cache), workers=2))
+    assert inproc == loader
+    assert keys_of(data.ShardStream(plan, scfg(seed=4), 1, cache=cache)) != inproc
+    assert keys_of(data.ShardStream(plan, scfg(), 0, cache=cache)) != inproc  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("skip", [1, 5, 8, 13])
+def test_mid_epoch_skip_continues_the_exact_sequence(cache, skip):
+    plan = data.plan_from_cache(cache)
+    cfg = scfg(batch_size=3)  # 2 lanes with 20 and 20... batches: exhausted lanes are exercised too
+    full = keys_of(data.ShardStream(plan, cfg, 0, cache=cache))
+    resumed = keys_of(data.make_loader(data.ShardStream(plan, cfg, 0, skip, cache=cache), workers=2))
+    assert resumed == full[skip:]
+
+
+def test_online_stream_replays_the_cached_views(cache, train_spec):
+    """Online without a cache samples views with the extractor's sampler: same pixels, masks, order."""
+    plan_c = data.plan_from_cache(cache)
+    plan_s = data.plan_from_source(train_spec)
+    assert [(p.name, p.samples) for p in plan_s] == [(p.name, p.samples) for p in plan_c]
+    recipe = views.ViewRecipe(image_size=64, views=2, seed=0)
+    a = list(data.ShardStream(plan_c, scfg(lanes=1, with_targets=False), 1, cache=cache))
+    b = list(data.ShardStream(plan_s, scfg(lanes=1), 1, recipe=recipe))
+    assert keys_of(a) == keys_of(b) and "targets" not in a[0] and "targets" not in b[0]
+    for x, y in zip(a, b):
+        assert torch.equal(x["images"], y["images"]) and torch.equal(x["mask"], y["mask"])
+
+
+def test_int8_targets_travel_encoded(tmp_path_factory, train_spec):
+    cache = open_cache(shared_cache(tmp_path_factory, train_spec, codec="int8"))
+    plan = data.plan_from_cache(cache)
+    batch = next(iter(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache)))
+    assert batch["targets"]["targets"].dtype == torch.int8 and batch["targets"]["scales"].dtype == torch.float32
+    keys, targets, _ = cache.read(batch["shards"][0], batch["views"][0])
+    i = keys.index(batch["keys"][0])
+    assert torch.allclose(cache.decode(batch["targets"])[0], torch.from_numpy(targets[i]))
+
+
+def rewrite_tar(src, dst, rename=None, drop=None):
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin.getmembers():
+            key = m.name.split(".")[0]
+            if key == drop:
+                continue
+            data_ = tin.extractfile(m).read()
+            info = tarfile.TarInfo(m.name.replace(rename[0], rename[1]) if rename and key == rename[0] else m.name)
+            info.size = len(data_)
+            tout.addfile(info, io.BytesIO(data_))
+
+
+def test_keys_mismatch_names_the_shard(cache, demo_data, tmp_path):
+    plan = data.plan_from_cache(cache)
+    for name in ("train-000000", "train-000001", "train-000002", "train-000003"):
+        shutil.copy(demo_data / f"{name}.tar", tmp_path / f"{name}.tar")
+    victim = plan[2].name
+    first_key = next(iter(tarfile.open(demo_data / f"{victim}.tar").getnames())).split(".")[0]
+    rewrite_tar(demo_data / f"{victim}.tar", tmp_path / f"{victim}.tar", rename=(first_key, "intruder-000"))
+    plan = data.plan_from_cache(cache, str(tmp_path / "train-{000000..000003}.tar"))
+    with pytest.raises(data.DataError, match=rf"shard '{victim}'.*'intruder-000' but the cache has '{first_key}'"):
+        list(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache))
+    rewrite_tar(demo_data / f"{victim}.tar", tmp_path / f"{victim}.tar", drop=first_key)
+    with pytest.raises(data.DataError, match=rf"shard '{victim}'"):
+        list(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache))
+    with pytest.raises(data.DataError, match="lacks shard"):
+        data.plan_from_cache(cache, str(tmp_path / "train-00000[01].tar"))
+
+
+def test_corrupt_cache_shard_is_named(cache, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache.url, copy)
+    c = open_cache(str(copy))
+    victim = c.shard_names[1]
+    chunk_dir = copy / c.commits[victim]["path"] / "targets" / "c"
+    for root, _, files in os.walk(chunk_dir):
+        for f in files:  # corrupt every view's chunk of that shard
+            p = os.path.join(root, f)
+            b = bytearray(open(p, "rb").read())
+            b[len(b) // 2] ^= 0xFF
+            open(p, "wb").write(bytes(b))
+    plan = data.plan_from_cache(c)
+    with pytest.raises(store.CacheError, match=victim):
+        list(data.make_loader(data.ShardStream(plan, scfg(), 0, cache=c), workers=2))
+
+
+def test_incomplete_cache_is_refused(tmp_path, train_spec):
+    url = make_cache(tmp_path, train_spec, shards="0:2")
+    with pytest.raises(data.DataError, match=r"incomplete: 2/4 shards committed; missing train-000002, train-000003"):
+        data.plan_from_cache(open_cache(url))

@@ -1,0 +1,151 @@
+"""`mdtrain pretrain` end to end, as users run it: real caches, real timm students, real torchrun."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mdtrain.checkpoint import load_checkpoint
+
+from pretrain_helpers import ROOT, STUDENT, TINY_TEACHER, TRAIN_FLAGS, mdtrain, read_jsonl, shared_cache
+
+
+@pytest.fixture(scope="module")
+def cache_url(tmp_path_factory, train_spec):
+    return shared_cache(tmp_path_factory, train_spec)
+
+
+# Runs the real CLI and, at exit, reports which teacher-side modules the process ever imported.
+PROBE = ("import atexit, json, sys\n"
+         "atexit.register(lambda: print('MODULES=' + json.dumps(sorted(m for m in sys.modules "
+         "if m.split('.')[0] == 'open_clip' or m == 'mdcache.teachers'))))\n"
+         "from mdtrain.cli import app\n"
+         "app(prog_name='mdtrain')\n")
+
+
+def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_url, tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-c", PROBE, "pretrain", "--cache", cache_url, "--out", str(out), "--epochs", "3",
+                        "--drop-path", "0", *TRAIN_FLAGS], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr
+    modules = json.loads(p.stdout.split("MODULES=")[1].splitlines()[0])
+    assert modules == [], f"offline pretraining imported the teacher side: {modules}"
+
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 42 and [r["step"] for r in rows] == list(range(1, 43))  # 3 epochs x 14 batches
+    assert all(set(r) >= {"step", "epoch", "loss", "lr", "images_per_s"} for r in rows)
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    assert rows[0]["lr"] > rows[-1]["lr"] and math.isclose(rows[-1]["lr"], 1e-5, rel_tol=1e-6)  # cosine to min_lr
+    assert (out / "loss.png").stat().st_size > 1000
+
+    ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (3, 0, 42)
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(ckpt) and ckpt["config"]["student"] == STUDENT
+
+    import timm
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "student.safetensors")
+    model = timm.create_model(STUDENT, img_size=64)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
+    assert torch.equal(model.blocks[0].attn.qkv.weight, ckpt["model"]["backbone.blocks.0.attn.qkv.weight"])
+    # The usual timm path (pretrained file + a new classifier + position embeddings resampled to 224 px).
+    ft = timm.create_model(STUDENT, pretrained=True, pretrained_cfg_overlay={"file": str(out / "student.safetensors")},
+                           num_classes=10)
+    assert torch.equal(ft.blocks[0].mlp.fc1.weight, weights["blocks.0.mlp.fc1.weight"]) and ft.pos_embed.shape[1] == 197
+
+
+def test_resume_mid_epoch_reproduces_order_and_weights(cache_url, tmp_path):
+    flags = ["--cache", cache_url, "--epochs", "2", "--warmup-epochs", "1", "--log-samples", *TRAIN_FLAGS]
+    mdtrain("pretrain", *flags, "--out", str(tmp_path / "full"))
+    mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--stop-after", "5")  # odd position, drop path on
+    ck = load_checkpoint(str(tmp_path / "cut" / "last.ckpt"))
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (0, 5, 5)
+    mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--resume", "auto")
+
+    def keys(run):
+        return [r["keys"] for r in read_jsonl(tmp_path / run / "samples-rank0.jsonl")]
+    assert len(keys("full")) == 28 and keys("cut") == keys("full")
+    assert [r["loss"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == \
+           [r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
+    a = load_checkpoint(str(tmp_path / "full" / "last.ckpt"))["model"]
+    b = load_checkpoint(str(tmp_path / "cut" / "last.ckpt"))["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A different data layout cannot resume exactly: refused with the reason.
+    p = mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--resume", "auto", "--workers", "1", check=False)
+    assert p.returncode == 2 and "lanes: checkpoint 2 vs now 1" in p.stderr
+
+
+def test_online_teacher_matches_offline_fp16_cache(cache_url, tmp_path, train_spec):
+    flags = ["--epochs", "1", "--stop-after", "6", *TRAIN_FLAGS]
+    mdtrain("pretrain", "--cache", cache_url, "--out", str(tmp_path / "off"), *flags)
+    # Online, no cache: the teacher runs on views sampled exactly as `mdcache extract` sampled them.
+    mdtrain("pretrain", "--teacher", TINY_TEACHER, "--random-init", "--source", train_spec, "--image-size", "64",
+            "--views", "2", "--out", str(tmp_path / "on"), *flags)
+    off = [r["loss"] for r in read_jsonl(tmp_path / "off" / "metrics.jsonl")]
+    on = [r["loss"] for r in read_jsonl(tmp_path / "on" / "metrics.jsonl")]
+    assert len(off) == len(on) == 6
+    assert off != on  # really two computations (fp16 targets vs fp32 teacher) ...
+    for a, b in zip(off, on):  # ... equal to within fp16 rounding of the targets
+        assert abs(a - b) <= 2e-3 * abs(b), (off, on)
+    assert abs(off[0] - on[0]) <= 2e-4 * on[0]
+    config = json.loads((tmp_path / "on" / "config.json").read_text())
+    assert config["mode"] == "online"
+
+
+def test_two_process_torchrun_ranks_see_disjoint_data(cache_url, tmp_path):
+    out = tmp_path / "ddp"
+    mdtrain("pretrain", "--cache", cache_url, "--out", str(out), "--epochs", "2", "--log-samples",
+            *TRAIN_FLAGS, "--batch-size", "4", "--workers", "1", torchrun=2)
+    r0, r1 = read_jsonl(out / "samples-rank0.jsonl"), read_jsonl(out / "samples-rank1.jsonl")
+    assert len(r0) == len(r1) == 30  # 15 steps per epoch on each rank, in lockstep
+    for epoch in (0, 1):
+        k0 = [k for r in r0 if r["epoch"] == epoch for k in r["keys"]]
+        k1 = [k for r in r1 if r["epoch"] == epoch for k in r["keys"]]
+        assert len(set(k0)) == len(k0) == 60 and len(set(k1)) == 60
+        assert not set(k0) & set(k1)
+        assert {r["view"] for r in r0 if r["epoch"] == epoch} | {r["view"] for r in r1 if r["epoch"] == epoch}
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert len(rows) == 30 and all(math.isfinite(r["loss"]) for r in rows)
+    ckpt = load_checkpoint(str(out / "last.ckpt"))
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 30
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # per-rank drop-path noise
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(cache_url, tmp_path):
+    out = tmp_path / "int"
+    cmd = [sys.executable, "-m", "mdtrain", "pretrain", "--cache", cache_url, "--out", str(out), "--epochs", "500",
+           *TRAIN_FLAGS]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.jsonl").exists() or \
+                len(read_jsonl(out / "metrics.jsonl")) < 3:
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "saving a checkpoint" in err
+    ck = load_checkpoint(str(out / "last.ckpt"))
+    assert ck["step"] >= 3 and ck["step"] == len(read_jsonl(out / "metrics.jsonl"))
+
+
+def test_clear_errors_for_wrong_grid_and_incomplete_cache(cache_url, tmp_path):
+    p = mdtrain("pretrain", "--cache", cache_url, "--out", str(tmp_path / "g"), "--student", "vit_small_patch8_224",
+                "--batch-size", "8", check=False)
+    assert p.returncode == 2 and "8x8 patch grid" in p.stderr and "4x4 grid" in p.stderr
+    p = mdtrain("pretrain", "--cache", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n"), check=False)
+    assert p.returncode == 2 and "not a cache directory" in p.stderr
