@@ -29,7 +29,11 @@ def owner_is_dead(owner: str) -> bool:
         if host_user.split("@", 1)[1] != socket.gethostname():
             return False
         os.kill(int(pid), 0)
-        return False
+        try:  # a zombie (killed, not yet reaped by its parent) is dead too
+            with open(f"/proc/{int(pid)}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            return False
     except ProcessLookupError:
         return True
     except (ValueError, IndexError, PermissionError):
@@ -53,6 +57,7 @@ class Claims:
     def acquire(self, shard: str) -> str | None:
         """Claim `shard`. Returns None on success, else why not: 'committed' or the live owner."""
         fs, claim, commit = self._paths(shard)
+        fs.invalidate_cache(commit.rsplit("/", 1)[0])
         if fs.exists(commit):
             return "committed"
         for _ in range(3):
@@ -91,6 +96,7 @@ class Claims:
         """Shards this owner currently holds claims on (claims made in loader workers included)."""
         fs, path = store.url_to_fs(self.cache_url, self.storage_options)
         cdir = store.join(path, "claims")
+        fs.invalidate_cache(cdir)
         out = []
         for p in (fs.ls(cdir, detail=False) if fs.exists(cdir) else []):
             try:

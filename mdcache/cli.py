@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import bench, extract, store, verify
+from . import bench, cleanup, extract, store, verify
 from .config import opt, typer_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -115,3 +115,5 @@ typer_command(app, InfoConfig, info, "info", arguments=("cache",))
 typer_command(app, LsConfig, ls, "ls", arguments=("root",))
 typer_command(app, verify.VerifyConfig, verify.run_cli, "verify", arguments=("cache",))
 typer_command(app, bench.BenchConfig, bench.run_cli, "bench")
+typer_command(app, cleanup.GcConfig, cleanup.run_gc, "gc", arguments=("root",))
+typer_command(app, cleanup.RmConfig, cleanup.run_rm, "rm", arguments=("cache",))

@@ -184,6 +184,7 @@ def open_or_create(cfg: ExtractConfig, teacher: Teacher, recipe, all_shards, pre
     except store.CacheError as e:
         if "no manifest.json" not in str(e):
             raise
+    check_writable(url, so)
     console.print(f"[bold]new cache[/] {url}" + (" (calibrating int8 codec)" if cfg.codec == "int8" else ""))
     calib = calibrate(cfg, teacher, recipe, all_shards[0], precision, so)
     manifest = {"format_version": store.FORMAT_VERSION, "cache_id": cid, "fingerprint": fp,
@@ -316,7 +317,8 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, cl
     def commit(name: str, buf: ShardBuffer) -> None:
         arrays, views_ = buf.stacked(k, shapes)
         extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
-                 "source": by_name[name].to_json()}
+                 "source": by_name[name].to_json(), "rank": rank_world()[0],
+                 "extractor": claims.owner if claims else store.who()}
         rec = store.write_shard(cache.url, name, cache.manifest, buf.keys, arrays, views_, extra, so)
         if claims:
             claims.release(name)

@@ -188,6 +188,8 @@ class Cache:
     manifest: dict
     storage_options: dict | None = None
     commits: dict[str, dict] = field(default_factory=dict)
+    local_cache: str | None = None          # read-through copy of remote shards on this machine
+    local_cache_bytes: int = 100 * 2**30    # bound on that copy (least recently used shards go first)
 
     @property
     def codec(self) -> str:
@@ -213,11 +215,15 @@ class Cache:
     def refresh(self) -> "Cache":
         fs, path = url_to_fs(self.url, self.storage_options)
         cdir = join(path, "commits")
+        fs.invalidate_cache(cdir)  # listings are cached per process; other writers change them
         self.commits = {}
         if fs.exists(cdir):
             for p in fs.ls(cdir, detail=False):
                 if p.endswith(".json"):
-                    rec = read_json(fs, p)
+                    try:
+                        rec = read_json(fs, p)
+                    except FileNotFoundError:  # removed (mdcache rm) since the listing
+                        continue
                     self.commits[rec["shard"]] = rec
         return self
 
@@ -231,7 +237,30 @@ class Cache:
         rel = self.commits[shard]["path"]
         if is_local(fs):
             return zarr.open_group(join(path, rel), mode="r")
+        if self.local_cache:
+            return zarr.open_group(self._local_copy(fs, join(path, rel), rel), mode="r")
         return zarr.open_group(join(self.url, rel), mode="r", storage_options=self.storage_options)
+
+    def _local_copy(self, fs, remote: str, rel: str) -> str:
+        """Download a committed shard once per machine. Committed attempt directories never change,
+        so the copy is keyed by attempt name and never needs revalidation; checksums still apply."""
+        root = os.path.join(self.local_cache, self.manifest["cache_id"])
+        dst = os.path.join(root, rel)
+        if os.path.isdir(dst):
+            os.utime(dst)  # recency for LRU eviction
+            return dst
+        tmp = f"{dst}.part-{uuid.uuid4().hex[:8]}"
+        for f in fs.find(remote):
+            local = os.path.join(tmp, f[len(remote):].lstrip("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get_file(f, local)
+        try:
+            os.rename(tmp, dst)
+        except OSError:  # another loader worker finished the same copy first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+        evict_lru(self.local_cache, self.local_cache_bytes, keep=dst)
+        return dst
 
     def keys(self, shard: str) -> list[str]:
         return list(self._group(shard).attrs["keys"])
@@ -286,8 +315,32 @@ class Cache:
                 "fidelity": meter.report()}
 
 
-def open_cache(url: str, storage_options: dict | None = None) -> Cache:
-    """Open a cache directory (`<root>/<cache-id>`). Raises CacheError with the URL if it is not one."""
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def evict_lru(local_cache: str, max_bytes: int, keep: str | None = None) -> None:
+    """Keep a local read-through cache under max_bytes by removing least recently used shard copies."""
+    import shutil
+
+    roots = [os.path.join(local_cache, c, "shards") for c in (os.listdir(local_cache) if os.path.isdir(local_cache) else [])]
+    shards = [os.path.join(r, a) for r in roots if os.path.isdir(r) for a in os.listdir(r) if ".part-" not in a]
+    sizes = {s: _dir_bytes(s) for s in shards}
+    total = sum(sizes.values())
+    for s in sorted(shards, key=lambda s: os.path.getmtime(s)):
+        if total <= max_bytes:
+            break
+        if s != keep:
+            shutil.rmtree(s, ignore_errors=True)
+            total -= sizes[s]
+
+
+def open_cache(url: str, storage_options: dict | None = None, local_cache: str | None = None,
+               local_cache_bytes: int = 100 * 2**30) -> Cache:
+    """Open a cache directory (`<root>/<cache-id>`). Raises CacheError with the URL if it is not one.
+
+    With local_cache (a local directory), shards of a remote cache are downloaded once per machine
+    and read locally afterwards (bounded by local_cache_bytes, least recently used evicted)."""
     fs, path = url_to_fs(url, storage_options)
     mpath = join(path, MANIFEST)
     if not fs.exists(mpath):
@@ -296,11 +349,13 @@ def open_cache(url: str, storage_options: dict | None = None) -> Cache:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not supported "
                          f"(this mdcache reads format {FORMAT_VERSION})")
-    return Cache(url=url.rstrip("/"), manifest=manifest, storage_options=storage_options).refresh()
+    return Cache(url=url.rstrip("/"), manifest=manifest, storage_options=storage_options,
+                 local_cache=local_cache, local_cache_bytes=local_cache_bytes).refresh()
 
 
 def list_caches(root: str, storage_options: dict | None = None) -> list[Cache]:
     fs, path = url_to_fs(root, storage_options)
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         raise CacheError(f"{root}: no such cache root")
     out = []

@@ -8,8 +8,9 @@ One run, the same batches (epoch 0 onwards of the same seeded stream) for every 
     cached step                  loader + dequantize on the device + train step
     online-teacher step          loader (images only) + teacher forward + train step
 
-The cached and online phases run in separate fresh processes, so each peak RSS is its own
-(the cached process never imports the teacher's library). Targets: loader with targets >= 0.8x
+Three fresh processes: the limits (loader-only, student-only), the cached step, the online step;
+the last two run the same code but for where targets come from, so their peak RSS compare
+directly (the cached process never imports the teacher's library). Targets: loader with targets >= 0.8x
 images-only; cached step >= 0.9x student-only; cached >= 1.25x online for a ViT-B-shaped student
 with a CLIP-B/16-shaped teacher; cached peak RSS lower than online by at least the teacher's size.
 """
@@ -48,6 +49,8 @@ class BenchConfig:
     batch_size: int = opt(8, "Images per step.")
     batches: int = opt(10, "Timed batches per phase.")
     warmup: int = opt(2, "Untimed batches before each phase.")
+    loader_batches: int = opt(100, "Timed batches of the loader-only phases (cheap; more batches, less noise).")
+    repeats: int = opt(2, "Loader-only phases alternate this many times; the best rate of each is reported.")
     workers: int = opt(2, "Loader workers.")
     seed: int = opt(0, "Seed (stream order, masks, init).")
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
@@ -97,18 +100,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _phase(cfg: BenchConfig, online: bool, queue) -> None:
-    """One fresh process: the cached phases (loader, student-only, cached step) or the online step."""
+PHASES = ("limits", "cached", "online")
+
+
+def _phase(cfg: BenchConfig, phase: str, queue) -> None:
+    """One fresh process per phase set, so the cached and online peak RSS are comparable and their own."""
     if "fork" in mp.get_all_start_methods():  # a spawned child inherits 'spawn'; loaders should fork as in training
         mp.set_start_method("fork", force=True)
     try:
-        queue.put(_measure(cfg, online))
+        queue.put(_measure(cfg, phase))
     except BaseException as e:  # report, do not hang the parent
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def _measure(cfg: BenchConfig, online: bool) -> dict:
-    pcfg = cfg.pretrain_config(online)
+def _measure(cfg: BenchConfig, phase: str) -> dict:
+    """limits: loader-only rates and the student-only step; cached / online: the full step + peak RSS."""
+    pcfg = cfg.pretrain_config(online=phase == "online")
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_threads(device, cfg.workers, 1)
@@ -125,34 +132,37 @@ def _measure(cfg: BenchConfig, online: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    out: dict = {}
-    if online:
-        out["online_step_ips"] = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
-        out["teacher_mb"] = sum(p.numel() * p.element_size() for p in setup.teacher.model.parameters()) / 2**20
-        out["online_peak_rss_mb"] = peak_rss_mb()
-        return out
-    out["loader_targets_ips"] = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, lambda b: None)
+    if phase == "online":
+        ips = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
+        teacher_mb = sum(p.numel() * p.element_size() for p in setup.teacher.model.parameters()) / 2**20
+        return {"online_step_ips": ips, "teacher_mb": teacher_mb, "online_peak_rss_mb": peak_rss_mb()}
+    if phase == "cached":
+        ips = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
+        return {"cached_step_ips": ips, "cached_peak_rss_mb": peak_rss_mb()}
+    out = {"tokens": setup.stream.grid[0] * setup.stream.grid[1], "teacher_dim": setup.dim,
+           "image_size": setup.stream.image_size, "codec": setup.cache.codec}
     images_only = replace(setup, stream=replace(setup.stream, with_targets=False))
-    out["loader_images_ips"] = timed(stream_batches(images_only, cfg.workers, n), cfg.warmup, lambda b: None)
-    first = data.to_device(next(stream_batches(setup, 0, 1)), device)
-    first["targets"] = {k: v.clone() for k, v in first["targets"].items()}
+    nl = cfg.warmup + cfg.loader_batches
+    out["loader_targets_ips"] = out["loader_images_ips"] = 0.0
+    for _ in range(max(1, cfg.repeats)):  # alternate, keep the best: other jobs on the machine add noise
+        out["loader_targets_ips"] = max(out["loader_targets_ips"],
+                                        timed(stream_batches(setup, cfg.workers, nl), cfg.warmup, lambda b: None))
+        out["loader_images_ips"] = max(out["loader_images_ips"],
+                                       timed(stream_batches(images_only, cfg.workers, nl), cfg.warmup, lambda b: None))
+    first = data.to_device(next(stream_batches(setup, 0, 1)), device)  # the same first batch, held in memory
     out["student_only_ips"] = timed(iter([first] * n), cfg.warmup, step)
-    out["cached_step_ips"] = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
-    out["cached_peak_rss_mb"] = peak_rss_mb()
-    out["tokens"], out["teacher_dim"] = setup.stream.grid[0] * setup.stream.grid[1], setup.dim
-    out["image_size"], out["codec"] = setup.stream.image_size, setup.cache.codec
     return out
 
 
-def _run_phase(cfg: BenchConfig, online: bool) -> dict:
+def _run_phase(cfg: BenchConfig, phase: str) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_phase, args=(cfg, online, queue))
+    p = ctx.Process(target=_phase, args=(cfg, phase, queue))
     p.start()
     result = queue.get()
     p.join()
     if "error" in result:
-        raise RuntimeError(f"bench {'online' if online else 'cached'} phase failed: {result['error']}")
+        raise RuntimeError(f"bench {phase} phase failed: {result['error']}")
     return result
 
 
@@ -160,9 +170,8 @@ def bench(cfg: BenchConfig) -> dict:
     if not cfg.cache:
         raise ValueError("bench needs --cache (and --teacher for the online phase)")
     r = {"student": cfg.student, "batch_size": cfg.batch_size, "batches": cfg.batches, "workers": cfg.workers}
-    r.update(_run_phase(cfg, online=False))
-    if cfg.teacher:
-        r.update(_run_phase(cfg, online=True))
+    for phase in PHASES if cfg.teacher else PHASES[:2]:
+        r.update(_run_phase(cfg, phase))
     r["ratio_loader_targets_vs_images"] = r["loader_targets_ips"] / r["loader_images_ips"]
     r["ratio_cached_vs_student_only"] = r["cached_step_ips"] / r["student_only_ips"]
     if cfg.teacher:

@@ -90,6 +90,7 @@ class FinetuneConfig:
     shuffle_buffer: int = opt(1000, "Default loader: shuffle buffer size (samples).")
     seed: int = opt(0, "Seed: model init, data order, augmentation (per epoch and rank, so --resume is exact).")
     resume: str = opt("", "Trainer-state checkpoint to continue from (OUT/last.ckpt); 'auto' = OUT/last.ckpt if present.")
+    stop_after: int = opt(0, "Stop after N epochs of this run (checkpoint written; --resume auto continues). 0 = run to --epochs.")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N.")
     log_every: int = opt(20, "Print a progress line every N steps (rank 0).")
     storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE for remote sources (repeatable).")
@@ -459,7 +460,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Callable, batches: Iterat
         torch.distributed.all_reduce(totals)
     loss_sum, steps, images = totals.tolist()
     if steps == 0:
-        raise RuntimeError(f"epoch {epoch}: no training batch (fewer than --batch-size {cfg.batch_size} images per "
+        raise ValueError(f"epoch {epoch}: no training batch (fewer than --batch-size {cfg.batch_size} images per "
                            f"process in --train?)")
     return {"train_loss": loss_sum / steps, "lr": max_lr(optimizer), "steps": int(steps // dist.world),
             "images": int(images), "train_seconds": time.perf_counter() - t0}
@@ -537,11 +538,8 @@ def plot_curves(out: str, rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-def finetune(cfg: FinetuneConfig, epochs_this_run: int | None = None) -> dict:
-    """Run (or resume) a finetune; returns the last epoch's metrics plus the best top-1.
-
-    epochs_this_run: stop after that many epochs (time-sliced jobs; --resume auto continues).
-    """
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run (or resume) a finetune; returns the last epoch's metrics plus the best top-1."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
@@ -618,7 +616,7 @@ def finetune(cfg: FinetuneConfig, epochs_this_run: int | None = None) -> dict:
                       f"effective batch {eff_batch}, lr {lr:.2e}, ~{steps_est} steps/epoch, amp {amp}, {device}")
 
     row: dict = {}
-    end_epoch = cfg.epochs if epochs_this_run is None else min(cfg.epochs, start_epoch + epochs_this_run)
+    end_epoch = min(cfg.epochs, start_epoch + cfg.stop_after) if cfg.stop_after > 0 else cfg.epochs
     for epoch in range(start_epoch, end_epoch):
         seed_all(epoch_seed(cfg.seed, epoch, dist.rank))
         stats = train_one_epoch(model, criterion, train.batches(epoch), optimizer, scheduler, epoch, steps_est,
@@ -688,5 +686,7 @@ def run_cli(cfg: FinetuneConfig) -> None:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    print(json.dumps({k: result[k] for k in ("epoch", "val_top1", "val_top5", "best_top1", "best_epoch") if k in result}))
-    sys.stdout.flush()
+    if int(os.environ.get("RANK", "0")) == 0:
+        keys = ("epoch", "val_top1", "val_top5", "best_top1", "best_epoch")
+        print(json.dumps({k: result[k] for k in keys if k in result}))
+        sys.stdout.flush()

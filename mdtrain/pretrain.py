@@ -284,6 +284,15 @@ def plot_loss(metrics_path: str, png_path: str) -> None:
     plt.close(fig)
 
 
+def keep_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
+    """Rewrite a JSON-lines log keeping only the rows `keep` accepts (missing file: nothing to do)."""
+    if not os.path.exists(path):
+        return
+    rows = [line for line in open(path) if line.strip() and keep(json.loads(line))]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
 def unwrap(model: torch.nn.Module) -> Student:
     return model.module if hasattr(model, "module") else model
 
@@ -361,9 +370,11 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
     scheduler.step_update(num_updates=step)
 
     metrics_path = os.path.join(out, "metrics.jsonl")
+    samples_path = os.path.join(out, f"samples-rank{rank}.jsonl")
+    # Logs may run past the checkpoint (a crash after it): keep exactly what the checkpoint covers.
+    keep_jsonl(samples_path, lambda r: resume and (r["epoch"], r["batch"]) < (start_epoch, start_batch))
     if rank == 0:
-        if not resume and os.path.exists(metrics_path):
-            os.remove(metrics_path)
+        keep_jsonl(metrics_path, lambda r: resume and r["step"] <= step)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump({"config": asdict(cfg), "lr": lr, "effective_batch": eff_batch, "world_size": world,
                        "mode": "online" if setup.teacher is not None else "offline", **meta}, f, indent=1)
@@ -371,7 +382,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
         console.print(f"pretrain {cfg.student} from {mode}: {len(setup.plan)} shards, {steps} batches/epoch/rank, "
                       f"world {world}, lr {lr:.3g} (effective batch {eff_batch}), {precision}, device {device}"
                       + (f"; resuming at epoch {start_epoch} batch {start_batch} (step {step})" if resume else ""))
-    samples_log = open(os.path.join(out, f"samples-rank{rank}.jsonl"), "a" if resume else "w") if cfg.log_samples else None
+    samples_log = open(samples_path, "a") if cfg.log_samples else None
     metrics = open(metrics_path, "a") if rank == 0 else None
     progress = _progress(cfg, rank, cfg.epochs * updates_per_epoch, step)
 
@@ -389,7 +400,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
                 batch = data.to_device(next(batches), device)
                 if samples_log:
                     samples_log.write(json.dumps({"epoch": epoch, "batch": i, "keys": batch["keys"],
-                                                  "view": batch["views"][0]}) + "\n")
+                                                  "views": batch["views"]}) + "\n")
                 last_micro = (i + 1) % cfg.accum_iter == 0
                 with (model.no_sync() if world > 1 and not last_micro else nullcontext()):
                     loss = student_loss(model, setup, batch, cfg, precision, device)

@@ -50,3 +50,13 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, module: str
     if check and p.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the whole session."""
+    import s3_server
+
+    server = s3_server.start(tmp_path_factory.mktemp("s3"))
+    yield server
+    s3_server.stop(server)

@@ -25,6 +25,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, SIZE = "vit_tiny_patch16_224", 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP spin-waits collapse when other processes
+    share the 2 cores; restore the setting for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("demo"))
@@ -113,7 +123,7 @@ def test_cli_eval_and_knn_print_json(tmp_path, data):
     model = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10)
     weights = str(tmp_path / "best.safetensors")
     save_weights(model, weights, {"model": MODEL, "input_size": SIZE, "num_classes": 10})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     out = {}
     for cmd in (["eval", "--val", f"{data}/val-000000.tar"],
                 ["knn", "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar", "--k", "5"]):

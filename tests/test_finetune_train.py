@@ -33,6 +33,16 @@ def save_student(path: str, name: str = MODEL, size: int = SIZE, seed: int = 0) 
     return sd
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP spin-waits collapse when other processes
+    share the 2 cores; restore the setting for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     return make_demo(str(tmp_path_factory.mktemp("demo")))
@@ -103,7 +113,8 @@ def test_cli_finetune_refuses_incompatible_init(tmp_path, data):
     r = subprocess.run([sys.executable, "-m", "mdtrain", "finetune", "--model", MODEL, "--input-size", str(SIZE),
                         "--init", small, "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar",
                         "--out", str(tmp_path / "ft"), "--epochs", "1", "--num-workers", "0"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2, r.stderr
     assert "does not fit" in r.stderr and "vit_small.safetensors" in r.stderr
     assert not os.path.exists(tmp_path / "ft" / "last.ckpt")
@@ -151,7 +162,7 @@ def test_resume_is_exact(tmp_path, data, student):
     kw = dict(init=student, epochs=3, num_workers=2, model_ema=True, model_ema_decay=0.9)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     finetune(cfg(data, a, **kw))
-    finetune(cfg(data, b, **kw), epochs_this_run=2)
+    finetune(cfg(data, b, stop_after=2, **kw))
     assert len(open(os.path.join(b, "metrics.jsonl")).readlines()) == 2
     finetune(cfg(data, b, resume="auto", **kw))
     wa = safetensors.torch.load_file(os.path.join(a, "last.safetensors"))
@@ -168,7 +179,7 @@ def test_resume_is_exact(tmp_path, data, student):
 
 def test_resume_refuses_a_changed_recipe(tmp_path, data):
     out = str(tmp_path / "ft")
-    finetune(cfg(data, out, epochs=2), epochs_this_run=1)
+    finetune(cfg(data, out, epochs=2, stop_after=1))
     with pytest.raises(ValueError, match="batch_size"):
         finetune(cfg(data, out, epochs=2, batch_size=8, resume="auto"))
 

@@ -3,7 +3,6 @@ import io
 import os
 import shutil
 import tarfile
-from collections import Counter
 
 import numpy as np
 import pytest

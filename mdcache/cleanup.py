@@ -1,0 +1,152 @@
+"""`mdcache gc` and `mdcache rm`: remove what no reader trusts, and caches or shards on purpose.
+
+gc removes attempt directories no commit record names (crashed or losing writers), expired claims,
+and temp files. It never touches committed data, and leaves an uncommitted attempt alone while its
+shard has a live claim or while it is younger than the grace period. Both commands are dry runs
+unless given --yes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Console
+
+from . import store
+from .claims import owner_is_dead
+from .config import opt
+from .extract import parse_storage_options
+
+console = Console()
+
+
+@dataclass
+class GcConfig:
+    """Remove uncommitted leftovers and expired claims under a cache root (or one cache). Dry run unless --yes."""
+
+    root: str = opt(None, "Cache root or one cache directory, local path or fsspec URL.")
+    grace: float = opt(3600.0, "Leave uncommitted attempts younger than this many seconds (a live writer may own them).")
+    yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+
+
+@dataclass
+class RmConfig:
+    """Remove a whole cache, or some of its shards (commit record first, so readers stop trusting it). Dry run unless --yes."""
+
+    cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
+    shard: list[str] = opt([], "Remove only this shard (repeatable); it is recomputed by the next extract.")
+    yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
+    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+
+
+def _files(fs, path: str) -> list[dict]:
+    """Objects under path (some stores keep empty directory entries after deletes: not garbage)."""
+    return [i for i in fs.find(path, detail=True).values() if i.get("type") != "directory"]
+
+
+def _mtime(fs, path: str) -> float:
+    """Newest modification time under path (files in object stores have no directory mtimes)."""
+    newest = 0.0
+    for info in _files(fs, path):
+        t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
+        newest = max(newest, t.timestamp() if hasattr(t, "timestamp") else float(t))
+    return newest
+
+
+def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
+    """(path, reason) for everything in one cache that gc may remove."""
+    fs, path = store.url_to_fs(cache.url, cache.storage_options)
+    fs.invalidate_cache(path)
+    now = time.time()
+    out, live_claims = [], set()
+    cdir = store.join(path, "claims")
+    for p in fs.ls(cdir, detail=False) if fs.exists(cdir) else []:
+        name = p.rsplit("/", 1)[-1]
+        if name.startswith(".write-probe-"):
+            if now - _mtime(fs, p) > grace:
+                out.append((p, "stale write probe"))
+            continue
+        try:
+            rec = store.read_json(fs, p)
+        except (FileNotFoundError, ValueError):
+            continue
+        if rec.get("expires", 0) < now or owner_is_dead(rec.get("owner", "")) or rec.get("shard") in cache.commits:
+            out.append((p, f"expired claim of {rec.get('owner')}"))
+        else:
+            live_claims.add(rec.get("shard"))
+    referenced = {rec["path"].rsplit("/", 1)[-1] for rec in cache.commits.values()}
+    sdir = store.join(path, "shards")
+    for p in fs.ls(sdir, detail=False) if fs.exists(sdir) else []:
+        attempt = p.rstrip("/").rsplit("/", 1)[-1]
+        shard = attempt.rsplit(".", 1)[0]
+        if attempt in referenced or shard in live_claims or not _files(fs, p):
+            continue
+        if now - _mtime(fs, p) > grace:
+            out.append((p, "uncommitted attempt" + (" (shard committed elsewhere)" if shard in cache.commits else "")))
+    for d in (path, store.join(path, "commits")):
+        for p in fs.ls(d, detail=False) if fs.exists(d) else []:
+            if ".tmp-" in p.rsplit("/", 1)[-1] and now - _mtime(fs, p) > grace:
+                out.append((p, "temp file"))
+    return out
+
+
+def _caches(root: str, so: dict) -> list[store.Cache]:
+    fs, path = store.url_to_fs(root, so)
+    if fs.exists(store.join(path, store.MANIFEST)):
+        return [store.open_cache(root, so)]
+    return store.list_caches(root, so)
+
+
+def _delete(fs, items: list[tuple[str, str]], yes: bool) -> None:
+    for p, why in items:
+        console.print(f"{'removing' if yes else 'would remove'} {p}  [dim]({why})[/]")
+        if yes:
+            fs.rm(p, recursive=True)
+    if not items:
+        console.print("nothing to remove")
+    elif not yes:
+        console.print(f"dry run: {len(items)} item(s); add --yes to delete")
+
+
+def gc(cfg: GcConfig) -> list[tuple[str, str]]:
+    so = parse_storage_options(cfg.storage_option)
+    items = [it for c in _caches(cfg.root, so) for it in garbage(c, cfg.grace)]
+    fs, _ = store.url_to_fs(cfg.root, so)
+    _delete(fs, items, cfg.yes)
+    return items
+
+
+def rm(cfg: RmConfig) -> list[tuple[str, str]]:
+    so = parse_storage_options(cfg.storage_option)
+    cache = store.open_cache(cfg.cache, so)
+    fs, path = store.url_to_fs(cache.url, so)
+    if cfg.shard:
+        unknown = [s for s in cfg.shard if s not in cache.commits]
+        if unknown:
+            raise store.CacheError(f"{cache.url}: shard(s) not committed: {', '.join(unknown)}")
+        items = []
+        for s in cfg.shard:  # the record first: from then on no reader trusts the data
+            items += [(store.join(path, "commits", f"{s}.json"), "commit record"),
+                      (store.join(path, cache.commits[s]["path"]), "shard data")]
+    else:
+        items = [(store.join(path, "commits"), "commit records"), (path, "the whole cache")]
+        items = [(p, w) for p, w in items if fs.exists(p)]
+    _delete(fs, items, cfg.yes)
+    return items
+
+
+def run_gc(cfg: GcConfig) -> None:
+    try:
+        gc(cfg)
+    except (store.CacheError, PermissionError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(2)
+
+
+def run_rm(cfg: RmConfig) -> None:
+    try:
+        rm(cfg)
+    except (store.CacheError, PermissionError) as e:
+        console.print(f"[red]error:[/] {e}")
+        raise SystemExit(2)

@@ -1,0 +1,197 @@
+"""Team-shared caches in a real S3 bucket (SeaweedFS on 127.0.0.1, credentials required)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import s3_server
+from conftest import ROOT, TINY_TEACHER, run_cli
+from mdcache import open_cache, store
+from mdcache.sources import iter_samples, list_source
+
+
+@pytest.fixture(scope="module")
+def bucket_data(s3, demo_data):
+    """The demo shards uploaded to s3://team/data/, plus a 12-shard image folder in s3://team/folder/."""
+    fs = s3.fs()
+    for f in sorted(demo_data.glob("train-*.tar")):
+        fs.put_file(str(f), f"team/data/{f.name}")
+    for shard in list_source(str(demo_data / "train-{000000..000003}.tar")):
+        for smp in iter_samples(shard):
+            fs.pipe_file(f"team/folder/{smp.key.rsplit('-', 1)[0]}/{smp.key}.jpg", smp.data)
+    return "s3://team/data/train-{000000..000003}.tar"
+
+
+def extract_args(source, cache, *extra):
+    return ["extract", "--source", source, "--cache", cache, "--teacher", TINY_TEACHER, "--random-init",
+            "--image-size", "64", "--views", "2", "--codec", "int8", "--workers", "0", "--batch-size", "4",
+            "--calib-images", "8", "--folder-shard-size", "10", *extra]
+
+
+def test_teammate_reuses_the_shared_cache(s3, bucket_data):
+    root = "s3://team/shared"
+    first = run_cli(*extract_args(bucket_data, root, "--shards", "0:2"), env=s3.env())
+    url = first.stdout.strip().splitlines()[-1]
+    assert url.startswith(f"{root}/") and "committed 2 shard(s)" in first.stderr
+    # A teammate, other credentials source (--storage-option instead of env), same command: only the rest is computed.
+    second = run_cli(*extract_args(bucket_data, root), *s3.cli_options())
+    assert second.stdout.strip().splitlines()[-1] == url
+    assert "reusing 2 committed shard(s) of 4 selected; computing 2" in second.stderr
+    assert "committed 2 shard(s)" in second.stderr
+    third = run_cli(*extract_args(bucket_data, root), env=s3.env())
+    assert "computing 0" in third.stderr
+    ls = run_cli("ls", root, env=s3.env()).stdout
+    assert url.rsplit("/", 1)[-1] in ls and "4/4" in ls and "int8" in ls
+    cache = open_cache(url, s3.options())
+    keys, targets, params = cache.read("train-000003", 1)
+    assert len(keys) == 30 and targets.shape == (30, 16, 64) and params.shape == (30, 7)
+
+
+def test_read_only_credentials_list_verify_read_but_cannot_extract(s3, bucket_data):
+    root = "s3://team/ro"
+    url = run_cli(*extract_args(bucket_data, root, "--shards", "0:1"), env=s3.env()).stdout.strip().splitlines()[-1]
+    ro = s3.env(s3_server.READER)
+    assert url.rsplit("/", 1)[-1] in run_cli("ls", root, env=ro).stdout
+    assert run_cli("verify", url, "--teacher-check", "4", env=ro).stdout.strip() == "OK"
+    assert open_cache(url, s3.options(s3_server.READER)).read("train-000000", 0)[1].shape == (30, 16, 64)
+    for args in (extract_args(bucket_data, root), extract_args(bucket_data, root, "--views", "3")):  # resume / new cache
+        p = run_cli(*args, env=ro, check=False)
+        assert p.returncode == 2 and "no write access" in p.stderr and "Traceback" not in p.stderr
+    assert len(open_cache(url, s3.options()).commits) == 1  # nothing was written
+
+
+def cache_contents(url, so):
+    cache = open_cache(url, so)
+    return cache, {n: (cache.commits[n]["checksums"], [cache.read_encoded(n, v) for v in range(2)])
+                   for n in cache.shard_names}
+
+
+def assert_same(url_a, url_b, so):
+    ca, a = cache_contents(url_a, so)
+    cb, b = cache_contents(url_b, so)
+    assert ca.complete and cb.complete and sorted(a) == sorted(b)
+    assert ca.manifest["codec"] == cb.manifest["codec"]
+    for name in a:
+        assert a[name][0] == b[name][0], name
+        for (ka, xa, va), (kb, xb, vb) in zip(a[name][1], b[name][1]):
+            assert ka == kb and np.array_equal(va, vb) and all(np.array_equal(xa[k], xb[k]) for k in xa)
+
+
+def test_two_concurrent_extractors_one_killed(s3, bucket_data):
+    folder = "s3://team/folder"
+    env = {**os.environ, **s3.env()}
+    procs = [subprocess.Popen([sys.executable, "-m", "mdcache", *extract_args(folder, "s3://team/conc")], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    fs = s3.fs()
+    deadline, killed = time.time() + 300, False
+    while time.time() < deadline and procs[0].poll() is None:
+        if len(fs.glob("team/conc/*/commits/*.json", refresh=True) if fs.exists("team/conc") else []) >= 2:
+            procs[0].send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    assert killed, "extractor 0 finished before it could be killed"
+    out, err = procs[1].communicate(timeout=600)
+    assert procs[1].returncode == 0, err
+    url = out.strip().splitlines()[-1]
+    cache = open_cache(url, s3.options())
+    assert cache.complete and len(cache.commits) == 12
+    writers = {rec["extractor"] for rec in cache.commits.values()}
+    assert len(writers) == 2, "both extractors should have committed shards"
+    assert "committed by another extractor first" not in err  # no shard was computed twice to completion
+    clean = run_cli(*extract_args(folder, "s3://team/conc-clean"), env=s3.env()).stdout.strip().splitlines()[-1]
+    assert clean.rsplit("/", 1)[-1] == url.rsplit("/", 1)[-1]
+    assert_same(url, clean, s3.options())
+
+
+def test_expired_claim_of_another_machine_is_taken_over(s3, bucket_data):
+    root = "s3://team/takeover"
+    url = run_cli(*extract_args(bucket_data, root, "--shards", "0:0"), env=s3.env()).stdout.strip().splitlines()[-1]
+    fs = s3.fs()
+    path = url[len("s3://"):]
+    for i in range(4):  # a teammate on another machine claimed everything, then died
+        fs.pipe_file(f"{path}/claims/train-{i:06d}.json", json.dumps(
+            {"shard": f"train-{i:06d}", "owner": "bob@other-machine:4242:deadbeef", "expires": time.time() + 4}).encode())
+    t0 = time.time()
+    p = run_cli(*extract_args(bucket_data, root, "--claim-ttl", "4"), env=s3.env())
+    assert "waiting for 4 shard(s) claimed by bob@other-machine:4242:deadbeef" in p.stderr
+    assert time.time() - t0 >= 3.5 and "committed 4 shard(s)" in p.stderr
+    assert open_cache(url, s3.options()).complete
+    assert not fs.glob(f"{path}/claims/*.json", refresh=True)  # released after commit
+    nowait = run_cli(*extract_args(bucket_data, "s3://team/takeover2", "--no-wait"), env=s3.env())
+    assert "committed 4 shard(s)" in nowait.stderr
+
+
+def test_torchrun_ranks_split_the_shards(s3, bucket_data):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    p = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "0", "-m", "mdcache",
+                        *extract_args(bucket_data, "s3://team/ddp")], cwd=ROOT, env={**os.environ, **s3.env()},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    urls = set(line for line in p.stdout.split() if line.startswith("s3://team/ddp/"))
+    assert len(urls) == 1
+    cache = open_cache(urls.pop(), s3.options())
+    assert cache.complete
+    ranks = {n: rec["rank"] for n, rec in cache.commits.items()}
+    assert ranks == {"train-000000": 0, "train-000001": 1, "train-000002": 0, "train-000003": 1}
+
+
+def objects(fs, path):
+    return [p for p, i in fs.find(path, detail=True).items() if i["type"] != "directory"]
+
+
+def test_gc_and_rm(s3, bucket_data):
+    root = "s3://team/gc"
+    url = run_cli(*extract_args(bucket_data, root), env=s3.env()).stdout.strip().splitlines()[-1]
+    fs, path = s3.fs(), url[len("s3://"):]
+    cache = open_cache(url, s3.options())
+    rec = cache.commits["train-000001"]
+    for f in fs.find(f"{path}/{rec['path']}"):  # a crashed writer's leftover attempt
+        fs.copy(f, f.replace(rec["path"], "shards/train-000001.crashed0001"))
+    fs.pipe_file(f"{path}/claims/train-000002.json", json.dumps(
+        {"shard": "train-000002", "owner": "x@elsewhere:1:1", "expires": time.time() - 10}).encode())
+    dry = run_cli("gc", root, "--grace", "0", env=s3.env())
+    assert "would remove" in dry.stdout and "train-000001.crashed0001" in dry.stdout and "expired claim" in dry.stdout
+    assert fs.exists(f"{path}/shards/train-000001.crashed0001")
+    run_cli("gc", root, "--grace", "0", "--yes", env=s3.env())
+    fs.invalidate_cache()  # another process changed the bucket
+    # (SeaweedFS may keep an empty directory entry: what counts is that no object remains)
+    assert not objects(fs, f"{path}/shards/train-000001.crashed0001") and not fs.exists(f"{path}/claims/train-000002.json")
+    assert run_cli("verify", url, env=s3.env()).stdout.strip() == "OK"  # committed data untouched
+    assert "nothing to remove" in run_cli("gc", root, "--grace", "0", env=s3.env()).stdout
+    # rm one shard: the next extract recomputes exactly it
+    run_cli("rm", url, "--shard", "train-000003", "--yes", env=s3.env())
+    assert "train-000003" not in open_cache(url, s3.options()).commits
+    again = run_cli(*extract_args(bucket_data, root), env=s3.env())
+    assert "reusing 3 committed shard(s)" in again.stderr and "committed 1 shard(s)" in again.stderr
+    run_cli("rm", url, "--yes", env=s3.env())
+    fs.invalidate_cache()
+    assert not objects(fs, path)
+
+
+def test_local_read_through_cache_is_bounded(s3, bucket_data, tmp_path):
+    url = run_cli(*extract_args(bucket_data, "s3://team/rt"), env=s3.env()).stdout.strip().splitlines()[-1]
+    direct = open_cache(url, s3.options())
+    local = tmp_path / "local"
+    cache = open_cache(url, s3.options(), local_cache=str(local), local_cache_bytes=10**9)
+    for name in cache.shard_names:
+        k1, a1, v1 = cache.read_encoded(name, 1)
+        k2, a2, v2 = direct.read_encoded(name, 1)
+        assert k1 == k2 and np.array_equal(v1, v2) and all(np.array_equal(a1[k], a2[k]) for k in a1)
+    copies = sorted(p.name for p in (local / cache.manifest["cache_id"] / "shards").iterdir())
+    assert [c.rsplit(".", 1)[0] for c in copies] == cache.shard_names
+    # Bounded: room for about two shard copies, least recently used ones go.
+    size = store._dir_bytes(str(local / cache.manifest["cache_id"] / "shards" / copies[0]))
+    local2 = tmp_path / "local2"
+    bounded = open_cache(url, s3.options(), local_cache=str(local2), local_cache_bytes=int(size * 2.5))
+    bounded.read_encoded("train-000000", 0)
+    bounded.read_encoded("train-000001", 0)
+    bounded.read_encoded("train-000002", 0)
+    kept = sorted(p.name.rsplit(".", 1)[0] for p in (local2 / cache.manifest["cache_id"] / "shards").iterdir())
+    assert len(kept) <= 2 and "train-000002" in kept  # least recently used copies were evicted
