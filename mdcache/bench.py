@@ -56,7 +56,8 @@ def bench(cfg: BenchConfig) -> dict:
             best = min(best, time.perf_counter() - t0)
         teacher_ips = n / best
     return {"images": n, "views": cfg.views, "teacher_only_ips": teacher_ips, "extract_ips": extract_ips,
-            "ratio": extract_ips / teacher_ips, "target": 0.85}
+            "ratio": extract_ips / teacher_ips, "target": 0.85, "cache": url,
+            "overhead_share": summary["overhead_seconds"] / max(summary["shard_seconds"], 1e-9)}
 
 
 def run_cli(cfg: BenchConfig) -> None:
@@ -66,3 +67,6 @@ def run_cli(cfg: BenchConfig) -> None:
     console.print(f"full extraction      : {r['extract_ips']:8.2f} images/s")
     verdict = "meets" if r["ratio"] >= r["target"] else "BELOW"
     console.print(f"ratio extraction/teacher-only: {r['ratio']:.3f} ({verdict} target >= {r['target']})")
+    share = r["overhead_share"]
+    console.print(f"claims + commit records: {100 * share:.2f}% of shard time "
+                  f"({'meets' if share < 0.02 else 'ABOVE'} target < 2%) on {r['cache'].rsplit('/', 1)[0]}")

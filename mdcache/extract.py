@@ -91,7 +91,7 @@ def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> 
 
 def empty_batch(shard: str, recipe: views.ViewRecipe, **kw) -> dict:
     s = recipe.image_size
-    return {"shard": shard, "keys": [], "skipped": [], "last": True, "error": None, "skip": None,
+    return {"shard": shard, "keys": [], "skipped": [], "last": True, "error": None, "skip": None, "claim_seconds": 0.0,
             "images": torch.zeros(0, 3, s, s), "views": np.zeros((0, recipe.views, 7), np.int32), **kw}
 
 
@@ -137,11 +137,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         for shard in self.shards[wid::nw]:
+            t0 = time.perf_counter()
             why_not = self.claims.acquire(shard.name) if self.claims else None
+            claim_seconds = time.perf_counter() - t0
             if why_not:  # committed meanwhile, or another extractor is on it
                 yield empty_batch(shard.name, self.recipe, skip=why_not)
                 continue
-            yield from shard_batches(shard, self.recipe, self.mean, self.std, self.batch_size, self.storage_options)
+            for b in shard_batches(shard, self.recipe, self.mean, self.std, self.batch_size, self.storage_options):
+                b["claim_seconds"], claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
+                yield b
 
 
 # ----------------------------------------------------------------------------- cache setup
@@ -221,6 +225,7 @@ class ShardBuffer:
         self.skipped: list[dict] = []
         self.meter = codecs.FidelityMeter()
         self.started = time.time()
+        self.overhead = 0.0
 
     def add(self, b: dict, encoded: dict[str, np.ndarray], k: int) -> None:
         n = len(b["keys"])
@@ -264,7 +269,7 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> tuple[str, dict]:
     if reused:
         console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
     summary = {"cache": cache.url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0,
-               "images": 0, "seconds": 0.0, "elsewhere": {}}
+               "images": 0, "seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0, "shard_seconds": 0.0}
     if not todo:
         return cache.url, summary
     check_writable(cache.url, so)
@@ -319,12 +324,17 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, cl
         extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
                  "source": by_name[name].to_json(), "rank": rank_world()[0],
                  "extractor": claims.owner if claims else store.who()}
-        rec = store.write_shard(cache.url, name, cache.manifest, buf.keys, arrays, views_, extra, so)
+        rec = store.write_shard_data(cache.url, name, buf.keys, arrays, views_, extra, so)
+        t0 = time.perf_counter()
+        won = store.commit_shard(cache.url, rec, so)
         if claims:
             claims.release(name)
-        (summary["committed"] if rec else summary["lost_race"]).append(name)
+        buf.overhead += time.perf_counter() - t0  # coordination cost: claim + commit record + release
+        summary["overhead_seconds"] += buf.overhead
+        summary["shard_seconds"] += time.time() - buf.started
+        (summary["committed"] if won else summary["lost_race"]).append(name)
         if not progress:  # logs (no live bar): one line per shard
-            console.print(f"shard {name}: {'committed' if rec else 'already committed by another extractor'}, "
+            console.print(f"shard {name}: {'committed' if won else 'already committed by another extractor'}, "
                           f"{len(buf.keys)} images, {len(buf.skipped)} skipped, {extra['seconds']:.1f}s")
 
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
@@ -341,6 +351,7 @@ def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, cl
                 bar.advance(task)
                 continue
             buf = buffers.setdefault(name, ShardBuffer())
+            buf.overhead += b["claim_seconds"]
             if len(b["keys"]):
                 feats = run_teacher(teacher, b["images"], precision)
                 encoded = codecs.encode(cfg.codec, feats, calib)

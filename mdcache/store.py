@@ -148,10 +148,21 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
 
 def write_shard(cache_url: str, name: str, manifest: dict, keys: list[str], arrays: dict[str, np.ndarray],
                 views: np.ndarray, extra: dict, storage_options: dict | None = None) -> dict | None:
-    """Write one shard's arrays ([K, N, ...] each) into a fresh attempt directory, then commit it.
+    """Write one shard's arrays, then commit it. Returns the record, or None if another writer won."""
+    record = write_shard_data(cache_url, name, keys, arrays, views, extra, storage_options)
+    return record if commit_shard(cache_url, record, storage_options) else None
 
-    Returns the commit record, or None if another writer committed this shard first.
-    """
+
+def commit_shard(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
+    """Publish a shard's commit record, create-if-absent: False if another writer committed it first."""
+    fs, path = url_to_fs(cache_url, storage_options)
+    return write_json(fs, join(path, "commits", f"{record['shard']}.json"), record, exclusive=True)
+
+
+def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[str, np.ndarray],
+                     views: np.ndarray, extra: dict, storage_options: dict | None = None) -> dict:
+    """Write one shard's arrays ([K, N, ...] each) into a fresh attempt directory (invisible to readers
+    until commit_shard) and return its commit record."""
     import zarr
     from zarr.codecs import ZstdCodec
 
@@ -174,8 +185,7 @@ def write_shard(cache_url: str, name: str, manifest: dict, keys: list[str], arra
     record = {"shard": name, "path": f"shards/{attempt}", "samples": n, "views": int(views.shape[0]),
               "keys_sha256": keys_digest(keys), "checksums": checksums, "created_by": who(),
               "created_at": now(), "format_version": FORMAT_VERSION, **extra}
-    committed = write_json(fs, join(path, "commits", f"{name}.json"), record, exclusive=True)
-    return record if committed else None
+    return record
 
 
 # ----------------------------------------------------------------------------- reading
@@ -265,15 +275,17 @@ class Cache:
     def keys(self, shard: str) -> list[str]:
         return list(self._group(shard).attrs["keys"])
 
-    def read_encoded(self, shard: str, view: int, check: bool = True) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
-        """(keys, encoded arrays for that view [N, ...], view params int32 [N, 7]): one sequential read each."""
-        rec = self.commits.get(shard) or self._group(shard)
+    def read_encoded(self, shard: str, view: int, check: bool = True,
+                     targets: bool = True) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
+        """(keys, encoded arrays for that view [N, ...], view params int32 [N, 7]): one sequential read each.
+        targets=False reads only keys and view params (an images-only loader)."""
+        group = self._group(shard)
+        rec = self.commits[shard]
         if not 0 <= view < rec["views"]:
             raise CacheError(f"{self.url}: shard {shard!r} has {rec['views']} views, asked for view {view}")
-        group = self._group(shard)
         keys = list(group.attrs["keys"])
         out = {}
-        for name in list(codecs.CODEC_ARRAYS[self.codec]) + ["views"]:
+        for name in (list(codecs.CODEC_ARRAYS[self.codec]) if targets else []) + ["views"]:
             try:
                 a = group[name][view]
             except Exception as e:  # undecodable chunk, missing file

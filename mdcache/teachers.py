@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .devices import resolve_device, resolve_precision  # noqa: F401 (re-exported)
+
 ALIASES = {"clip-b16": "open_clip:ViT-B-16:openai", "clip-l14": "open_clip:ViT-L-14:openai"}
 TAPS = ("final", "ln_post", "proj")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -148,22 +150,6 @@ def _timm(spec: str, name: str, weights: str | None, random_init: bool, tap: str
     cfg = model.pretrained_cfg
     size = model.patch_embed.img_size[0]
     return model, features, tuple(cfg["mean"]), tuple(cfg["std"]), int(size), tuple(model.patch_embed.grid_size), int(model.embed_dim)
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise TeacherError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
-    return precision
 
 
 def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = False, tap: str = "final",

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import typer
 
+from mdcache.config import typer_command
+
+from . import bench, bench_storage, evaluate, ffcv_loader, finetune, pretrain
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="MaskDistill student training from cached teacher targets: pretrain, finetune, eval.")
 
@@ -12,20 +16,11 @@ def main() -> None:
     """MaskDistill student training from cached teacher targets."""
 
 
-from mdcache.config import typer_command  # noqa: E402
-
-from . import pretrain as _pretrain  # noqa: E402
-
-typer_command(app, _pretrain.PretrainConfig, _pretrain.run_cli, "pretrain")
-
-from . import evaluate as _evaluate, ffcv_loader as _ffcv, finetune as _finetune  # noqa: E402
-
-typer_command(app, _finetune.FinetuneConfig, _finetune.run_cli, "finetune")
-typer_command(app, _evaluate.EvalConfig, _evaluate.run_eval_cli, "eval")
-typer_command(app, _evaluate.KnnConfig, _evaluate.run_knn_cli, "knn")
-typer_command(app, _ffcv.FfcvBuildConfig, _ffcv.run_build_cli, "ffcv-build")
-typer_command(app, _ffcv.BenchLoaderConfig, _ffcv.run_bench_cli, "bench-loader")
-
-from . import bench as _bench  # noqa: E402
-
-typer_command(app, _bench.BenchConfig, _bench.run_cli, "bench")
+typer_command(app, pretrain.PretrainConfig, pretrain.run_cli, "pretrain")
+typer_command(app, finetune.FinetuneConfig, finetune.run_cli, "finetune")
+typer_command(app, evaluate.EvalConfig, evaluate.run_eval_cli, "eval")
+typer_command(app, evaluate.KnnConfig, evaluate.run_knn_cli, "knn")
+typer_command(app, ffcv_loader.FfcvBuildConfig, ffcv_loader.run_build_cli, "ffcv-build")
+typer_command(app, ffcv_loader.BenchLoaderConfig, ffcv_loader.run_bench_cli, "bench-loader")
+typer_command(app, bench.BenchConfig, bench.run_cli, "bench")
+typer_command(app, bench_storage.StorageBenchConfig, bench_storage.run_cli, "bench-storage")

@@ -268,16 +268,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         return batch
 
 
-def read_view_params(cache: store.Cache, shard: str, view: int) -> tuple[list[str], None, np.ndarray]:
-    """Keys and view params of one cache shard without reading its targets (images-only loading),
-    checked against the commit record like `Cache.read_encoded` does for the targets."""
-    rec = cache.commits[shard]
-    group = cache._group(shard)
-    keys = list(group.attrs["keys"])
-    params = group["views"][view]
-    if store.array_digest(params) != rec["checksums"]["views"][view] or store.keys_digest(keys) != rec["keys_sha256"]:
-        raise store.CacheError(f"{cache.url}: shard {shard!r} view params or keys: checksum mismatch (corrupt cache shard)")
-    return keys, None, params
+def read_view_params(cache: store.Cache, shard: str, view: int) -> tuple[list[str], dict, np.ndarray]:
+    """Keys and view params of one cache shard without its targets (images-only loading), checksummed."""
+    return cache.read_encoded(shard, view, targets=False)
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False,

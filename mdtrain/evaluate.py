@@ -37,7 +37,7 @@ class EvalConfig:
     batch_size: int = opt(64, "Batch size per process.")
     num_workers: int = opt(2, "Data loading workers.")
     loader: str = opt("default", "default or ffcv.")
-    amp: str = opt("auto", "Autocast: auto (bf16 where supported), bf16, fp32.")
+    amp: str = opt("auto", "Autocast: auto (bf16 on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
 
@@ -57,7 +57,7 @@ class KnnConfig:
     temperature: float = opt(0.07, "Vote weight exp(cosine / T).")
     batch_size: int = opt(64, "Batch size for feature extraction.")
     num_workers: int = opt(2, "Data loading workers.")
-    amp: str = opt("auto", "Autocast: auto (bf16 where supported), bf16, fp32.")
+    amp: str = opt("auto", "Autocast: auto (bf16 on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
 
@@ -115,7 +115,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if not cfg.weights or not cfg.val:
         raise ValueError("--weights and --val are both required")
     dist = init_distributed()
-    device = resolve_device(cfg.device, dist)
+    device = resolve_device(cfg.device)
     model, info = load_classifier(cfg)
     model.to(device)
     batches = _val_batches(cfg.val, cfg.loader, info["mean"], info["std"], info["input_size"], info["crop_pct"],
@@ -167,7 +167,7 @@ def knn(cfg: KnnConfig) -> dict:
     if not cfg.weights or not cfg.train or not cfg.val:
         raise ValueError("--weights, --train and --val are all required")
     model_name, size, pool, meta = _resolve(cfg.weights, cfg.model, cfg.input_size, cfg.global_pool)
-    device = resolve_device(cfg.device, Dist())
+    device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
     model = build_model(model_name, 0, size, global_pool=pool)
     report = load_backbone(model, cfg.weights)

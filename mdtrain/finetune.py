@@ -30,6 +30,7 @@ from rich.markup import escape
 
 from mdcache import sources
 from mdcache.config import opt, parse_floats
+from mdcache.devices import resolve_device, resolve_precision
 
 from . import labelled
 
@@ -83,7 +84,7 @@ class FinetuneConfig:
     crop_pct: float = opt(0.875, "Validation center-crop fraction (resize to input-size / crop-pct, crop input-size).")
     model_ema: bool = opt(False, "Keep an EMA of the weights (timm ModelEmaV3); evaluated and saved as ema.safetensors.")
     model_ema_decay: float = opt(0.9999, "EMA decay per step.")
-    amp: str = opt("auto", "Autocast: auto (bf16 where supported), bf16, fp32.")
+    amp: str = opt("auto", "Autocast: auto (bf16 on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     loader: str = opt("default", "default (PIL decode + timm transforms, streams shards) or ffcv (.beton from ffcv-build).")
     num_workers: int = opt(4, "Data loading workers per process (threads for ffcv).")
     train_size: int = opt(0, "Training images per epoch for the per-step lr schedule; 0 = count (scans tar headers).")
@@ -120,23 +121,9 @@ def init_distributed() -> Dist:
     return Dist(torch.distributed.get_rank(), torch.distributed.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(spec: str, dist: Dist) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
-
-
 def resolve_amp(spec: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast dtype, or None for fp32. 'auto' = bf16 on CPUs and on GPUs that support it."""
-    if spec == "fp32":
-        return None
-    if spec not in ("auto", "bf16"):
-        raise ValueError(f"--amp {spec!r}: expected auto, bf16 or fp32")
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if spec == "bf16":
-            raise ValueError("--amp bf16: this GPU does not support bfloat16")
-        return None
-    return torch.bfloat16
+    """bf16 autocast dtype, or None for fp32 (same meaning of auto as everywhere: mdcache.devices)."""
+    return torch.bfloat16 if resolve_precision(spec, device) == "bf16" else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -549,7 +536,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.train or not cfg.val:
         raise ValueError("--train and --val are both required")
     dist = init_distributed()
-    device = resolve_device(cfg.device, dist)
+    device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
     os.makedirs(cfg.out, exist_ok=True)
     resume = os.path.join(cfg.out, "last.ckpt") if cfg.resume == "auto" else cfg.resume

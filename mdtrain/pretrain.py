@@ -24,6 +24,7 @@ from rich.console import Console
 
 from mdcache import store, views
 from mdcache.config import opt, parse_floats
+from mdcache.devices import resolve_device, resolve_precision
 
 from . import checkpoint, data, objective
 from .masking import DEFAULT_MASK_RATIO, DEFAULT_MIN_PATCHES, scaled_min_patches
@@ -78,26 +79,11 @@ class PretrainConfig:
     crop_ratio: str = opt("0.75,1.3333333333", "Online mode without a cache: RandomResizedCrop ratio 'min,max'.")
     flip: bool = opt(True, "Online mode without a cache: random horizontal flip.")
     storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE for cache and source (repeatable).")
+    local_cache: str = opt("", "Local directory for a read-through copy of a remote cache: each shard is downloaded once per machine.")
+    local_cache_gb: float = opt(100.0, "Size bound of --local-cache in GB (least recently used shards are evicted).")
 
 
 # ----------------------------------------------------------------------------- setup pieces
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """bf16 autocast only where the device supports it well (CUDA with bf16); CPU stays fp32 on auto."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision {precision!r}: choose auto, fp32 or bf16")
-    return precision
-
 
 def configure_threads(device: torch.device, workers: int, world: int) -> None:
     """On CPU, leave a core per loader worker: OpenMP regions that lose a thread to a busy worker stall
@@ -147,7 +133,8 @@ def setup_data(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
     so = storage_options(cfg.storage_option)
     cache = recipe = teacher = None
     if cfg.cache:
-        cache = store.open_cache(cfg.cache, so)
+        cache = store.open_cache(cfg.cache, so, local_cache=cfg.local_cache or None,
+                                 local_cache_bytes=int(cfg.local_cache_gb * 2**30))
         plan = data.plan_from_cache(cache, cfg.source or None)
         t = cache.manifest["teacher"]
         grid, dim, image_size, k = tuple(t["patch_grid"]), int(t["dim"]), int(cache.manifest["image_size"]), int(cache.manifest["views"])

@@ -24,15 +24,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
 fi
-stamp="$VENV/.mdcache-setup-$(cat pyproject.toml scripts/setup.sh scripts/apt-packages.txt | sha256sum | cut -c1-16)"
+stamp="$VENV/.mdcache-setup-$(cat pyproject.toml scripts/setup.sh scripts/apt-packages.txt scripts/pip-optional.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python packages into $VENV (first run takes a few minutes)"
   # torch 2.14.1 + torchvision 0.29.1 is the pair that imports together here (see docs/install.md).
   "$VENV/bin/pip" install -q "torch==2.14.1" "torchvision==0.29.1"
   "$VENV/bin/pip" install -q -e ".[test,demo]"
-  if grep -q '^ffcv$' scripts/pip-optional.txt 2>/dev/null; then
-    "$VENV/bin/pip" install -q ffcv pillow || echo "setup: warning: ffcv did not install; the FFCV loader stays unavailable"
-  fi
+  # Optional extras (e.g. ffcv, which compiles against the apt packages above): a failure is a warning.
+  for pkg in $(grep -v '^#' scripts/pip-optional.txt | xargs); do
+    "$VENV/bin/pip" install -q "$pkg" || echo "setup: warning: optional package $pkg did not install"
+  done
   rm -f "$VENV"/.mdcache-setup-*
   touch "$stamp"
 fi

@@ -195,3 +195,20 @@ def test_local_read_through_cache_is_bounded(s3, bucket_data, tmp_path):
     bounded.read_encoded("train-000002", 0)
     kept = sorted(p.name.rsplit(".", 1)[0] for p in (local2 / cache.manifest["cache_id"] / "shards").iterdir())
     assert len(kept) <= 2 and "train-000002" in kept  # least recently used copies were evicted
+
+
+def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_data, tmp_path):
+    url = run_cli(*extract_args(bucket_data, "s3://team/train"), env=s3.env()).stdout.strip().splitlines()[-1]
+    local = tmp_path / "local"
+    out = tmp_path / "run"
+    run_cli("pretrain", "--cache", url, "--local-cache", str(local), "--out", str(out), "--epochs", "1",
+            "--student", "vit_tiny_patch16_224", "--batch-size", "8", "--warmup-epochs", "0", "--workers", "1",
+            "--no-progress", module="mdtrain", env=s3.env())
+    assert (out / "student.safetensors").exists() and (out / "metrics.jsonl").read_text().strip()
+    cache_id = url.rsplit("/", 1)[-1]
+    assert len(list((local / cache_id / "shards").iterdir())) == 4  # each shard downloaded once, kept locally
+    bench = run_cli("bench-storage", "--cache", url, "--batch-size", "8", "--workers", "1", module="mdtrain",
+                    env=s3.env()).stdout
+    for phase in ("local disk", "remote, local cache cold", "remote, local cache warm"):
+        assert phase in bench
+    assert float(bench.split("warm local cache / local  :")[1].split()[0]) > 0

@@ -1,0 +1,26 @@
+"""Device and precision choice, shared by extraction and training so `auto` means the same everywhere."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: this rank's GPU under torchrun (LOCAL_RANK), else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere (CPU bf16 is slow on most CPUs)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: choose auto, fp32 or bf16")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("bf16 requested but this GPU does not support bfloat16")
+    return precision
