@@ -15,7 +15,7 @@ from rich.console import Console
 from . import store
 from .claims import owner_is_dead
 from .config import opt
-from .extract import parse_storage_options
+from .store import parse_storage_options
 
 console = Console()
 

@@ -75,7 +75,7 @@ class LsConfig:
 
 def ls(cfg: LsConfig) -> None:
     try:
-        caches = store.list_caches(cfg.root, extract.parse_storage_options(cfg.storage_option))
+        caches = store.list_caches(cfg.root, store.parse_storage_options(cfg.storage_option))
     except store.CacheError as e:
         console.print(f"[red]error:[/] {e}")
         raise SystemExit(2)
@@ -93,7 +93,7 @@ def ls(cfg: LsConfig) -> None:
 
 def _open(url: str, storage_option: list[str]) -> store.Cache:
     try:
-        return store.open_cache(url, extract.parse_storage_options(storage_option))
+        return store.open_cache(url, store.parse_storage_options(storage_option))
     except store.CacheError as e:
         console.print(f"[red]error:[/] {e}")
         raise SystemExit(2)

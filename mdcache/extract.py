@@ -6,7 +6,6 @@ next batches compute. Committed shards are skipped, so re-running the same comma
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import codecs, sources, store, views
+from .store import parse_storage_options
 from .claims import Claims, Renewer, new_owner
 from .config import opt, parse_floats
 from .teachers import Teacher, load_teacher, resolve_device, resolve_precision, run_teacher
@@ -63,20 +63,6 @@ class ExtractConfig:
 
     def storage_options(self) -> dict:
         return parse_storage_options(self.storage_option)
-
-
-def parse_storage_options(items: list[str]) -> dict:
-    """['endpoint_url=http://...', 'anon=true'] -> fsspec kwargs (JSON scalars are decoded)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--storage-option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value) if value in ("true", "false", "null") or value[:1].isdigit() else value
-        except ValueError:
-            out[key] = value
-    return out
 
 
 # ----------------------------------------------------------------------------- data

@@ -71,6 +71,20 @@ def url_to_fs(url: str, storage_options: dict | None = None):
     return fs, path.rstrip("/")
 
 
+def parse_storage_options(items: list[str]) -> dict:
+    """['endpoint_url=http://...', 'anon=true'] -> fsspec kwargs (JSON scalars are decoded)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--storage-option {item!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value) if value in ("true", "false", "null") or value[:1].isdigit() else value
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from . import codecs, sources, store, views
 from .config import opt
-from .extract import parse_storage_options
+from .store import parse_storage_options
 from .teachers import TeacherError, load_teacher, resolve_device, run_teacher
 
 console = Console(stderr=True)

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from mdcache import store
 from mdcache.config import opt
-from mdcache.extract import parse_storage_options
+from mdcache.store import parse_storage_options
 
 from .bench import stream_batches, timed
 from .pretrain import PretrainConfig, configure_threads, resolve_device, setup_data

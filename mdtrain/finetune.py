@@ -394,7 +394,7 @@ def eval_transform(input_size: int, crop_pct: float, mean: tuple, std: tuple) ->
 
 
 def _storage_options(items: list[str]) -> dict:
-    from mdcache.extract import parse_storage_options
+    from mdcache.store import parse_storage_options
 
     return parse_storage_options(items)
 

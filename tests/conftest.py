@@ -29,6 +29,18 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from 2 threads, and OpenMP spin-waits collapse when other processes
+    share the 2 cores; restore the setting for other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def train_spec(demo_data) -> str:
     return str(demo_data / "train-{000000..000003}.tar")

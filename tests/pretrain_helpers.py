@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg  # noqa: F401  (re-exported)
+from conftest import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg  # noqa: F401  (re-exported to the pretrain tests)
 
 STUDENT = "vit_tiny_patch16_224"
 # Small, fast, deterministic training flags shared by the CLI tests.

@@ -25,22 +25,12 @@ needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="ffcv is not import
                                 "packages pkg-config libturbojpeg0-dev libopencv-dev, then pip install ffcv pillow)")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and OpenMP spin-waits collapse when other processes
-    share the 2 cores; restore the setting for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("demo"))
-    subprocess.run([sys.executable, os.path.join(ROOT, "pipelines/demo/make_data.py"), "--out", out],
-                   check=True, capture_output=True)
-    return out
+def data(demo_data) -> str:
+    return str(demo_data)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,6 @@ MODEL = "vit_tiny_patch16_224"
 SIZE = 32  # 2x2 patches: a real ViT, fast enough on 2 CPU cores
 
 
-def make_demo(out: str) -> str:
-    subprocess.run([sys.executable, os.path.join(ROOT, "pipelines/demo/make_data.py"), "--out", out],
-                   check=True, capture_output=True)
-    return out
-
-
 def save_student(path: str, name: str = MODEL, size: int = SIZE, seed: int = 0) -> dict:
     """A pretrained-student stand-in: a timm backbone state dict without classifier, in safetensors."""
     torch.manual_seed(seed)
@@ -33,19 +27,12 @@ def save_student(path: str, name: str = MODEL, size: int = SIZE, seed: int = 0) 
     return sd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from 2 threads, and OpenMP spin-waits collapse when other processes
-    share the 2 cores; restore the setting for other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    return make_demo(str(tmp_path_factory.mktemp("demo")))
+def data(demo_data) -> str:
+    return str(demo_data)
 
 
 @pytest.fixture(scope="module")

@@ -201,14 +201,15 @@ def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_d
     url = run_cli(*extract_args(bucket_data, "s3://team/train"), env=s3.env()).stdout.strip().splitlines()[-1]
     local = tmp_path / "local"
     out = tmp_path / "run"
+    ro = s3.env(s3_server.READER)  # training needs only read access
     run_cli("pretrain", "--cache", url, "--local-cache", str(local), "--out", str(out), "--epochs", "1",
             "--student", "vit_tiny_patch16_224", "--batch-size", "8", "--warmup-epochs", "0", "--workers", "1",
-            "--no-progress", module="mdtrain", env=s3.env())
+            "--no-progress", module="mdtrain", env=ro)
     assert (out / "student.safetensors").exists() and (out / "metrics.jsonl").read_text().strip()
     cache_id = url.rsplit("/", 1)[-1]
     assert len(list((local / cache_id / "shards").iterdir())) == 4  # each shard downloaded once, kept locally
     bench = run_cli("bench-storage", "--cache", url, "--batch-size", "8", "--workers", "1", module="mdtrain",
-                    env=s3.env()).stdout
+                    env=ro).stdout
     for phase in ("local disk", "remote, local cache cold", "remote, local cache warm"):
         assert phase in bench
     assert float(bench.split("warm local cache / local  :")[1].split()[0]) > 0
