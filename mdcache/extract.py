@@ -42,7 +42,7 @@ class ExtractConfig:
     crop_ratio: str = opt("0.75,1.3333333333", "RandomResizedCrop aspect ratio range 'min,max'.")
     flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
     seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).")
-    weights: Optional[str] = opt(None, "Local teacher weights file (.safetensors/.bin/.pt state dict).")
+    weights: Optional[str] = opt(None, "Teacher weights file (.safetensors/.bin/.pt state dict), a path or fsspec URL.")
     random_init: bool = opt(False, "Use randomly initialised teacher weights (tests/demos only; recorded in the fingerprint).")
     shards: Optional[str] = opt(None, "Subset of source shards to compute: 'start:stop' or 'i,j,k' (the cache id is unchanged).")
     folder_shard_size: int = opt(1000, "Images per virtual shard when the source is an image folder.")
@@ -242,7 +242,8 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> tuple[str, dict]:
     all_shards = sources.list_source(cfg.source, so, cfg.folder_shard_size)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    teacher = load_teacher(cfg.teacher, weights=cfg.weights, random_init=cfg.random_init, tap=cfg.tap,
+    teacher = load_teacher(cfg.teacher, weights=store.fetch(cfg.weights, so) if cfg.weights else None,
+                           random_init=cfg.random_init, tap=cfg.tap,
                            image_size=cfg.image_size, device=device, seed=cfg.seed)
     if cfg.random_init:
         console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos only")

@@ -89,6 +89,32 @@ def is_local(fs) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
+def user_cache_dir(*parts: str) -> str:
+    """Where downloaded copies live: $MDCACHE_HOME, else ~/.cache/mdcache."""
+    base = os.environ.get("MDCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mdcache")
+    return os.path.join(base, *parts)
+
+
+def fetch(url: str, storage_options: dict | None = None) -> str:
+    """A local path for a file given as a path or any fsspec URL (weights, checkpoints). Remote files are
+    downloaded once and kept, keyed by URL, size and ETag, so a changed object is fetched again."""
+    fs, path = url_to_fs(url, storage_options)
+    if is_local(fs):
+        return path
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: no such file") from None
+    key = hashlib.sha256(f"{url}|{info.get('size')}|{info.get('ETag') or info.get('LastModified')}".encode()).hexdigest()[:16]
+    dst = os.path.join(user_cache_dir("fetch", key), os.path.basename(path))
+    if not os.path.exists(dst):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.part-{uuid.uuid4().hex[:8]}"
+        fs.get_file(path, tmp)
+        os.replace(tmp, dst)
+    return dst
+
+
 def join(*parts: str) -> str:
     return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
 

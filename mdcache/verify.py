@@ -104,7 +104,8 @@ def verify(cfg: VerifyConfig) -> dict:
     report = {"cache": cache.url, "shards_done": len(cache.commits), "shards_total": len(cache.source_shards),
               "problems": check_checksums(cache)}
     if cfg.teacher_check:
-        tc = teacher_check(cache, cfg.teacher_check, cfg.weights, cfg.source, cfg.device, so)
+        weights = store.fetch(cfg.weights, so) if cfg.weights else None
+        tc = teacher_check(cache, cfg.teacher_check, weights, cfg.source, cfg.device, so)
         report["teacher_check"] = tc
         if not tc.get("views"):
             report["problems"].append("teacher check: no source sample of a committed shard could be read")

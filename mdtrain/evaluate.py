@@ -6,6 +6,7 @@ it is the quick quality signal for a pretrained student (k=20, T=0.07 as in DINO
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from mdcache import sources
 from mdcache.config import opt
+from mdcache.store import fetch
 
 from . import labelled
 from .finetune import (Dist, InitError, _storage_options, autocast, build_model, data_config, default_split,
@@ -27,7 +29,7 @@ from .finetune import (Dist, InitError, _storage_options, autocast, build_model,
 class EvalConfig:
     """Top-1/top-5 accuracy of a classifier (e.g. runs/ft/best.safetensors) on a labelled set."""
 
-    weights: str = opt("", "Classifier weights: .safetensors from `mdtrain finetune` (model and size read from its metadata).")
+    weights: str = opt("", "Classifier weights (path or fsspec URL): .safetensors from `mdtrain finetune` (model and size read from its metadata).")
     val: str = opt("", "Labelled data: tar shards with .cls, a class folder, or with --loader ffcv a .beton.")
     model: str = opt("", "timm model name; empty = from the weights' metadata.")
     num_classes: int = opt(0, "Classes; 0 = from the classifier's shape in the weights.")
@@ -46,7 +48,7 @@ class EvalConfig:
 class KnnConfig:
     """k-NN classification (k=20, cosine, temperature-weighted votes as in DINO) on frozen features."""
 
-    weights: str = opt("", "Backbone weights (student.safetensors, or any finetune .safetensors: the classifier is ignored).")
+    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any finetune .safetensors: the classifier is ignored).")
     train: str = opt("", "Labelled reference set (the k-NN memory): tar shards with .cls or a class folder.")
     val: str = opt("", "Labelled query set.")
     model: str = opt("", "timm model name; empty = from the weights' metadata.")
@@ -190,6 +192,8 @@ def _cli(fn, cfg) -> None:
     from .finetune import print_error
 
     try:
+        if cfg.weights:  # a path or any fsspec URL
+            cfg = dataclasses.replace(cfg, weights=fetch(cfg.weights, _storage_options(cfg.storage_option)))
         r = fn(cfg)
     except (InitError, FfcvMissing, sources.SourceError, labelled.LabelError, ValueError, FileNotFoundError) as e:
         print_error(e)

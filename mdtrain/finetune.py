@@ -31,8 +31,10 @@ from rich.markup import escape
 from mdcache import sources
 from mdcache.config import opt, parse_floats
 from mdcache.devices import resolve_device, resolve_precision
+from mdcache.store import fetch
 
 from . import labelled
+from .outputs import OutputDir
 
 console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 CKPT_FORMAT = "mdtrain-finetune-v1"
@@ -54,7 +56,7 @@ class FinetuneConfig:
     model: str = opt("vit_base_patch16_224", "timm model name.")
     init: str = opt("", "Pretrained backbone (safetensors in timm naming, e.g. runs/pt/student.safetensors, or a "
                         ".ckpt with a 'model' state dict). Empty: the from-scratch baseline.")
-    out: str = opt("runs/ft", "Output directory.")
+    out: str = opt("runs/ft", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every epoch).")
     num_classes: int = opt(0, "Number of classes; 0 = inferred from --train (class folders, or max .cls + 1).")
     input_size: int = opt(224, "Image side in pixels (ViTs get it as img_size; a pretrained pos-embed is resampled).")
     global_pool: str = opt("", "timm global_pool: '' = the model's default ('token' for ViTs), 'avg' = mean pooling.")
@@ -538,7 +540,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     dist = init_distributed()
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
-    os.makedirs(cfg.out, exist_ok=True)
+    outdir = OutputDir(cfg.out, _storage_options(cfg.storage_option))  # local, or mirrored to a URL
+    cfg = dataclasses.replace(cfg, out=outdir.local)
     resume = os.path.join(cfg.out, "last.ckpt") if cfg.resume == "auto" else cfg.resume
     state = _load_trainer_state(resume) if resume and os.path.exists(resume) else None
     if cfg.resume and cfg.resume != "auto" and state is None:
@@ -550,7 +553,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     seed_all(cfg.seed)
     model = build_model(cfg.model, num_classes, cfg.input_size, cfg.drop_path, cfg.global_pool)
     if cfg.init and state is None:
-        report = load_backbone(model, cfg.init)
+        report = load_backbone(model, fetch(cfg.init, _storage_options(cfg.storage_option)))
         if dist.main:
             console.print(f"init: {report['loaded']} tensors from {cfg.init}; missing (new classifier): "
                           f"{', '.join(report['missing']) or 'none'}; unexpected: none"
@@ -632,6 +635,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                        os.path.join(cfg.out, "last.ckpt"))
             write_metrics(cfg.out, rows)
             plot_curves(cfg.out, rows)
+            outdir.push()
             console.print(f"epoch {epoch}: train loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, "
                           f"val top-1 {row['val_top1']:.2f} top-5 {row['val_top5']:.2f} (best {best['val_top1']:.2f} "
                           f"@ {best['epoch']})" + (f", ema top-1 {row['ema_top1']:.2f}" if ema is not None else ""))

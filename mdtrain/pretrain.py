@@ -27,6 +27,7 @@ from mdcache.config import opt, parse_floats
 from mdcache.devices import resolve_device, resolve_precision
 
 from . import checkpoint, data, objective
+from .outputs import OutputDir
 from .masking import DEFAULT_MASK_RATIO, DEFAULT_MIN_PATCHES, scaled_min_patches
 from .student import Student, build_student
 
@@ -40,7 +41,7 @@ class PretrainConfig:
     cache: str = opt("", "Cache directory (<root>/<cache-id>) made by `mdcache extract`, local path or fsspec URL.")
     source: str = opt("", "Source shards: overrides where the cache's images are; required online without --cache.")
     student: str = opt("vit_base_patch16_224", "timm model name of the student (vit_*, deit_*, beitv2_*, ...).")
-    out: str = opt("runs/pretrain", "Output directory: metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
+    out: str = opt("runs/pretrain", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
     epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).")
     batch_size: int = opt(256, "Images per process per micro-step (effective batch = this x accum-iter x processes).")
     accum_iter: int = opt(1, "Micro-steps accumulated per optimizer step.")
@@ -104,16 +105,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def storage_options(items: list[str]) -> dict | None:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--storage-option {item!r}: expected KEY=VALUE")
-        out[key] = value
-    return out or None
-
-
 @dataclass
 class Setup:
     """Everything the loop needs that comes from the cache (or, online, from the teacher)."""
@@ -130,7 +121,7 @@ class Setup:
 def setup_data(cfg: PretrainConfig, rank: int, world: int, device: torch.device, precision: str,
                with_targets: bool = True) -> Setup:
     """Open the cache and plan the stream; in online mode also load the teacher (lazily imported)."""
-    so = storage_options(cfg.storage_option)
+    so = store.parse_storage_options(cfg.storage_option) or None
     cache = recipe = teacher = None
     if cfg.cache:
         cache = store.open_cache(cfg.cache, so, local_cache=cfg.local_cache or None,
@@ -337,8 +328,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     torch.manual_seed(cfg.seed + rank)  # per-rank drop-path noise
 
-    out = cfg.out
-    os.makedirs(out, exist_ok=True)
+    outdir = OutputDir(cfg.out, store.parse_storage_options(cfg.storage_option))  # local, or mirrored to a URL
+    out = outdir.local
     meta = {"steps_per_epoch": steps, "image_size": image_size, "grid": list(setup.stream.grid), "teacher_dim": setup.dim,
             "cache_id": setup.cache.manifest["cache_id"] if setup.cache else None}
     start_epoch, start_batch, step = 0, 0, 0
@@ -424,6 +415,9 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
                     break
                 if cfg.save_every and step % cfg.save_every == 0 and i < steps:
                     save_all(cfg, out, model, optimizer, scheduler, epoch, i, step, device, world, rank, meta)
+                    if rank == 0:
+                        metrics.flush()
+                        outdir.push()
             del batches, loader
             if stopped:
                 break
@@ -435,8 +429,9 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
     if rank == 0:
         metrics.close()
         plot_loss(metrics_path, os.path.join(out, "loss.png"))
+        outdir.push()
         console.print(f"{'stopped' if stopped else 'done'} at step {step} (epoch {next_epoch}, batch {next_batch}), "
-                      f"loss {last_loss:.4f}; wrote {out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
+                      f"loss {last_loss:.4f}; wrote {cfg.out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
     if dist.is_initialized():
         dist.barrier()
     return {"step": step, "epoch": next_epoch, "batch_in_epoch": next_batch, "loss": last_loss, "stopped": stopped,

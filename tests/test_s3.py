@@ -213,3 +213,29 @@ def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_d
     for phase in ("local disk", "remote, local cache cold", "remote, local cache warm"):
         assert phase in bench
     assert float(bench.split("warm local cache / local  :")[1].split()[0]) > 0
+
+
+def test_trainer_outputs_and_weights_in_the_bucket(s3, bucket_data, tmp_path):
+    """--out, --init and --weights take bucket URLs; a second machine resumes from the bucket's last.ckpt."""
+    url = run_cli(*extract_args(bucket_data, "s3://team/train"), env=s3.env()).stdout.strip().splitlines()[-1]
+    flags = ["--cache", url, "--out", "s3://team/runs/pt", "--student", "vit_tiny_patch16_224", "--batch-size", "8",
+             "--warmup-epochs", "0", "--workers", "1", "--no-progress"]
+    run_cli("pretrain", *flags, "--epochs", "1", module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m1")})
+    fs = s3.fs()
+    assert {"last.ckpt", "student.safetensors", "metrics.jsonl", "loss.png"} <= {p.rsplit("/", 1)[-1] for p in fs.ls("team/runs/pt")}
+    steps_1 = len((fs.cat_file("team/runs/pt/metrics.jsonl")).decode().splitlines())
+    # Another machine (empty local mirror): --resume auto continues from the bucket's checkpoint.
+    run_cli("pretrain", *flags, "--epochs", "2", "--resume", "auto", module="mdtrain",
+            env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m2")})
+    fs.invalidate_cache()
+    rows = [json.loads(r) for r in fs.cat_file("team/runs/pt/metrics.jsonl").decode().splitlines()]
+    assert len(rows) == 2 * steps_1 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # continued, not restarted
+    data = bucket_data.rsplit("/", 1)[0]
+    ft = run_cli("finetune", "--init", "s3://team/runs/pt/student.safetensors", "--model", "vit_tiny_patch16_224",
+                 "--train", bucket_data, "--val", f"{data}/train-000000.tar", "--out", "s3://team/runs/ft",
+                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--input-size", "64", "--num-workers", "1",
+                 module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m3")})
+    assert "init: " in ft.stderr + ft.stdout
+    ev = run_cli("eval", "--weights", "s3://team/runs/ft/best.safetensors", "--val", f"{data}/train-000000.tar",
+                 "--num-workers", "1", module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m4")})
+    assert json.loads(ev.stdout.strip().splitlines()[-1])["n"] == 30
