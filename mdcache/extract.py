@@ -41,6 +41,7 @@ class ExtractConfig:
     crop_scale: str = opt("0.2,1.0", "RandomResizedCrop area scale range 'min,max'.")
     crop_ratio: str = opt("0.75,1.3333333333", "RandomResizedCrop aspect ratio range 'min,max'.")
     flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
+    color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation (0: off; BEiT v2 uses 0.4), recorded per view.")
     seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).")
     weights: Optional[str] = opt(None, "Teacher weights file (.safetensors/.bin/.pt state dict), a path or fsspec URL.")
     random_init: bool = opt(False, "Use randomly initialised teacher weights (tests/demos only; recorded in the fingerprint).")
@@ -59,7 +60,7 @@ class ExtractConfig:
     def recipe(self, image_size: int) -> views.ViewRecipe:
         return views.ViewRecipe(image_size=image_size, scale=parse_floats(self.crop_scale, 2, "--crop-scale"),
                                 ratio=parse_floats(self.crop_ratio, 2, "--crop-ratio"), flip=self.flip,
-                                views=self.views, seed=self.seed)
+                                views=self.views, seed=self.seed, color_jitter=self.color_jitter)
 
     def storage_options(self) -> dict:
         return parse_storage_options(self.storage_option)
@@ -78,7 +79,7 @@ def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> 
 def empty_batch(shard: str, recipe: views.ViewRecipe, **kw) -> dict:
     s = recipe.image_size
     return {"shard": shard, "keys": [], "skipped": [], "last": True, "error": None, "skip": None, "claim_seconds": 0.0,
-            "images": torch.zeros(0, 3, s, s), "views": np.zeros((0, recipe.views, 7), np.int32), **kw}
+            "images": torch.zeros(0, 3, s, s), "views": np.zeros((0, recipe.views, len(views.VIEW_FIELDS)), np.int32), **kw}
 
 
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, std, batch_size: int,
@@ -227,7 +228,7 @@ class ShardBuffer:
         for name, (dtype, shape) in shapes.items():
             parts = self.arrays.get(name) or [np.zeros((0, k) + shape, dtype)]
             out[name] = np.ascontiguousarray(np.concatenate(parts).swapaxes(0, 1))
-        views_ = np.concatenate(self.views) if self.views else np.zeros((0, k, 7), np.int32)
+        views_ = np.concatenate(self.views) if self.views else np.zeros((0, k, len(views.VIEW_FIELDS)), np.int32)
         return out, np.ascontiguousarray(views_.swapaxes(0, 1))
 
 

@@ -317,7 +317,7 @@ class Cache:
 
     def read_encoded(self, shard: str, view: int, check: bool = True,
                      targets: bool = True) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
-        """(keys, encoded arrays for that view [N, ...], view params int32 [N, 7]): one sequential read each.
+        """(keys, encoded arrays for that view [N, ...], view params int32 [N, 11]): one sequential read each.
         targets=False reads only keys and view params (an images-only loader)."""
         group = self._group(shard)
         rec = self.commits[shard]
@@ -344,7 +344,7 @@ class Cache:
         return codecs.decode(self.codec, tensors, self.calibration)
 
     def read(self, shard: str, view: int, check: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(keys, targets float32 [N, P, D], view params int32 [N, 7])."""
+        """(keys, targets float32 [N, P, D], view params int32 [N, 11])."""
         keys, arrays, views = self.read_encoded(shard, view, check=check)
         return keys, self.decode(arrays).numpy(), views
 

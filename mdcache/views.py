@@ -1,6 +1,7 @@
 """Views: sample a crop+flip once, store it explicitly, replay it identically in both stages.
 
-A view is 7 integers (see `VIEW_FIELDS`). Storing the box (not an RNG seed) means the student
+A view is 11 integers (see `VIEW_FIELDS`): the crop box, the flip, the source size, and the color
+jitter factors (x 1e6) with their order. Storing parameters (not an RNG seed) means the student
 sees exactly what the teacher saw even when numpy/torchvision change their samplers.
 """
 from __future__ import annotations
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-VIEW_FIELDS = ("top", "left", "height", "width", "flip", "src_height", "src_width")
+VIEW_FIELDS = ("top", "left", "height", "width", "flip", "src_height", "src_width",
+               "brightness_e6", "contrast_e6", "saturation_e6", "jitter_order")
+JITTER_SCALE = 1_000_000  # factors are stored as integers: factor * 1e6 (1e6 = unchanged)
+JITTER_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))  # brightness, contrast, saturation
 # Recorded in the cache fingerprint: changing how replay() resamples changes the cache id.
-REPLAY_IMPL = "pil-rgb-crop-bicubic-v1"
+REPLAY_IMPL = "pil-rgb-crop-bicubic-flip-enhance-v1"
 
 
 @dataclass(frozen=True)
@@ -27,10 +31,12 @@ class ViewRecipe:
     flip: bool = True
     views: int = 2
     seed: int = 0
+    color_jitter: float = 0.0  # brightness = contrast = saturation strength (BEiT v2 uses 0.4); 0: off
 
     def identity(self) -> dict:
         return {"image_size": self.image_size, "scale": list(self.scale), "ratio": [round(r, 8) for r in self.ratio],
-                "flip": self.flip, "views": self.views, "seed": self.seed, "replay": REPLAY_IMPL}
+                "flip": self.flip, "views": self.views, "seed": self.seed, "color_jitter": self.color_jitter,
+                "replay": REPLAY_IMPL}
 
 
 def key_rng(seed: int, key: str) -> np.random.Generator:
@@ -65,26 +71,40 @@ def sample_crop(rng: np.random.Generator, height: int, width: int,
 
 
 def sample_views(key: str, height: int, width: int, recipe: ViewRecipe) -> np.ndarray:
-    """K views of one image as an int32 array [K, 7] (columns: VIEW_FIELDS)."""
+    """K views of one image as an int32 array [K, 11] (columns: VIEW_FIELDS)."""
     rng = key_rng(recipe.seed, key)
     out = np.zeros((recipe.views, len(VIEW_FIELDS)), dtype=np.int32)
+    j = recipe.color_jitter
     for k in range(recipe.views):
         top, left, h, w = sample_crop(rng, height, width, recipe.scale, recipe.ratio)
         flip = bool(rng.random() < 0.5) if recipe.flip else False
-        out[k] = (top, left, h, w, int(flip), height, width)
+        factors, order = (JITTER_SCALE,) * 3, 0
+        if j > 0:  # torchvision ColorJitter(j, j, j): factors uniform in [max(0, 1-j), 1+j], random order
+            factors = tuple(int(round(rng.uniform(max(0.0, 1 - j), 1 + j) * JITTER_SCALE)) for _ in range(3))
+            order = int(rng.integers(len(JITTER_ORDERS)))
+        out[k] = (top, left, h, w, int(flip), height, width, *factors, order)
     return out
 
 
 def replay(image: Image.Image, params: np.ndarray | tuple, size: int) -> Image.Image:
     """The one function that turns (decoded image, stored view params) into the view's pixels."""
-    top, left, h, w, flip, src_h, src_w = (int(v) for v in params)
+    top, left, h, w, flip, src_h, src_w, *jitter = (int(v) for v in params)
     image = image.convert("RGB")
     if image.size != (src_w, src_h):
         raise ValueError(f"view was sampled on a {src_w}x{src_h} image but the decoded image is "
                          f"{image.size[0]}x{image.size[1]}: source changed since extraction")
     # Same as torchvision.transforms.functional.resized_crop on PIL (crop, then bicubic resize).
     view = image.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
-    return view.transpose(Image.FLIP_LEFT_RIGHT) if flip else view
+    if flip:
+        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+    if jitter and jitter[:3] != [JITTER_SCALE] * 3:
+        # torchvision's adjust_brightness/contrast/saturation on PIL are exactly these enhancers
+        from PIL import ImageEnhance
+
+        enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        for i in JITTER_ORDERS[jitter[3]]:
+            view = enhancers[i](view).enhance(jitter[i] / JITTER_SCALE)
+    return view
 
 
 def to_tensor(view: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]):

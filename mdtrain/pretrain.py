@@ -79,6 +79,7 @@ class PretrainConfig:
     crop_scale: str = opt("0.2,1.0", "Online mode without a cache: RandomResizedCrop scale 'min,max'.")
     crop_ratio: str = opt("0.75,1.3333333333", "Online mode without a cache: RandomResizedCrop ratio 'min,max'.")
     flip: bool = opt(True, "Online mode without a cache: random horizontal flip.")
+    color_jitter: float = opt(0.0, "Online mode without a cache: ColorJitter strength (as `mdcache extract --color-jitter`).")
     storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE for cache and source (repeatable).")
     local_cache: str = opt("", "Local directory for a read-through copy of a remote cache: each shard is downloaded once per machine.")
     local_cache_gb: float = opt(100.0, "Size bound of --local-cache in GB (least recently used shards are evicted).")
@@ -139,7 +140,7 @@ def setup_data(cfg: PretrainConfig, rank: int, world: int, device: torch.device,
             grid, dim, image_size, k = tuple(teacher.patch_grid), teacher.dim, teacher.image_size, cfg.views
             recipe = views.ViewRecipe(image_size=image_size, scale=parse_floats(cfg.crop_scale, 2, "--crop-scale"),
                                       ratio=parse_floats(cfg.crop_ratio, 2, "--crop-ratio"), flip=cfg.flip,
-                                      views=cfg.views, seed=cfg.seed)
+                                      views=cfg.views, seed=cfg.seed, color_jitter=cfg.color_jitter)
     lanes = max(1, cfg.workers)
     scfg = data.StreamConfig(batch_size=cfg.batch_size, image_size=image_size, grid=grid, views=k, seed=cfg.seed,
                              mask_ratio=cfg.mask_ratio, min_mask_patches=scaled_min_patches(grid[0] * grid[1], cfg.min_mask_patches),

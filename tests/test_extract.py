@@ -68,6 +68,7 @@ def test_cache_id_changes_with_what_produced_it_and_nothing_else(tmp_path, demo_
         "views": cache_url_for(tmp_path, train_spec, views=3),
         "crop": cache_url_for(tmp_path, train_spec, crop_scale="0.3,1.0"),
         "seed": cache_url_for(tmp_path, train_spec, seed=1),
+        "jitter": cache_url_for(tmp_path, train_spec, color_jitter=0.4),
         "source": cache_url_for(tmp_path, str(demo_data / "train-{000000..000002}.tar")),
     }
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
@@ -257,3 +258,16 @@ def test_bench_prints_both_rates_and_ratio(train_spec):
     assert "teacher forward only" in out and "full extraction" in out
     ratio = float(out.split("ratio extraction/teacher-only:")[1].split()[0])
     assert ratio > 0
+
+
+def test_color_jitter_views_are_replayed_exactly(tmp_path, train_spec):
+    """With --color-jitter the stored factors travel with the crop: the teacher check must still match."""
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path), color_jitter=0.4, shards="0:1"), progress=False)
+    cache = open_cache(url)
+    assert cache.manifest["fingerprint"]["views"]["color_jitter"] == 0.4
+    _, _, params = cache.read("train-000000", 1)
+    assert (params[:, 7:10] != views.JITTER_SCALE).any()
+    ok = run_cli("verify", url, "--teacher-check", "8")
+    assert ok.stdout.strip() == "OK"
+    tc = float(ok.stderr.split("worst")[1].split()[0].rstrip(","))
+    assert tc > 0.9999

@@ -50,7 +50,7 @@ def test_teammate_reuses_the_shared_cache(s3, bucket_data):
     assert url.rsplit("/", 1)[-1] in ls and "4/4" in ls and "int8" in ls
     cache = open_cache(url, s3.options())
     keys, targets, params = cache.read("train-000003", 1)
-    assert len(keys) == 30 and targets.shape == (30, 16, 64) and params.shape == (30, 7)
+    assert len(keys) == 30 and targets.shape == (30, 16, 64) and params.shape == (30, 11)
 
 
 def test_read_only_credentials_list_verify_read_but_cannot_extract(s3, bucket_data):

@@ -19,7 +19,7 @@ def test_replay_is_torchvision_resized_crop_and_flip(photo):
     params = views.sample_views("some/key", photo.height, photo.width, recipe)
     assert params[:, 4].min() == 0 and params[:, 4].max() == 1, "8 views should include both flip states"
     for p in params:
-        top, left, h, w, flip, _, _ = (int(v) for v in p)
+        top, left, h, w, flip = (int(v) for v in p[:5])
         ref = TF.resized_crop(photo, top, left, h, w, [64, 64], interpolation=TF.InterpolationMode.BICUBIC)
         if flip:
             ref = TF.hflip(ref)
@@ -48,3 +48,25 @@ def test_replay_refuses_an_image_of_another_size(photo):
 def test_no_flip_recipe_never_flips():
     a = views.sample_views("k", 100, 100, views.ViewRecipe(views=16, flip=False))
     assert (a[:, 4] == 0).all()
+
+
+def test_color_jitter_is_stored_and_replayed_like_torchvision(photo):
+    """OPEN point in MaskDistill: jitter off by default; when on, its factors and order are view params."""
+    off = views.sample_views("k", photo.height, photo.width, views.ViewRecipe(views=4))
+    assert (off[:, 7:10] == views.JITTER_SCALE).all() and (off[:, 10] == 0).all()
+    recipe = views.ViewRecipe(image_size=48, views=6, color_jitter=0.4)
+    on = views.sample_views("k", photo.height, photo.width, recipe)
+    factors = on[:, 7:10] / views.JITTER_SCALE
+    assert (factors >= 0.6 - 1e-6).all() and (factors <= 1.4 + 1e-6).all() and len(set(on[:, 10])) > 1
+    fns = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+    for p in on:
+        ref = TF.resized_crop(photo, int(p[0]), int(p[1]), int(p[2]), int(p[3]), [48, 48],
+                              interpolation=TF.InterpolationMode.BICUBIC)
+        if p[4]:
+            ref = TF.hflip(ref)
+        for i in views.JITTER_ORDERS[p[10]]:
+            ref = fns[i](ref, float(p[7 + i]) / views.JITTER_SCALE)
+        assert np.array_equal(np.asarray(views.replay(photo, p, 48)), np.asarray(ref))
+    # the stored factors are what makes the difference: the same crop without them gives other pixels
+    assert not np.array_equal(np.asarray(views.replay(photo, on[0], 48)),
+                              np.asarray(views.replay(photo, np.r_[on[0][:7], off[0][7:]], 48)))
