@@ -136,17 +136,17 @@ def rm(cfg: RmConfig) -> list[tuple[str, str]]:
     return items
 
 
-def run_gc(cfg: GcConfig) -> None:
+def _run(fn, cfg) -> None:
     try:
-        gc(cfg)
+        fn(cfg)
     except (store.CacheError, PermissionError) as e:
         console.print(f"[red]error:[/] {e}")
         raise SystemExit(2)
+
+
+def run_gc(cfg: GcConfig) -> None:
+    _run(gc, cfg)
 
 
 def run_rm(cfg: RmConfig) -> None:
-    try:
-        rm(cfg)
-    except (store.CacheError, PermissionError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
+    _run(rm, cfg)

@@ -15,7 +15,6 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from mdcache import sources
 from mdcache.config import opt
 from mdcache.store import fetch
 
@@ -188,19 +187,13 @@ def knn(cfg: KnnConfig) -> dict:
 
 
 def _cli(fn, cfg) -> None:
-    from .ffcv_loader import FfcvMissing
-    from .finetune import print_error
+    from .finetune import run_command
 
-    try:
-        if cfg.weights:  # a path or any fsspec URL
-            cfg = dataclasses.replace(cfg, weights=fetch(cfg.weights, _storage_options(cfg.storage_option)))
-        r = fn(cfg)
-    except (InitError, FfcvMissing, sources.SourceError, labelled.LabelError, ValueError, FileNotFoundError) as e:
-        print_error(e)
-        raise SystemExit(2)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    def with_local_weights(cfg):  # --weights may be any fsspec URL
+        return fn(dataclasses.replace(cfg, weights=fetch(cfg.weights, _storage_options(cfg.storage_option)))
+                  if cfg.weights else cfg)
+
+    r = run_command(with_local_weights, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(r))
 

@@ -666,17 +666,23 @@ def print_error(e: BaseException) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False)
 
 
-def run_cli(cfg: FinetuneConfig) -> None:
+def run_command(fn: Callable[[Any], dict], cfg: Any) -> dict:
+    """Run a finetune/eval/knn command: errors a user can fix print one line and exit 2; the process
+    group is torn down either way."""
     from .ffcv_loader import FfcvMissing
 
     try:
-        result = finetune(cfg)
+        return fn(cfg)
     except (InitError, FfcvMissing, sources.SourceError, labelled.LabelError, ValueError, FileNotFoundError) as e:
         print_error(e)
         raise SystemExit(2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def run_cli(cfg: FinetuneConfig) -> None:
+    result = run_command(finetune, cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("epoch", "val_top1", "val_top5", "best_top1", "best_epoch")
         print(json.dumps({k: result[k] for k in keys if k in result}))
