@@ -20,7 +20,7 @@ from mdcache.store import fetch
 
 from . import labelled
 from .finetune import (Dist, InitError, _storage_options, autocast, build_model, data_config, default_split,
-                       eval_transform, evaluate_batches, init_distributed, load_backbone, read_state_dict,
+                       eval_transform, evaluate_batches, init_distributed, layer_scale_of, load_backbone, read_state_dict,
                        resolve_amp, resolve_device, weights_metadata)
 
 
@@ -87,7 +87,7 @@ def load_classifier(cfg: EvalConfig) -> tuple[torch.nn.Module, dict]:
     if not num_classes:
         raise InitError(f"{cfg.weights}: no classifier found; `mdtrain eval` needs finetuned weights "
                         f"(use `mdtrain knn` for a backbone)")
-    model = build_model(model_name, num_classes, size, global_pool=pool)
+    model = build_model(model_name, num_classes, size, global_pool=pool, layer_scale=layer_scale_of(cfg.weights))
     report = load_backbone(model, cfg.weights)
     if report["missing"]:
         raise InitError(f"{cfg.weights}: classifier tensors missing ({', '.join(report['missing'])}); "
@@ -170,7 +170,7 @@ def knn(cfg: KnnConfig) -> dict:
     model_name, size, pool, meta = _resolve(cfg.weights, cfg.model, cfg.input_size, cfg.global_pool)
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
-    model = build_model(model_name, 0, size, global_pool=pool)
+    model = build_model(model_name, 0, size, global_pool=pool, layer_scale=layer_scale_of(cfg.weights))
     report = load_backbone(model, cfg.weights)
     model.to(device)
     so = _storage_options(cfg.storage_option)

@@ -145,19 +145,28 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
 
 # ----------------------------------------------------------------------------- model and weights
 
-def build_model(name: str, num_classes: int, input_size: int, drop_path: float = 0.0, global_pool: str = "") -> torch.nn.Module:
+def build_model(name: str, num_classes: int, input_size: int, drop_path: float = 0.0, global_pool: str = "",
+                layer_scale: float | None = None) -> torch.nn.Module:
     """timm.create_model without pretrained downloads; ViTs get img_size=input_size."""
     import timm
 
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path}
     if global_pool:
         kwargs["global_pool"] = global_pool
+    if layer_scale:
+        kwargs["init_values"] = layer_scale
     try:
         return timm.create_model(name, pretrained=False, img_size=input_size, **kwargs)
     except TypeError as e:  # models without an img_size argument (CNNs) take any input size
         if "img_size" not in str(e):
             raise
         return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def layer_scale_of(path: str) -> float | None:
+    """Weights pretrained with LayerScale (`mdtrain pretrain --layer-scale`) need a model that has it;
+    the value itself is overwritten by the loaded gammas."""
+    return 1e-5 if any(k.endswith(".ls1.gamma") for k in read_state_dict(path)) else None
 
 
 def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
@@ -551,9 +560,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     train, val = build_splits(cfg, mean_std, dist, device)
     num_classes = train.num_classes
     seed_all(cfg.seed)
-    model = build_model(cfg.model, num_classes, cfg.input_size, cfg.drop_path, cfg.global_pool)
-    if cfg.init and state is None:
-        report = load_backbone(model, fetch(cfg.init, _storage_options(cfg.storage_option)))
+    init = fetch(cfg.init, _storage_options(cfg.storage_option)) if cfg.init else ""
+    model = build_model(cfg.model, num_classes, cfg.input_size, cfg.drop_path, cfg.global_pool,
+                        layer_scale_of(init) if init else None)
+    if init and state is None:
+        report = load_backbone(model, init)
         if dist.main:
             console.print(f"init: {report['loaded']} tensors from {cfg.init}; missing (new classifier): "
                           f"{', '.join(report['missing']) or 'none'}; unexpected: none"

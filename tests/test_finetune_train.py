@@ -11,7 +11,7 @@ import safetensors.torch
 import timm
 import torch
 
-from mdtrain.finetune import FinetuneConfig, InitError, build_model, finetune, load_backbone
+from mdtrain.finetune import FinetuneConfig, InitError, build_model, finetune, layer_scale_of, load_backbone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "vit_tiny_patch16_224"
@@ -60,6 +60,25 @@ def test_load_backbone_takes_every_student_tensor_and_only_the_classifier_is_new
     for k, v in sd.items():
         assert torch.equal(got[k], v), k
     assert got["head.weight"].shape == (10, 192)
+
+
+def test_layer_scale_students_load_into_a_layer_scale_model(tmp_path):
+    """`mdtrain pretrain --layer-scale 0.1` (the paper's ViT-B setting) makes ls1/ls2 gammas: finetune and
+    eval must build the model with LayerScale, or the backbone would not load."""
+    torch.manual_seed(0)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0, img_size=SIZE, init_values=0.1)
+    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
+    path = str(tmp_path / "ls.safetensors")
+    safetensors.torch.save_file(sd, path)
+    plain = str(tmp_path / "plain.safetensors")
+    save_student(plain)
+    assert layer_scale_of(path) and layer_scale_of(plain) is None
+    with pytest.raises(InitError):
+        load_backbone(build_model(MODEL, 10, SIZE), path)
+    model = build_model(MODEL, 10, SIZE, layer_scale=layer_scale_of(path))
+    report = load_backbone(model, path)
+    assert sorted(report["missing"]) == ["head.bias", "head.weight"]
+    assert torch.equal(model.state_dict()["blocks.3.ls1.gamma"], sd["blocks.3.ls1.gamma"])
 
 
 def test_load_backbone_adapts_pos_embed_and_avg_pool(student):

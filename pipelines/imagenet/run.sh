@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The real recipe: MaskDistill ViT-B/16 from CLIP ViT-B/16 on ImageNet-1k, through a shared cache.
+# Not run in CI (needs GPUs, ImageNet in WebDataset shards, and the OpenAI CLIP weights).
+#
+#   IMAGENET=s3://bucket/imagenet CACHE_ROOT=s3://bucket/mdcache CLIP_WEIGHTS=/path/ViT-B-16.safetensors \
+#   GPUS=8 bash pipelines/imagenet/run.sh
+#
+# Defaults follow ../shared/MASKDISTILL.md: 300 epochs, batch 2048 (lr 1.5e-3), 75/196 block masking,
+# Smooth-L1, LayerNorm targets from the last block (tap final); finetune 100 epochs, layer decay 0.65.
+set -euo pipefail
+IMAGENET=${IMAGENET:?set IMAGENET to the folder/bucket holding train-{000000..001023}.tar and val-{000000..000063}.tar}
+CACHE_ROOT=${CACHE_ROOT:?set CACHE_ROOT, e.g. s3://team-bucket/mdcache}
+CLIP_WEIGHTS=${CLIP_WEIGHTS:?set CLIP_WEIGHTS to a local or fsspec path of the OpenAI ViT-B-16 open_clip weights}
+GPUS=${GPUS:-8}
+VIEWS=${VIEWS:-8}            # stored views per image: more views = less overfitting to the cache, more bytes
+OUT=${OUT:-runs/imagenet}
+TRAIN="$IMAGENET/train-{000000..001023}.tar"
+VAL="$IMAGENET/val-{000000..000063}.tar"
+
+# 1. Teacher targets, once for the whole team (resumable; run it on several machines at once if you like).
+torchrun --nproc-per-node "$GPUS" -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
+    --source "$TRAIN" --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 --batch-size 128 --workers 8
+CACHE=$(python -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" --source "$TRAIN" \
+    --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 | tail -n 1)   # all shards committed: prints the URL
+python -m mdcache verify "$CACHE" --teacher-check 256 --weights "$CLIP_WEIGHTS"
+
+# 2. Pretrain (2048 = 8 GPUs x 256).
+torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student vit_base_patch16_224 \
+    --epochs 300 --batch-size $((2048 / GPUS)) --warmup-epochs 10 --drop-path 0.1 --layer-scale 0.1 \
+    --workers 10 --local-cache /tmp/mdcache-local --out "$OUT/pretrain"
+
+# 3. Quick signal, then finetune (BEiT v2 recipe) and evaluate.
+python -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --model vit_base_patch16_224 --train "$TRAIN" --val "$VAL"
+torchrun --nproc-per-node "$GPUS" -m mdtrain finetune --init "$OUT/pretrain/student.safetensors" \
+    --model vit_base_patch16_224 --train "$TRAIN" --val "$VAL" --epochs 100 --warmup-epochs 20 \
+    --batch-size $((1024 / GPUS)) --blr 5e-4 --layer-decay 0.65 --drop-path 0.1 --out "$OUT/finetune"
+torchrun --nproc-per-node "$GPUS" -m mdtrain eval --weights "$OUT/finetune/best.safetensors" --val "$VAL"
