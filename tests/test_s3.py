@@ -89,9 +89,14 @@ def test_two_concurrent_extractors_one_killed(s3, bucket_data):
     procs = [subprocess.Popen([sys.executable, "-m", "mdcache", *extract_args(folder, "s3://team/conc")], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     fs = s3.fs()
+    def committed_by_first():  # kill extractor 0 once it has committed a shard of its own, mid-way
+        fs.invalidate_cache()
+        recs = [json.loads(fs.cat_file(p)) for p in fs.glob("team/conc/*/commits/*.json")]
+        return any(r["extractor"].split(":")[1] == str(procs[0].pid) for r in recs)
+
     deadline, killed = time.time() + 300, False
     while time.time() < deadline and procs[0].poll() is None:
-        if len(fs.glob("team/conc/*/commits/*.json", refresh=True) if fs.exists("team/conc") else []) >= 2:
+        if committed_by_first():
             procs[0].send_signal(signal.SIGKILL)
             killed = True
             break
