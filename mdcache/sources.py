@@ -60,13 +60,12 @@ def list_source(spec: str, storage_options: dict | None = None, folder_shard_siz
     """Expand a source spec (brace pattern, glob, list of tars, or a folder) into ordered shards."""
     if not spec:
         raise SourceError("no source given (--source 'shards/train-{000000..000009}.tar' or an image folder)")
-    patterns = [p for part in spec.split(",") if part for p in braceexpand(part.strip())] if "{" in spec else [
-        p.strip() for p in spec.split(",") if p.strip()]
+    patterns = [p for part in _split_top_level(spec) for p in braceexpand(part)]
     if len(patterns) == 1:
         fs, path = _fs(patterns[0], storage_options)
         if fs.isdir(path):
             return _list_folder(patterns[0], fs, path, folder_shard_size)
-    shards = []
+    shards, missing = [], []
     for pat in patterns:
         fs, path = _fs(pat, storage_options)
         if any(c in path for c in "*?["):
@@ -80,17 +79,35 @@ def list_source(spec: str, storage_options: dict | None = None, folder_shard_siz
             try:
                 info = fs.info(p)
             except FileNotFoundError:
-                raise SourceError(f"source shard {_unstrip(fs, pat, p)!r} does not exist") from None
+                missing.append(_unstrip(fs, pat, p))
+                continue
             except OSError as e:
                 raise SourceError(f"source shard {_unstrip(fs, pat, p)!r} is unreadable: {e}") from e
             name = os.path.basename(p)
             name = re.sub(r"\.(tar|tgz|tar\.gz)$", "", name)
             shards.append(SourceShard(name=name, url=_unstrip(fs, pat, p), size=int(info.get("size") or 0)))
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise SourceError(f"source shard {missing[0]!r} does not exist" if len(missing) == 1 else
+                          f"{len(missing)} source shards do not exist: {', '.join(map(repr, missing[:5]))}{more}")
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SourceError(f"source shard names must be unique; repeated: {', '.join(dup[:5])}")
     return shards
+
+
+def _split_top_level(spec: str) -> list[str]:
+    """'a-{0..3}.tar,b/{x,y}.tar' -> ['a-{0..3}.tar', 'b/{x,y}.tar']: commas inside braces belong to them."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in parts + [cur] if p.strip()]
 
 
 def _list_folder(url: str, fs, root: str, shard_size: int) -> list[SourceShard]:

@@ -120,8 +120,9 @@ def join(*parts: str) -> str:
 
 
 def read_json(fs, path: str) -> dict:
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read().decode())
+    # cat_file: one plain GET. fs.open() would pin the ETag of a possibly cached listing, and small
+    # records (claims) are replaced by other processes: S3 then answers 412 PreconditionFailed.
+    return json.loads(fs.cat_file(path).decode())
 
 
 def write_json(fs, path: str, obj: dict, exclusive: bool = False) -> bool:

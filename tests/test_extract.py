@@ -186,7 +186,7 @@ def test_corrupt_and_missing_inputs_are_reported(tmp_path, demo_data):
     assert rec["samples"] == 5 and "broken" not in cache.keys("bad-000000")
     assert cache.stats()["skipped"] == 3
     missing = run_cli(*extract_args(str(src / "bad-{000000..000005}.tar"), str(tmp_path / "c")), check=False)
-    assert missing.returncode == 2 and "bad-000003.tar" in missing.stderr and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "bad-000003.tar" in missing.stderr and "3 source shards do not exist" in missing.stderr
 
 
 def test_verify_checksums_and_teacher(tmp_path, train_spec):
