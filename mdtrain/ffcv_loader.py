@@ -139,14 +139,9 @@ def build_beton(cfg: FfcvBuildConfig) -> dict:
 
 
 def run_build_cli(cfg: FfcvBuildConfig) -> None:
-    from .finetune import print_error
+    from .finetune import run_command
 
-    try:
-        s = build_beton(cfg)
-    except (FfcvMissing, sources.SourceError, labelled.LabelError, ValueError) as e:
-        print_error(e)
-        raise SystemExit(2)
-    print(json.dumps(s))
+    print(json.dumps(run_command(build_beton, cfg)))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -315,13 +310,9 @@ def run_bench_cli(cfg: BenchLoaderConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .finetune import print_error
+    from .finetune import run_command
 
-    try:
-        r = bench_loader(cfg)
-    except (FfcvMissing, sources.SourceError, labelled.LabelError, ValueError) as e:
-        print_error(e)
-        raise SystemExit(2)
+    r = run_command(bench_loader, cfg)
     t = Table(title=f"loader images/s: {r['images']} images, {r['input_size']}px, batch {r['batch_size']}, "
                     f"{r['num_workers']} workers, best of {cfg.epochs} passes")
     for col in ("loader", "images/s", "seconds per pass"):
