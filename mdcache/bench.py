@@ -8,12 +8,14 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 
+import torch
 from rich.console import Console
 
 from . import sources
-from .config import opt
-from .extract import ExtractConfig, extract, shard_batches
-from .teachers import load_teacher, resolve_device, resolve_precision, run_teacher
+from .commands import opt
+from .errors import ConfigError
+from .extract import ExtractConfig, extract, prepare, shard_batches
+from .teachers import run_teacher
 
 console = Console()
 
@@ -27,42 +29,38 @@ class BenchConfig(ExtractConfig):
 
 
 def bench(cfg: BenchConfig) -> dict:
+    p = prepare(cfg)  # the same setup as extract: weights fetched from any URL, one teacher for both runs
     with tempfile.TemporaryDirectory(prefix="mdcache-bench-") as tmp:
-        run_cfg = replace(cfg, cache=cfg.cache or tmp)
-        url, summary = extract(run_cfg, progress=False)
+        url, summary = extract(replace(cfg, cache=cfg.cache or tmp), progress=False, prepared=p)
         if summary["reused"]:
-            raise RuntimeError(f"bench: {url} already had committed shards; use an empty --cache root")
+            raise ConfigError(f"bench: {url} already had committed shards; use an empty --cache root")
         extract_ips = summary["images"] / summary["seconds"]
         # Teacher-only on the very same batches, decoded beforehand (not timed).
-        so = cfg.storage_options()
-        device = resolve_device(cfg.device)
-        precision = resolve_precision(cfg.precision, device)
-        teacher = load_teacher(cfg.teacher, weights=cfg.weights, random_init=cfg.random_init, tap=cfg.tap,
-                               image_size=cfg.image_size, device=device, seed=cfg.seed)
-        recipe = cfg.recipe(teacher.image_size)
-        shards = sources.select(sources.list_source(cfg.source, so, cfg.folder_shard_size), cfg.shards)
-        batches = [b["images"] for s in shards for b in shard_batches(s, recipe, teacher.mean, teacher.std,
-                                                                        cfg.batch_size, so) if len(b["keys"])]
+        shards = sources.select(p.shards, cfg.shards)
+        batches = [b.images for s in shards for b in shard_batches(s, p.recipe, p.teacher.mean, p.teacher.std,
+                                                                    cfg.batch_size, p.storage_options) if b.keys]
+        if not batches:
+            raise ConfigError(f"bench: no decodable image in the selected shards of {cfg.source}")
         n = sum(len(b) for b in batches) // cfg.views
-        run_teacher(teacher, batches[0], precision)  # warm-up
+        run_teacher(p.teacher, batches[0], p.precision)  # warm-up
         best = float("inf")
         for _ in range(cfg.repeats):
             t0 = time.perf_counter()
             for b in batches:
-                run_teacher(teacher, b, precision)
-            if device.type == "cuda":
-                import torch
+                run_teacher(p.teacher, b, p.precision)
+            if p.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         teacher_ips = n / best
-    return {"images": n, "views": cfg.views, "teacher_only_ips": teacher_ips, "extract_ips": extract_ips,
-            "ratio": extract_ips / teacher_ips, "target": 0.85, "cache": url,
+    return {"images": n, "extract_images": summary["images"], "views": cfg.views, "teacher_only_ips": teacher_ips,
+            "extract_ips": extract_ips, "ratio": extract_ips / teacher_ips, "target": 0.85, "cache": url,
             "overhead_share": summary["overhead_seconds"] / max(summary["shard_seconds"], 1e-9)}
 
 
 def run_cli(cfg: BenchConfig) -> None:
     r = bench(cfg)
-    console.print(f"images: {r['images']} x {r['views']} views, teacher {cfg.teacher}, codec {cfg.codec}")
+    console.print(f"images: {r['images']} x {r['views']} views ({r['extract_images']} extracted), "
+                  f"teacher {cfg.teacher}, codec {cfg.codec}")
     console.print(f"teacher forward only : {r['teacher_only_ips']:8.2f} images/s")
     console.print(f"full extraction      : {r['extract_ips']:8.2f} images/s")
     verdict = "meets" if r["ratio"] >= r["target"] else "BELOW"

@@ -14,11 +14,13 @@ import threading
 import time
 import uuid
 
-from . import store
+from rich.console import Console
+
+from . import fs as mfs
 
 
 def new_owner() -> str:
-    return f"{store.who()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{mfs.who()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def owner_is_dead(owner: str) -> bool:
@@ -47,12 +49,12 @@ class Claims:
         self.cache_url, self.owner, self.ttl, self.storage_options = cache_url, owner, ttl, storage_options
 
     def _paths(self, shard: str) -> tuple:
-        fs, path = store.url_to_fs(self.cache_url, self.storage_options)
-        return fs, store.join(path, "claims", f"{shard}.json"), store.join(path, "commits", f"{shard}.json")
+        fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
+        return fs, mfs.join(path, "claims", f"{shard}.json"), mfs.join(path, "commits", f"{shard}.json")
 
     def _record(self, shard: str) -> dict:
         return {"shard": shard, "owner": self.owner, "expires": time.time() + self.ttl, "ttl": self.ttl,
-                "renewed_at": store.now()}
+                "renewed_at": mfs.now()}
 
     def acquire(self, shard: str) -> str | None:
         """Claim `shard`. Returns None on success, else why not: 'committed' or the live owner."""
@@ -61,10 +63,10 @@ class Claims:
         if fs.exists(commit):
             return "committed"
         for _ in range(3):
-            if store.write_json(fs, claim, self._record(shard), exclusive=True):
+            if mfs.write_json(fs, claim, self._record(shard), exclusive=True):
                 return None
             try:
-                cur = store.read_json(fs, claim)
+                cur = mfs.read_json(fs, claim)
             except FileNotFoundError:  # released between our put and our read: try again
                 continue
             if cur.get("owner") == self.owner:
@@ -77,30 +79,30 @@ class Claims:
     def renew(self, shard: str) -> bool:
         fs, claim, _ = self._paths(shard)
         try:
-            if store.read_json(fs, claim).get("owner") != self.owner:
+            if mfs.read_json(fs, claim).get("owner") != self.owner:
                 return False
         except FileNotFoundError:
             return False
-        store.write_json(fs, claim, self._record(shard))
+        mfs.write_json(fs, claim, self._record(shard))
         return True
 
     def release(self, shard: str) -> None:
         fs, claim, _ = self._paths(shard)
         try:
-            if store.read_json(fs, claim).get("owner") == self.owner:
+            if mfs.read_json(fs, claim).get("owner") == self.owner:
                 fs.rm(claim)
         except FileNotFoundError:
             pass
 
     def mine(self) -> list[str]:
         """Shards this owner currently holds claims on (claims made in loader workers included)."""
-        fs, path = store.url_to_fs(self.cache_url, self.storage_options)
-        cdir = store.join(path, "claims")
+        fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
+        cdir = mfs.join(path, "claims")
         fs.invalidate_cache(cdir)
         out = []
         for p in (fs.ls(cdir, detail=False) if fs.exists(cdir) else []):
             try:
-                rec = store.read_json(fs, p)
+                rec = mfs.read_json(fs, p)
             except FileNotFoundError:
                 continue
             if rec.get("owner") == self.owner:
@@ -109,19 +111,32 @@ class Claims:
 
 
 class Renewer(threading.Thread):
-    """Renews every claim of this owner each ttl/3 seconds until stopped."""
+    """Renews every claim of this owner each ttl/3 seconds until stopped. A store error (listing or
+    renewing) is reported once and retried next tick: a thread that died here would let every claim
+    expire while the work goes on, and another extractor would redo it."""
 
     def __init__(self, claims: Claims):
         super().__init__(daemon=True, name="mdcache-claim-renewer")
-        self.claims, self.stopped = claims, threading.Event()
+        self.claims, self.stopped, self.errors = claims, threading.Event(), 0
 
     def run(self) -> None:
         while not self.stopped.wait(self.claims.ttl / 3):
-            for shard in self.claims.mine():
+            try:
+                shards = self.claims.mine()
+            except OSError as e:  # transient store error: the next round retries well before expiry
+                self.failed(e)
+                continue
+            for shard in shards:
                 try:
                     self.claims.renew(shard)
-                except OSError:
-                    pass  # transient store error: the next round retries well before expiry
+                except OSError as e:
+                    self.failed(e)
+
+    def failed(self, e: OSError) -> None:
+        if not self.errors:
+            Console(stderr=True).print(f"[yellow]warning:[/] renewing claims on {self.claims.cache_url} failed "
+                                       f"({type(e).__name__}: {e}); retrying every {self.claims.ttl / 3:.1f}s")
+        self.errors += 1
 
     def stop(self) -> None:
         self.stopped.set()

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
+from . import fs as mfs
 from . import store
 from .claims import owner_is_dead
-from .config import opt
-from .store import parse_storage_options
+from .commands import opt, storage_options_opt
+from .errors import CacheError
 
 console = Console()
 
@@ -25,19 +26,21 @@ class GcConfig:
     """Remove uncommitted leftovers and expired claims under a cache root (or one cache). Dry run unless --yes."""
 
     root: str = opt(None, "Cache root or one cache directory, local path or fsspec URL.")
-    grace: float = opt(3600.0, "Leave uncommitted attempts younger than this many seconds (a live writer may own them).")
+    grace: float = opt(3600.0, "Leave uncommitted attempts younger than this many seconds (a live writer may own "
+                               "them).")
     yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 @dataclass
 class RmConfig:
-    """Remove a whole cache, or some of its shards (commit record first, so readers stop trusting it). Dry run unless --yes."""
+    """Remove a whole cache, or some of its shards (commit record first, so readers stop trusting it).
+    Dry run unless --yes."""
 
     cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
     shard: list[str] = opt([], "Remove only this shard (repeatable); it is recomputed by the next extract.")
     yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def _files(fs, path: str) -> list[dict]:
@@ -56,11 +59,11 @@ def _mtime(fs, path: str) -> float:
 
 def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
     """(path, reason) for everything in one cache that gc may remove."""
-    fs, path = store.url_to_fs(cache.url, cache.storage_options)
+    fs, path = mfs.url_to_fs(cache.url, cache.storage_options)
     fs.invalidate_cache(path)
     now = time.time()
     out, live_claims = [], set()
-    cdir = store.join(path, "claims")
+    cdir = mfs.join(path, "claims")
     for p in fs.ls(cdir, detail=False) if fs.exists(cdir) else []:
         name = p.rsplit("/", 1)[-1]
         if name.startswith(".write-probe-"):
@@ -68,7 +71,7 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
                 out.append((p, "stale write probe"))
             continue
         try:
-            rec = store.read_json(fs, p)
+            rec = mfs.read_json(fs, p)
         except (FileNotFoundError, ValueError):
             continue
         if rec.get("expires", 0) < now or owner_is_dead(rec.get("owner", "")) or rec.get("shard") in cache.commits:
@@ -76,7 +79,7 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
         else:
             live_claims.add(rec.get("shard"))
     referenced = {rec["path"].rsplit("/", 1)[-1] for rec in cache.commits.values()}
-    sdir = store.join(path, "shards")
+    sdir = mfs.join(path, "shards")
     for p in fs.ls(sdir, detail=False) if fs.exists(sdir) else []:
         attempt = p.rstrip("/").rsplit("/", 1)[-1]
         shard = attempt.rsplit(".", 1)[0]
@@ -84,7 +87,7 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
             continue
         if now - _mtime(fs, p) > grace:
             out.append((p, "uncommitted attempt" + (" (shard committed elsewhere)" if shard in cache.commits else "")))
-    for d in (path, store.join(path, "commits")):
+    for d in (path, mfs.join(path, "commits")):
         for p in fs.ls(d, detail=False) if fs.exists(d) else []:
             if ".tmp-" in p.rsplit("/", 1)[-1] and now - _mtime(fs, p) > grace:
                 out.append((p, "temp file"))
@@ -92,8 +95,8 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
 
 
 def _caches(root: str, so: dict) -> list[store.Cache]:
-    fs, path = store.url_to_fs(root, so)
-    if fs.exists(store.join(path, store.MANIFEST)):
+    fs, path = mfs.url_to_fs(root, so)
+    if fs.exists(mfs.join(path, store.MANIFEST)):
         return [store.open_cache(root, so)]
     return store.list_caches(root, so)
 
@@ -102,7 +105,10 @@ def _delete(fs, items: list[tuple[str, str]], yes: bool) -> None:
     for p, why in items:
         console.print(f"{'removing' if yes else 'would remove'} {p}  [dim]({why})[/]")
         if yes:
-            fs.rm(p, recursive=True)
+            try:
+                fs.rm(p, recursive=True)
+            except PermissionError as e:
+                raise CacheError(f"no permission to delete {p} ({e}); deleting needs write credentials") from None
     if not items:
         console.print("nothing to remove")
     elif not yes:
@@ -110,43 +116,35 @@ def _delete(fs, items: list[tuple[str, str]], yes: bool) -> None:
 
 
 def gc(cfg: GcConfig) -> list[tuple[str, str]]:
-    so = parse_storage_options(cfg.storage_option)
+    so = cfg.storage_options
     items = [it for c in _caches(cfg.root, so) for it in garbage(c, cfg.grace)]
-    fs, _ = store.url_to_fs(cfg.root, so)
+    fs, _ = mfs.url_to_fs(cfg.root, so)
     _delete(fs, items, cfg.yes)
     return items
 
 
 def rm(cfg: RmConfig) -> list[tuple[str, str]]:
-    so = parse_storage_options(cfg.storage_option)
+    so = cfg.storage_options
     cache = store.open_cache(cfg.cache, so)
-    fs, path = store.url_to_fs(cache.url, so)
+    fs, path = mfs.url_to_fs(cache.url, so)
     if cfg.shard:
         unknown = [s for s in cfg.shard if s not in cache.commits]
         if unknown:
             raise store.CacheError(f"{cache.url}: shard(s) not committed: {', '.join(unknown)}")
         items = []
         for s in cfg.shard:  # the record first: from then on no reader trusts the data
-            items += [(store.join(path, "commits", f"{s}.json"), "commit record"),
-                      (store.join(path, cache.commits[s]["path"]), "shard data")]
+            items += [(mfs.join(path, "commits", f"{s}.json"), "commit record"),
+                      (mfs.join(path, cache.commits[s]["path"]), "shard data")]
     else:
-        items = [(store.join(path, "commits"), "commit records"), (path, "the whole cache")]
+        items = [(mfs.join(path, "commits"), "commit records"), (path, "the whole cache")]
         items = [(p, w) for p, w in items if fs.exists(p)]
     _delete(fs, items, cfg.yes)
     return items
 
 
-def _run(fn, cfg) -> None:
-    try:
-        fn(cfg)
-    except (store.CacheError, PermissionError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
-
-
 def run_gc(cfg: GcConfig) -> None:
-    _run(gc, cfg)
+    gc(cfg)
 
 
 def run_rm(cfg: RmConfig) -> None:
-    _run(rm, cfg)
+    rm(cfg)

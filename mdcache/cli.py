@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import bench, cleanup, extract, store, verify
-from .config import opt, typer_command
+from .commands import opt, storage_options_opt, typer_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Offline teacher-feature cache for MaskDistill: extract once, train many times, share.")
@@ -34,11 +34,11 @@ class InfoConfig:
 
     cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
     json_out: bool = opt(False, "Print the manifest and statistics as JSON.", param="--json")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def info(cfg: InfoConfig) -> None:
-    cache = _open(cfg.cache, cfg.storage_option)
+    cache = store.open_cache(cfg.cache, cfg.storage_options)
     stats = cache.stats()
     if cfg.json_out:
         print(json.dumps({"manifest": cache.manifest, "stats": stats}, indent=1))
@@ -48,8 +48,10 @@ def info(cfg: InfoConfig) -> None:
     t.add_row("cache", cache.url)
     t.add_row("id", m["cache_id"])
     t.add_row("teacher", f"{m['teacher']['spec']} ({fp['teacher']['arch']}, weights {fp['teacher']['weights']}, "
-                         f"sha256 {fp['teacher']['weights_sha256'][:12]}, tap {fp['teacher']['tap']}, {fp['teacher']['precision']})")
-    t.add_row("targets", f"{m['views']} views x {m['teacher']['tokens']} tokens ({'x'.join(map(str, m['teacher']['patch_grid']))}) "
+                         f"sha256 {fp['teacher']['weights_sha256'][:12]}, tap {fp['teacher']['tap']}, "
+                         f"{fp['teacher']['precision']})")
+    grid = "x".join(map(str, m["teacher"]["patch_grid"]))
+    t.add_row("targets", f"{m['views']} views x {m['teacher']['tokens']} tokens ({grid}) "
                          f"x {m['teacher']['dim']} dims, codec {m['codec']['name']}")
     v = fp["views"]
     t.add_row("views", f"{v['image_size']}px, crop scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, "
@@ -70,47 +72,26 @@ class LsConfig:
     """List the caches under a root, one row each."""
 
     root: str = opt(None, "Cache root, local path or fsspec URL.")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def ls(cfg: LsConfig) -> None:
-    try:
-        caches = store.list_caches(cfg.root, store.parse_storage_options(cfg.storage_option))
-    except store.CacheError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
+    caches = store.list_caches(cfg.root, cfg.storage_options)
     t = Table("id", "teacher", "tap", "source", "views", "codec", "images", "shards", "bytes", "bytes/view",
               "fidelity", "created")
     for c in caches:
         s, m = c.stats(), c.manifest
-        t.add_row(m["cache_id"], m["teacher"]["spec"] + (" (random)" if m["fingerprint"]["teacher"]["weights"] == "random-init" else ""),
+        random = " (random)" if m["fingerprint"]["teacher"]["weights"] == "random-init" else ""
+        t.add_row(m["cache_id"], m["teacher"]["spec"] + random,
                   m["fingerprint"]["teacher"]["tap"], m["source"]["spec"], str(m["views"]), m["codec"]["name"],
                   str(s["samples"]), f"{s['shards_done']}/{s['shards_total']}", human_bytes(s["bytes"]),
-                  human_bytes(s["bytes_per_view"]), fidelity_text(s["fidelity"]), f"{m['created_by']} {m['created_at']}")
+                  human_bytes(s["bytes_per_view"]), fidelity_text(s["fidelity"]),
+                  f"{m['created_by']} {m['created_at']}")
     out = console if console.is_terminal else Console(width=240)  # logs and pipes get whole rows
     out.print(t if caches else f"no caches under {cfg.root}")
 
 
-def _open(url: str, storage_option: list[str]) -> store.Cache:
-    try:
-        return store.open_cache(url, store.parse_storage_options(storage_option))
-    except store.CacheError as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
-
-
-def _extract(cfg: extract.ExtractConfig) -> None:
-    from .sources import SourceError
-    from .teachers import TeacherError
-
-    try:
-        extract.run_cli(cfg)
-    except (SourceError, TeacherError, store.CacheError, ValueError, PermissionError, typer.BadParameter) as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
-
-
-typer_command(app, extract.ExtractConfig, _extract, "extract")
+typer_command(app, extract.ExtractConfig, extract.run_cli, "extract")
 typer_command(app, InfoConfig, info, "info", arguments=("cache",))
 typer_command(app, LsConfig, ls, "ls", arguments=("root",))
 typer_command(app, verify.VerifyConfig, verify.run_cli, "verify", arguments=("cache",))

@@ -10,36 +10,38 @@ on the accelerator ("dequantize late").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-CODEC_NAMES = ("fp16", "int8")
-# name -> {array: (numpy dtype, rank)}; rank 3 = [N, P, D], rank 2 = [N, P]
-CODEC_ARRAYS = {
-    "fp16": {"targets": ("float16", 3)},
-    "int8": {"targets": ("int8", 3), "scales": ("float32", 2)},
-}
+from .errors import ConfigError
 
 
-def check_codec(name: str) -> str:
-    if name not in CODEC_NAMES:
-        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
-    return name
+@dataclass(frozen=True)
+class Codec:
+    """One codec, whole: its arrays, its fingerprint, and its three functions. A new codec is one CODECS entry."""
+
+    name: str
+    arrays: dict[str, tuple[str, int]]  # array -> (numpy dtype, rank); rank 3 = [N, P, D], rank 2 = [N, P]
+    identity: dict  # name + parameters, for the cache fingerprint (changing it changes every cache id)
+    calibrate: Callable[[torch.Tensor], dict] | None  # sample tokens [M, D] -> JSON stats; None: needs none
+    encode: Callable[[torch.Tensor, dict | None], dict[str, np.ndarray]]  # float [N, P, D] -> arrays
+    decode: Callable[[dict[str, torch.Tensor], dict | None], torch.Tensor]  # arrays (any device) -> float32
 
 
-def codec_identity(name: str) -> dict:
-    """Codec name + parameters, for the fingerprint."""
-    check_codec(name)
-    if name == "int8":
-        return {"name": "int8", "channel_calibration": "mean-std", "token_scale": "absmax", "qmax": 127}
-    return {"name": name}
+def _fp16_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
+    return {"targets": x.float().half().cpu().numpy()}
 
 
-def calibrate(name: str, tokens: torch.Tensor) -> dict | None:
-    """Per-channel statistics from sample tokens [M, D] (float32). JSON-serializable."""
-    if name != "int8":
-        return None
+def _fp16_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Tensor:
+    return arrays["targets"].float()
+
+
+def _int8_calibrate(tokens: torch.Tensor) -> dict:
+    """Per-channel mean and spread (floored relative to the largest magnitude, so no channel divides by 0)."""
     tokens = tokens.float().reshape(-1, tokens.shape[-1])
     mean = tokens.mean(0)
     std = tokens.std(0).clamp_min(1e-6 * float(tokens.abs().max().clamp_min(1e-12)))
@@ -51,29 +53,32 @@ def _calib_tensors(calib: dict, device, dtype=torch.float32):
             torch.tensor(calib["std"], device=device, dtype=dtype))
 
 
-def encode(name: str, x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
-    """x: float [N, P, D] -> {array name: numpy array} as laid out in CODEC_ARRAYS."""
-    x = x.float()
-    if name == "fp16":
-        return {"targets": x.half().cpu().numpy()}
-    if name == "int8":
-        mean, std = _calib_tensors(calib, x.device)
-        y = (x - mean) / std
-        scale = y.abs().amax(-1).clamp_min(1e-12) / 127.0
-        q = torch.round(y / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-        return {"targets": q.cpu().numpy(), "scales": scale.cpu().numpy().astype(np.float32)}
-    raise ValueError(f"unknown codec {name!r}")
+def _int8_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
+    mean, std = _calib_tensors(calib, x.device)
+    y = (x.float() - mean) / std
+    scale = y.abs().amax(-1).clamp_min(1e-12) / 127.0
+    q = torch.round(y / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return {"targets": q.cpu().numpy(), "scales": scale.cpu().numpy().astype(np.float32)}
 
 
-def decode(name: str, arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Tensor:
-    """Inverse of encode, on whatever device the arrays live on; returns float32 [N, P, D]."""
+def _int8_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Tensor:
     t = arrays["targets"]
-    if name == "fp16":
-        return t.float()
-    if name == "int8":
-        mean, std = _calib_tensors(calib, t.device)
-        return (t.float() * arrays["scales"].float().unsqueeze(-1)) * std + mean
-    raise ValueError(f"unknown codec {name!r}")
+    mean, std = _calib_tensors(calib, t.device)
+    return (t.float() * arrays["scales"].float().unsqueeze(-1)) * std + mean
+
+
+CODECS = {c.name: c for c in (
+    Codec("fp16", {"targets": ("float16", 3)}, {"name": "fp16"}, None, _fp16_encode, _fp16_decode),
+    Codec("int8", {"targets": ("int8", 3), "scales": ("float32", 2)},
+          {"name": "int8", "channel_calibration": "mean-std", "token_scale": "absmax", "qmax": 127},
+          _int8_calibrate, _int8_encode, _int8_decode),
+)}
+
+
+def get_codec(name: str) -> Codec:
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
+    return CODECS[name]
 
 
 def token_layernorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

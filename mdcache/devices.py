@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from .errors import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """auto: this rank's GPU under torchrun (LOCAL_RANK), else the CPU."""
@@ -20,7 +22,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision {precision!r}: choose auto, fp32 or bf16")
+        raise ConfigError(f"--precision {precision!r}: choose auto, fp32 or bf16")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("bf16 requested but this GPU does not support bfloat16")
+        raise ConfigError("--precision bf16: this GPU does not support bfloat16")
     return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The one autocast context of the project: bf16 when precision is 'bf16', a no-op otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

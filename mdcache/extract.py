@@ -10,8 +10,8 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -19,54 +19,71 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import codecs, sources, store, views
-from .store import parse_storage_options
+from . import fs as mfs
 from .claims import Claims, Renewer, new_owner
-from .config import opt, parse_floats
-from .teachers import Teacher, load_teacher, resolve_device, resolve_precision, run_teacher
+from .commands import ViewOptions, opt, storage_options_opt
+from .devices import resolve_device, resolve_precision
+from .errors import CacheError, CacheNotFound
+from .teachers import Teacher, load_teacher, run_teacher
 
 console = Console(stderr=True)
 
 
 @dataclass
-class ExtractConfig:
+class ExtractConfig(ViewOptions):
     """Run a frozen teacher once over K augmented views per image and cache its patch features."""
 
-    source: str = opt("", "Source: WebDataset tars (brace pattern, glob, comma list; local or fsspec URL) or an image folder.")
-    teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config .json), timm:MODEL.")
+    source: str = opt("", "Source: WebDataset tars (brace pattern, glob, comma list; local or fsspec URL) or an "
+                          "image folder.")
+    teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config "
+                                   ".json), timm:MODEL.")
     cache: str = opt("./cache", "Cache root (local path or fsspec URL); the cache lands in <root>/<cache-id>/.")
-    views: int = opt(2, "Views (augmented crops) stored per image.")
     codec: str = opt("int8", "Target codec: int8 (per-channel calibrated, per-token scale) or fp16 (reference).")
-    tap: str = opt("final", "Teacher feature: final (last block, before ln_post), ln_post, or proj (ln_post + CLIP projection).")
-    image_size: int = opt(224, "Teacher/student input size in pixels.")
-    crop_scale: str = opt("0.2,1.0", "RandomResizedCrop area scale range 'min,max'.")
-    crop_ratio: str = opt("0.75,1.3333333333", "RandomResizedCrop aspect ratio range 'min,max'.")
-    flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
-    color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation (0: off; BEiT v2 uses 0.4), recorded per view.")
+    tap: str = opt("final", "Teacher feature: final (last block, before ln_post), ln_post, or proj (ln_post + CLIP "
+                            "projection).")
     seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).")
     weights: Optional[str] = opt(None, "Teacher weights file (.safetensors/.bin/.pt state dict), a path or fsspec URL.")
-    random_init: bool = opt(False, "Use randomly initialised teacher weights (tests/demos only; recorded in the fingerprint).")
-    shards: Optional[str] = opt(None, "Subset of source shards to compute: 'start:stop' or 'i,j,k' (the cache id is unchanged).")
+    random_init: bool = opt(False, "Use randomly initialised teacher weights (tests/demos only; recorded in the "
+                                   "fingerprint).")
+    shards: Optional[str] = opt(None, "Subset of source shards to compute: 'start:stop' or 'i,j,k' (the cache id is "
+                                      "unchanged).")
     folder_shard_size: int = opt(1000, "Images per virtual shard when the source is an image folder.")
     batch_size: int = opt(32, "Images per teacher batch (each contributes --views crops).")
     workers: int = opt(2, "DataLoader worker processes decoding and cropping images.")
     device: str = opt("auto", "Device: auto (CUDA if available, LOCAL_RANK under torchrun), cpu, cuda, cuda:N.")
     precision: str = opt("auto", "Teacher precision: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
     calib_images: int = opt(64, "Images (from the first source shard) used to calibrate the int8 codec.")
-    fidelity_images: int = opt(8, "Images per shard whose targets are checked against the fp32 teacher for the fidelity report.")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE for the cache and source (repeatable), e.g. endpoint_url=...")
-    claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal; a dead extractor's shards are taken over after it.")
-    wait: bool = opt(True, "When other extractors hold claims on the remaining shards, wait for them (and take over expired claims).")
+    fidelity_images: int = opt(8, "Images per shard whose targets are checked against the fp32 teacher for the "
+                                  "fidelity report.")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for the cache and source "
+                                                "(repeatable), e.g. endpoint_url=...")
+    claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal; a dead extractor's shards are taken "
+                                  "over after it.")
+    wait: bool = opt(True, "When other extractors hold claims on the remaining shards, wait for them (and take over "
+                           "expired claims).")
 
     def recipe(self, image_size: int) -> views.ViewRecipe:
-        return views.ViewRecipe(image_size=image_size, scale=parse_floats(self.crop_scale, 2, "--crop-scale"),
-                                ratio=parse_floats(self.crop_ratio, 2, "--crop-ratio"), flip=self.flip,
-                                views=self.views, seed=self.seed, color_jitter=self.color_jitter)
-
-    def storage_options(self) -> dict:
-        return parse_storage_options(self.storage_option)
+        return self.view_recipe(image_size, self.seed)
 
 
 # ----------------------------------------------------------------------------- data
+
+@dataclass
+class Batch:
+    """Up to batch_size images of one shard, in shard order, as a loader worker hands them over.
+    The shard's last batch has last=True (and error= if the shard broke); skip= says the shard is not
+    ours to compute ('committed', or the owner of a live claim)."""
+
+    shard: str
+    keys: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)   # undecodable samples: {key, error}
+    images: torch.Tensor | None = None                  # [n*K, 3, S, S], normalized
+    views: np.ndarray | None = None                     # [n, K, len(VIEW_FIELDS)] int32
+    last: bool = True
+    error: str | None = None
+    skip: str | None = None
+    claim_seconds: float = 0.0
+
 
 def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> tuple[torch.Tensor, np.ndarray]:
     """Decode one sample and produce its K views: (images [K,3,S,S], params [K,7])."""
@@ -76,21 +93,15 @@ def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> 
     return x, params
 
 
-def empty_batch(shard: str, recipe: views.ViewRecipe, **kw) -> dict:
-    s = recipe.image_size
-    return {"shard": shard, "keys": [], "skipped": [], "last": True, "error": None, "skip": None, "claim_seconds": 0.0,
-            "images": torch.zeros(0, 3, s, s), "views": np.zeros((0, recipe.views, len(views.VIEW_FIELDS)), np.int32), **kw}
-
-
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, std, batch_size: int,
-                  storage_options: dict | None = None) -> Iterator[dict]:
+                  storage_options: dict | None = None) -> Iterator[Batch]:
     """Batches of one shard, in order. The last one has last=True (and error= if the shard broke)."""
     keys, imgs, params, skipped = [], [], [], []
 
-    def batch(last: bool, error: str | None = None) -> dict:
-        out = empty_batch(shard.name, recipe, last=last, error=error, keys=list(keys), skipped=list(skipped))
+    def batch(last: bool, error: str | None = None) -> Batch:
+        out = Batch(shard.name, keys=list(keys), skipped=list(skipped), last=last, error=error)
         if keys:
-            out["images"], out["views"] = torch.cat(imgs), np.stack(params)
+            out.images, out.views = torch.cat(imgs), np.stack(params)
         keys.clear(), imgs.clear(), params.clear(), skipped.clear()
         return out
 
@@ -128,79 +139,99 @@ class ShardStream(torch.utils.data.IterableDataset):
             why_not = self.claims.acquire(shard.name) if self.claims else None
             claim_seconds = time.perf_counter() - t0
             if why_not:  # committed meanwhile, or another extractor is on it
-                yield empty_batch(shard.name, self.recipe, skip=why_not)
+                yield Batch(shard.name, skip=why_not)
                 continue
             for b in shard_batches(shard, self.recipe, self.mean, self.std, self.batch_size, self.storage_options):
-                b["claim_seconds"], claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
+                b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
                 yield b
 
 
-# ----------------------------------------------------------------------------- cache setup
+# ----------------------------------------------------------------------------- setup
 
-def fingerprint(teacher: Teacher, recipe: views.ViewRecipe, all_shards: list[sources.SourceShard],
-                codec: str, precision: str) -> dict:
-    return {"format_version": store.FORMAT_VERSION, "teacher": {**teacher.identity, "precision": precision},
-            "views": recipe.identity(), "source": sources.identity(all_shards), "codec": codecs.codec_identity(codec)}
+@dataclass
+class Prepared:
+    """Everything an extraction needs before it touches a cache: shared by `extract` and `mdcache bench`."""
+
+    storage_options: dict
+    shards: list[sources.SourceShard]  # all source shards (the fingerprint's), before --shards and ranks
+    device: torch.device
+    precision: str
+    teacher: Teacher
+    recipe: views.ViewRecipe
 
 
-def calibrate(cfg: ExtractConfig, teacher: Teacher, recipe, shard: sources.SourceShard, precision: str,
-              so: dict) -> dict | None:
+def prepare(cfg: ExtractConfig) -> Prepared:
+    """Check the options, list the source, and load the teacher (weights fetched from any URL first)."""
+    so = cfg.storage_options
+    codecs.get_codec(cfg.codec)
+    shards = sources.list_source(cfg.source, so, cfg.folder_shard_size)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    teacher = load_teacher(cfg.teacher, weights=mfs.fetch(cfg.weights, so) if cfg.weights else None,
+                           random_init=cfg.random_init, tap=cfg.tap, image_size=cfg.image_size, device=device,
+                           seed=cfg.seed)
+    if cfg.random_init:
+        console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos "
+                      "only")
+    return Prepared(so, shards, device, precision, teacher, cfg.recipe(teacher.image_size))
+
+
+def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     """Codec calibration from the first images of the first source shard: deterministic, so every
     extractor of this cache (resumed, concurrent, other ranks) derives the same numbers."""
-    if cfg.codec != "int8":
+    codec = codecs.get_codec(cfg.codec)
+    if codec.calibrate is None:
         return None
     feats, n = [], 0
-    for b in shard_batches(shard, recipe, teacher.mean, teacher.std, min(cfg.batch_size, cfg.calib_images), so):
-        if b["error"]:
-            raise sources.SourceError(b["error"])
-        if len(b["keys"]):
-            feats.append(run_teacher(teacher, b["images"], precision).cpu())
-            n += len(b["keys"])
-        if n >= cfg.calib_images or b["last"]:
+    for b in shard_batches(p.shards[0], p.recipe, p.teacher.mean, p.teacher.std,
+                           min(cfg.batch_size, cfg.calib_images), p.storage_options):
+        if b.error:
+            raise sources.SourceError(b.error)
+        if b.keys:
+            feats.append(run_teacher(p.teacher, b.images, p.precision).cpu())
+            n += len(b.keys)
+        if n >= cfg.calib_images or b.last:
             break
     if not feats:
-        raise sources.SourceError(f"{shard.url}: no decodable image to calibrate the int8 codec on")
-    return codecs.calibrate(cfg.codec, torch.cat(feats))
+        raise sources.SourceError(f"{p.shards[0].url}: no decodable image to calibrate the {cfg.codec} codec on")
+    return codec.calibrate(torch.cat(feats))
 
 
-def open_or_create(cfg: ExtractConfig, teacher: Teacher, recipe, all_shards, precision: str, so: dict) -> store.Cache:
-    fp = fingerprint(teacher, recipe, all_shards, cfg.codec, precision)
-    cid = store.cache_id(fp)
-    url = store.join(cfg.cache, cid)
+def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
+    fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision)
+    url = mfs.join(cfg.cache, store.cache_id(fp))
     try:
-        cache = store.open_cache(url, so)
+        cache = store.open_cache(url, p.storage_options)
         if cache.manifest["fingerprint"] != fp:
-            raise store.CacheError(f"{url}: manifest fingerprint differs from this run's (id collision or tampering)")
+            raise CacheError(f"{url}: manifest fingerprint differs from this run's (id collision or tampering)")
         return cache
-    except store.CacheError as e:
-        if "no manifest.json" not in str(e):
-            raise
-    check_writable(url, so)
-    console.print(f"[bold]new cache[/] {url}" + (" (calibrating int8 codec)" if cfg.codec == "int8" else ""))
-    calib = calibrate(cfg, teacher, recipe, all_shards[0], precision, so)
-    manifest = {"format_version": store.FORMAT_VERSION, "cache_id": cid, "fingerprint": fp,
-                "codec": {"name": cfg.codec, "calibration": calib, "arrays": codecs.CODEC_ARRAYS[cfg.codec]},
-                "teacher": {"spec": teacher.spec, "dim": teacher.dim, "patch_grid": list(teacher.patch_grid),
-                            "tokens": teacher.num_patches, "mean": list(teacher.mean), "std": list(teacher.std)},
-                "views": recipe.views, "image_size": recipe.image_size, "view_fields": list(views.VIEW_FIELDS),
-                "source": {"spec": cfg.source, "shards": [s.to_json() for s in all_shards],
-                           "classes": list(all_shards[0].classes)},
-                "created_by": store.who(), "created_at": store.now(), "versions": _versions()}
-    store.create_manifest(url, manifest, so)
-    return store.open_cache(url, so)
+    except CacheNotFound:
+        pass
+    check_writable(url, p.storage_options)
+    calibrating = f" (calibrating {cfg.codec} codec)" if codecs.CODECS[cfg.codec].calibrate else ""
+    console.print(f"[bold]new cache[/] {url}{calibrating}")
+    manifest = store.new_manifest(fp, p.teacher, p.recipe, cfg.source, p.shards, calibrate(cfg, p))
+    store.create_manifest(url, manifest, p.storage_options)
+    return store.open_cache(url, p.storage_options)
 
 
-def _versions() -> dict:
-    import PIL
-    import open_clip
-    import timm
+def check_writable(cache_url: str, so: dict) -> None:
+    """Fail early, with a clear message, when the credentials cannot write to the cache."""
+    fs, path = mfs.url_to_fs(cache_url, so)
+    probe = mfs.join(path, "claims", f".write-probe-{new_owner().replace(':', '-').replace('@', '-')}")
+    try:
+        mfs.write_json(fs, probe, {})
+        fs.rm(probe)
+    except PermissionError as e:
+        raise CacheError(f"no write access to {cache_url} ({e}); these credentials can list, verify and "
+                         "train from the cache, but extracting needs write permission") from None
 
-    from . import __version__
-    return {"mdcache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
+
+def rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- writing
 
 class ShardBuffer:
     """Encoded targets of one shard, accumulated batch by batch until its last batch arrives."""
@@ -212,13 +243,12 @@ class ShardBuffer:
         self.skipped: list[dict] = []
         self.meter = codecs.FidelityMeter()
         self.started = time.time()
-        self.overhead = 0.0
+        self.overhead = 0.0  # coordination cost: claim + commit record + release
 
-    def add(self, b: dict, encoded: dict[str, np.ndarray], k: int) -> None:
-        n = len(b["keys"])
-        self.keys += b["keys"]
-        self.skipped += b["skipped"]
-        self.views.append(b["views"])
+    def add(self, b: Batch, encoded: dict[str, np.ndarray], k: int) -> None:
+        n = len(b.keys)
+        self.keys += b.keys
+        self.views.append(b.views)
         for name, a in encoded.items():  # [n*K, ...] -> [n, K, ...]
             self.arrays.setdefault(name, []).append(a.reshape(n, k, *a.shape[1:]))
 
@@ -232,42 +262,124 @@ class ShardBuffer:
         return out, np.ascontiguousarray(views_.swapaxes(0, 1))
 
 
-def rank_world() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def new_summary(cache_url: str, reused: int) -> dict:
+    return {"cache": cache_url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0,
+            "images": 0, "seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0, "shard_seconds": 0.0}
 
 
-def extract(cfg: ExtractConfig, progress: bool = True) -> tuple[str, dict]:
+class ShardWriter:
+    """A shard's life after the teacher: buffer its encoded batches; at its last batch write its Zarr group,
+    publish the commit record and release the claim on a writer thread (at most one more shard in
+    flight, so memory stays bounded), then account for it in `summary` and log one line."""
+
+    def __init__(self, cache: store.Cache, teacher: Teacher, k: int, claims: Claims | None,
+                 todo: list[sources.SourceShard], summary: dict, fidelity_images: int, log: bool,
+                 advance: Callable[[], None] = lambda: None):
+        self.cache, self.k, self.claims, self.summary, self.log, self.advance = cache, k, claims, summary, log, advance
+        self.codec, self.calib = codecs.CODECS[cache.codec], cache.calibration
+        self.shapes = {name: (dtype, (teacher.num_patches, teacher.dim)[:rank - 1])
+                       for name, (dtype, rank) in self.codec.arrays.items()}
+        self.by_name = {s.name: s for s in todo}
+        self.fidelity_images = fidelity_images
+        self.buffers: dict[str, ShardBuffer] = {}
+        self.pending: list[Future] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdcache-writer")
+
+    def fidelity_views(self, b: Batch) -> int:
+        """How many of this batch's views to check against the fp32 teacher: the shard's first images only."""
+        buf = self.buffers.get(b.shard)
+        return 0 if buf is not None and buf.meter.tokens else min(len(b.keys), self.fidelity_images) * self.k
+
+    def add(self, b: Batch, feats: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
+        """One batch's teacher features [n*K, P, D] (None for a batch without images); `reference` are fp32
+        features of its first views, for the fidelity report."""
+        buf = self.buffers.setdefault(b.shard, ShardBuffer())
+        buf.overhead += b.claim_seconds
+        buf.skipped += b.skipped
+        if feats is not None:
+            encoded = self.codec.encode(feats, self.calib)
+            if reference is not None:
+                m = len(reference)
+                buf.meter.update(reference.cpu(), self.codec.decode(
+                    {a: torch.from_numpy(v[:m]) for a, v in encoded.items()}, self.calib))
+            buf.add(b, encoded, self.k)
+        if b.last:
+            self.finish(b)
+
+    def finish(self, b: Batch) -> None:
+        buf = self.buffers.pop(b.shard)
+        self.summary["skipped"] += len(buf.skipped)
+        if b.error:
+            self.summary["failed"][b.shard] = b.error
+            if self.claims:
+                self.claims.release(b.shard)
+            console.print(f"[red]shard failed:[/] {b.error}")
+            self.advance()
+            return
+        self.pending.append(self.pool.submit(self._commit, b.shard, buf))
+        self.drain(keep=1)
+
+    def _commit(self, name: str, buf: ShardBuffer) -> tuple[str, ShardBuffer, bool, dict]:
+        """Writer thread: data first, then the create-if-absent commit record, then the claim goes."""
+        arrays, views_ = buf.stacked(self.k, self.shapes)
+        extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
+                 "source": self.by_name[name].to_json(), "rank": rank_world()[0],
+                 "extractor": self.claims.owner if self.claims else mfs.who()}
+        so = self.cache.storage_options
+        rec = store.write_shard_data(self.cache.url, name, buf.keys, arrays, views_, extra, so)
+        t0 = time.perf_counter()
+        won = store.commit_shard(self.cache.url, rec, so)
+        if self.claims:
+            self.claims.release(name)
+        buf.overhead += time.perf_counter() - t0
+        return name, buf, won, extra
+
+    def _done(self, name: str, buf: ShardBuffer, won: bool, extra: dict) -> None:
+        self.summary["overhead_seconds"] += buf.overhead
+        self.summary["shard_seconds"] += time.time() - buf.started
+        (self.summary["committed"] if won else self.summary["lost_race"]).append(name)
+        if self.log:  # logs (no live bar): one line per shard
+            console.print(f"shard {name}: {'committed' if won else 'already committed by another extractor'}, "
+                          f"{len(buf.keys)} images, {len(buf.skipped)} skipped, {extra['seconds']:.1f}s")
+        self.advance()
+
+    def drain(self, keep: int) -> None:
+        """Bound memory: wait until at most `keep` shard writes are in flight (and surface their errors)."""
+        while len(self.pending) > keep:
+            self._done(*self.pending.pop(0).result())
+        while self.pending and self.pending[0].done():
+            self._done(*self.pending.pop(0).result())
+
+    def close(self) -> None:
+        try:
+            self.drain(keep=0)
+        finally:
+            self.pool.shutdown()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
     """Run an extraction; returns (cache URL, summary). Raises on setup errors, reports shard errors."""
-    so = cfg.storage_options()
-    codecs.check_codec(cfg.codec)
-    all_shards = sources.list_source(cfg.source, so, cfg.folder_shard_size)
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    teacher = load_teacher(cfg.teacher, weights=store.fetch(cfg.weights, so) if cfg.weights else None,
-                           random_init=cfg.random_init, tap=cfg.tap,
-                           image_size=cfg.image_size, device=device, seed=cfg.seed)
-    if cfg.random_init:
-        console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos only")
-    recipe = cfg.recipe(teacher.image_size)
-    cache = open_or_create(cfg, teacher, recipe, all_shards, precision, so)
+    p = prepared or prepare(cfg)
+    cache = open_or_create(cfg, p)
     rank, world = rank_world()
-    selected = sources.select(all_shards, cfg.shards)[rank::world]
+    selected = sources.select(p.shards, cfg.shards)[rank::world]
     todo = [s for s in selected if s.name not in cache.commits]
     reused = len(selected) - len(todo)
     if reused:
         console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
-    summary = {"cache": cache.url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0,
-               "images": 0, "seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0, "shard_seconds": 0.0}
+    summary = new_summary(cache.url, reused)
     if not todo:
         return cache.url, summary
-    check_writable(cache.url, so)
-    claims = Claims(cache.url, new_owner(), cfg.claim_ttl, so)
+    check_writable(cache.url, p.storage_options)
+    claims = Claims(cache.url, new_owner(), cfg.claim_ttl, p.storage_options)
     renewer = Renewer(claims)
     renewer.start()
     try:
         while todo:
             summary["elsewhere"] = {}
-            _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, claims)
+            run_pass(cfg, p, cache, todo, summary, progress, claims)
             cache.refresh()
             todo = [s for s in todo if s.name not in cache.commits and s.name not in summary["failed"]]
             if not todo or not cfg.wait:
@@ -281,108 +393,42 @@ def extract(cfg: ExtractConfig, progress: bool = True) -> tuple[str, dict]:
     return cache.url, summary
 
 
-def check_writable(cache_url: str, so: dict) -> None:
-    """Fail early, with a clear message, when the credentials cannot write to the cache."""
-    fs, path = store.url_to_fs(cache_url, so)
-    probe = store.join(path, "claims", f".write-probe-{new_owner().replace(':', '-').replace('@', '-')}")
-    try:
-        store.write_json(fs, probe, {})
-        fs.rm(probe)
-    except PermissionError as e:
-        raise store.CacheError(f"no write access to {cache_url} ({e}); these credentials can list, verify and "
-                               "train from the cache, but extracting needs write permission") from None
-
-
-def _run(cfg, teacher, recipe, cache, todo, precision, so, summary, progress, claims: Claims | None) -> None:
-    k = recipe.views
-    shapes = {name: (dtype, (teacher.num_patches, teacher.dim)[:rank - 1])
-              for name, (dtype, rank) in codecs.CODEC_ARRAYS[cfg.codec].items()}
-    calib = cache.calibration
-    by_name = {s.name: s for s in todo}
+def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sources.SourceShard], summary: dict,
+             progress: bool, claims: Claims | None) -> None:
+    """One pass over the shards still to do: workers decode and crop, the teacher runs here, the writer commits."""
+    teacher, k = p.teacher, p.recipe.views
     loader = torch.utils.data.DataLoader(
-        ShardStream(todo, recipe, teacher.mean, teacher.std, cfg.batch_size, so, claims), batch_size=None,
-        num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
+        ShardStream(todo, p.recipe, teacher.mean, teacher.std, cfg.batch_size, p.storage_options, claims),
+        batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None)
-    buffers: dict[str, ShardBuffer] = {}
-    pending: list[Future] = []
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdcache-writer")
-
-    def commit(name: str, buf: ShardBuffer) -> None:
-        arrays, views_ = buf.stacked(k, shapes)
-        extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
-                 "source": by_name[name].to_json(), "rank": rank_world()[0],
-                 "extractor": claims.owner if claims else store.who()}
-        rec = store.write_shard_data(cache.url, name, buf.keys, arrays, views_, extra, so)
-        t0 = time.perf_counter()
-        won = store.commit_shard(cache.url, rec, so)
-        if claims:
-            claims.release(name)
-        buf.overhead += time.perf_counter() - t0  # coordination cost: claim + commit record + release
-        summary["overhead_seconds"] += buf.overhead
-        summary["shard_seconds"] += time.time() - buf.started
-        (summary["committed"] if won else summary["lost_race"]).append(name)
-        if not progress:  # logs (no live bar): one line per shard
-            console.print(f"shard {name}: {'committed' if won else 'already committed by another extractor'}, "
-                          f"{len(buf.keys)} images, {len(buf.skipped)} skipped, {extra['seconds']:.1f}s")
-
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                TextColumn("{task.fields[ips]:.1f} img/s"), TextColumn("{task.fields[imgs]} imgs"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     t0, images = time.time(), 0
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("extract", total=len(todo), ips=0.0, imgs=0)
-        for b in loader:
-            name = b["shard"]
-            if b["skip"]:
-                if b["skip"] != "committed":
-                    summary["elsewhere"][name] = b["skip"]
-                bar.advance(task)
-                continue
-            buf = buffers.setdefault(name, ShardBuffer())
-            buf.overhead += b["claim_seconds"]
-            if len(b["keys"]):
-                feats = run_teacher(teacher, b["images"], precision)
-                encoded = codecs.encode(cfg.codec, feats, calib)
-                if buf.meter.tokens == 0:  # fidelity on the shard's first images, against fp32
-                    m = min(len(b["keys"]), cfg.fidelity_images) * k
-                    ref = feats[:m] if precision == "fp32" else run_teacher(teacher, b["images"][:m], "fp32")
-                    dec = codecs.decode(cfg.codec, {a: torch.from_numpy(v[:m]) for a, v in encoded.items()}, calib)
-                    buf.meter.update(ref.cpu(), dec)
-                buf.add(b, encoded, k)
-                images += len(b["keys"])
-            else:
-                buf.skipped += b["skipped"]
-            if b["last"]:
-                buffers.pop(name)
-                summary["skipped"] += len(buf.skipped)
-                if b["error"]:
-                    summary["failed"][name] = b["error"]
-                    if claims:
-                        claims.release(name)
-                    console.print(f"[red]shard failed:[/] {b['error']}")
-                else:
-                    pending.append(writer.submit(commit, name, buf))
-                    pending = _drain(pending, keep=1, bar=bar, task=task)
-            bar.update(task, ips=images / max(time.time() - t0, 1e-9), imgs=images)
-        _drain(pending, keep=0, bar=bar, task=task)
-    writer.shutdown()
+        writer = ShardWriter(cache, teacher, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
+                             advance=lambda: bar.advance(task))
+        try:
+            for b in loader:
+                if b.skip:
+                    if b.skip != "committed":
+                        summary["elsewhere"][b.shard] = b.skip
+                    bar.advance(task)
+                    continue
+                feats = ref = None
+                if b.keys:
+                    feats = run_teacher(teacher, b.images, p.precision)
+                    m = writer.fidelity_views(b)
+                    if m:
+                        ref = feats[:m] if p.precision == "fp32" else run_teacher(teacher, b.images[:m], "fp32")
+                    images += len(b.keys)
+                writer.add(b, feats, ref)
+                bar.update(task, ips=images / max(time.time() - t0, 1e-9), imgs=images)
+        finally:
+            writer.close()
     summary["images"] += images
     summary["seconds"] += time.time() - t0
-
-
-def _drain(pending: list[Future], keep: int, bar, task) -> list[Future]:
-    """Bound memory: wait until at most `keep` shard writes are in flight (and surface their errors)."""
-    while len(pending) > keep:
-        pending.pop(0).result()
-        bar.advance(task)
-    still = []
-    for f in pending:
-        if f.done():
-            f.result()
-            bar.advance(task)
-        else:
-            still.append(f)
-    return still
 
 
 def run_cli(cfg: ExtractConfig) -> None:
@@ -390,7 +436,8 @@ def run_cli(cfg: ExtractConfig) -> None:
     done = len(summary["committed"])
     console.print(f"committed {done} shard(s), {summary['images']} images, reused {summary['reused']}, "
                   f"skipped {summary['skipped']} undecodable sample(s)" +
-                  (f", {len(summary['lost_race'])} shard(s) committed by another extractor first" if summary["lost_race"] else ""))
+                  (f", {len(summary['lost_race'])} shard(s) committed by another extractor first"
+                   if summary["lost_race"] else ""))
     for name, err in summary["failed"].items():
         console.print(f"[red]FAILED[/] shard {name}: {err}")
     if summary["elsewhere"]:

@@ -16,11 +16,9 @@ from typing import Iterator
 import fsspec
 from braceexpand import braceexpand
 
+from .errors import SourceError  # noqa: F401 (part of this module's API)
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-
-
-class SourceError(RuntimeError):
-    """A source shard that is missing, unreadable or truncated. The message names it."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +34,12 @@ class SourceShard:
         if self.files:
             d["files"] = list(self.files)
         return d
+
+    @classmethod
+    def from_json(cls, d: dict, classes: tuple[str, ...] = ()) -> "SourceShard":
+        """Inverse of to_json (a manifest's source entry); classes come from the manifest's source."""
+        return cls(name=d["name"], url=d["url"], size=d["size"], files=tuple(d.get("files", ())),
+                   classes=tuple(classes))
 
 
 @dataclass

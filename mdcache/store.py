@@ -9,28 +9,23 @@ directory it vouches for and carries per-view checksums. Nothing here is pickled
 """
 from __future__ import annotations
 
-import getpass
 import hashlib
 import json
 import os
-import socket
-import time
+import shutil
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 
 from . import codecs
+from .errors import CacheError, CacheNotFound
+from .fs import download_tree, is_local, join, now, read_json, url_to_fs, who, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class CacheError(RuntimeError):
-    """A cache that cannot be used as asked: missing, incomplete, corrupt, or made by something else."""
 
 
 # ----------------------------------------------------------------------------- identity
@@ -52,127 +47,42 @@ def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
-def who() -> str:
-    try:
-        user = getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        user = "unknown"
-    return f"{user}@{socket.gethostname()}"
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# ----------------------------------------------------------------------------- filesystem
-
-def url_to_fs(url: str, storage_options: dict | None = None):
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path.rstrip("/")
-
-
-def parse_storage_options(items: list[str]) -> dict:
-    """['endpoint_url=http://...', 'anon=true'] -> fsspec kwargs (JSON scalars are decoded)."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--storage-option {item!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value) if value in ("true", "false", "null") or value[:1].isdigit() else value
-        except ValueError:
-            out[key] = value
-    return out
-
-
-def is_local(fs) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
-def user_cache_dir(*parts: str) -> str:
-    """Where downloaded copies live: $MDCACHE_HOME, else ~/.cache/mdcache."""
-    base = os.environ.get("MDCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "mdcache")
-    return os.path.join(base, *parts)
-
-
-def fetch(url: str, storage_options: dict | None = None) -> str:
-    """A local path for a file given as a path or any fsspec URL (weights, checkpoints). Remote files are
-    downloaded once and kept, keyed by URL, size and ETag, so a changed object is fetched again."""
-    fs, path = url_to_fs(url, storage_options)
-    if is_local(fs):
-        return path
-    try:
-        info = fs.info(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: no such file") from None
-    key = hashlib.sha256(f"{url}|{info.get('size')}|{info.get('ETag') or info.get('LastModified')}".encode()).hexdigest()[:16]
-    dst = os.path.join(user_cache_dir("fetch", key), os.path.basename(path))
-    if not os.path.exists(dst):
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.part-{uuid.uuid4().hex[:8]}"
-        fs.get_file(path, tmp)
-        os.replace(tmp, dst)
-    return dst
-
-
-def join(*parts: str) -> str:
-    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))
-
-
-def read_json(fs, path: str) -> dict:
-    # cat_file: one plain GET. fs.open() would pin the ETag of a possibly cached listing, and small
-    # records (claims) are replaced by other processes: S3 then answers 412 PreconditionFailed.
-    return json.loads(fs.cat_file(path).decode())
-
-
-def write_json(fs, path: str, obj: dict, exclusive: bool = False) -> bool:
-    """Atomically publish a small JSON file. With exclusive, never replace an existing one and
-    return False if it already existed. Local: write a temp file, then link/rename it into place.
-    Object stores: one PUT (conditional If-None-Match where the store supports it)."""
-    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            if not exclusive:
-                os.replace(tmp, path)
-                return True
-            try:
-                os.link(tmp, path)  # atomic, fails if path exists
-                return True
-            except FileExistsError:
-                return False
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    if exclusive:
-        return _put_if_absent(fs, path, data)
-    fs.pipe_file(path, data)
-    return True
-
-
-def _put_if_absent(fs, path: str, data: bytes) -> bool:
-    try:
-        fs.pipe_file(path, data, mode="create")  # s3fs >= 2024.12: conditional put
-        return True
-    except FileExistsError:
-        return False
-    except TypeError:  # filesystem without mode=: check, put, then verify nobody raced us
-        if fs.exists(path):
-            return False
-        fs.pipe_file(path, data)
-        return fs.cat_file(path) == data
-    except OSError as e:  # S3 answers 412 Precondition Failed when the object exists
-        if any(m in str(e) for m in ("PreconditionFailed", "pre-condition", "precondition", "412")):
-            return False
-        raise
-
-
 # ----------------------------------------------------------------------------- writing
+
+def fingerprint(teacher, recipe, shards: list, codec: str, precision: str) -> dict:
+    """What produced the targets, and nothing about how the work was run: its hash is the cache id.
+    teacher: a `teachers.Teacher`, recipe: a `views.ViewRecipe`, shards: all `sources.SourceShard`s."""
+    from .sources import identity as source_identity
+
+    return {"format_version": FORMAT_VERSION, "teacher": {**teacher.identity, "precision": precision},
+            "views": recipe.identity(), "source": source_identity(shards), "codec": codecs.get_codec(codec).identity}
+
+
+def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, calibration: dict | None) -> dict:
+    """The manifest of a new cache: its fingerprint plus what readers need (codec arrays and calibration,
+    target shapes, view fields, source shards) and provenance."""
+    from .views import VIEW_FIELDS
+
+    codec = codecs.get_codec(fp["codec"]["name"])
+    return {"format_version": FORMAT_VERSION, "cache_id": cache_id(fp), "fingerprint": fp,
+            "codec": {"name": codec.name, "calibration": calibration, "arrays": codec.arrays},
+            "teacher": {"spec": teacher.spec, "dim": teacher.dim, "patch_grid": list(teacher.patch_grid),
+                        "tokens": teacher.num_patches, "mean": list(teacher.mean), "std": list(teacher.std)},
+            "views": recipe.views, "image_size": recipe.image_size, "view_fields": list(VIEW_FIELDS),
+            "source": {"spec": source_spec, "shards": [s.to_json() for s in shards],
+                       "classes": list(shards[0].classes)},
+            "created_by": who(), "created_at": now(), "versions": _versions()}
+
+
+def _versions() -> dict:
+    import open_clip
+    import PIL
+    import timm
+
+    from . import __version__
+    return {"mdcache": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
+
 
 def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None = None) -> dict:
     """Publish the manifest unless one exists; return the one that is there (first writer wins)."""
@@ -185,13 +95,6 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
                              "(cache made by another teacher/recipe/codec under the same id?)")
         return existing
     return manifest
-
-
-def write_shard(cache_url: str, name: str, manifest: dict, keys: list[str], arrays: dict[str, np.ndarray],
-                views: np.ndarray, extra: dict, storage_options: dict | None = None) -> dict | None:
-    """Write one shard's arrays, then commit it. Returns the record, or None if another writer won."""
-    record = write_shard_data(cache_url, name, keys, arrays, views, extra, storage_options)
-    return record if commit_shard(cache_url, record, storage_options) else None
 
 
 def commit_shard(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
@@ -212,7 +115,8 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
     group_url = join(cache_url, "shards", attempt)
     if is_local(fs):
         group_url = join(path, "shards", attempt)
-    group = zarr.open_group(group_url, mode="w", zarr_format=3, storage_options=None if is_local(fs) else storage_options)
+    group = zarr.open_group(group_url, mode="w", zarr_format=3,
+                            storage_options=None if is_local(fs) else storage_options)
     checksums = {}
     n = len(keys)
     for arr_name, data in list(arrays.items()) + [("views", views)]:
@@ -251,8 +155,45 @@ class Cache:
         return self.manifest["codec"].get("calibration")
 
     @property
+    def cache_id(self) -> str:
+        return self.manifest["cache_id"]
+
+    @property
+    def teacher_dim(self) -> int:
+        return int(self.manifest["teacher"]["dim"])
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return tuple(self.manifest["teacher"]["patch_grid"])  # type: ignore[return-value]
+
+    @property
+    def image_size(self) -> int:
+        return int(self.manifest["image_size"])
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    @property
+    def teacher_spec(self) -> str:
+        """The --teacher the cache was made with (e.g. clip-b16)."""
+        return self.manifest["teacher"]["spec"]
+
+    @property
+    def teacher_identity(self) -> dict:
+        """The teacher part of the fingerprint (arch, weights digest, tap, size, init seed)."""
+        return self.manifest["fingerprint"]["teacher"]
+
+    @property
     def source_shards(self) -> list[dict]:
         return self.manifest["source"]["shards"]
+
+    def sources(self) -> list:
+        """The source shards as `sources.SourceShard`s, in source order."""
+        from .sources import SourceShard
+
+        classes = tuple(self.manifest["source"].get("classes", ()))
+        return [SourceShard.from_json(s, classes) for s in self.source_shards]
 
     @property
     def shard_names(self) -> list[str]:
@@ -300,16 +241,7 @@ class Cache:
         if os.path.isdir(dst):
             os.utime(dst)  # recency for LRU eviction
             return dst
-        tmp = f"{dst}.part-{uuid.uuid4().hex[:8]}"
-        for f in fs.find(remote):
-            local = os.path.join(tmp, f[len(remote):].lstrip("/"))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get_file(f, local)
-        try:
-            os.rename(tmp, dst)
-        except OSError:  # another loader worker finished the same copy first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
+        download_tree(fs, remote, dst)
         evict_lru(self.local_cache, self.local_cache_bytes, keep=dst)
         return dst
 
@@ -326,14 +258,15 @@ class Cache:
             raise CacheError(f"{self.url}: shard {shard!r} has {rec['views']} views, asked for view {view}")
         keys = list(group.attrs["keys"])
         out = {}
-        for name in (list(codecs.CODEC_ARRAYS[self.codec]) if targets else []) + ["views"]:
+        for name in (list(codecs.CODECS[self.codec].arrays) if targets else []) + ["views"]:
             try:
                 a = group[name][view]
             except Exception as e:  # undecodable chunk, missing file
                 raise CacheError(f"{self.url}: shard {shard!r} array {name!r} view {view} is unreadable: {e}") from e
             if check and array_digest(a) != rec["checksums"][name][view]:
                 raise CacheError(f"{self.url}: shard {shard!r} array {name!r} view {view}: checksum mismatch "
-                                 "(corrupt cache shard; re-extract it with `mdcache extract` after `mdcache rm --shard`)")
+                                 "(corrupt cache shard; re-extract it with `mdcache extract` after `mdcache rm "
+                                 "--shard`)")
             out[name] = a
         if check and keys_digest(keys) != rec["keys_sha256"]:
             raise CacheError(f"{self.url}: shard {shard!r}: sample keys do not match the commit record")
@@ -342,7 +275,7 @@ class Cache:
     def decode(self, arrays: dict[str, Any]) -> torch.Tensor:
         """Encoded arrays (numpy or tensors on any device) -> float32 targets on the same device."""
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
-        return codecs.decode(self.codec, tensors, self.calibration)
+        return codecs.CODECS[self.codec].decode(tensors, self.calibration)
 
     def read(self, shard: str, view: int, check: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(keys, targets float32 [N, P, D], view params int32 [N, 11])."""
@@ -362,7 +295,7 @@ class Cache:
             nbytes = sum(fs.du(join(path, rec["path"])) for rec in self.commits.values())
         except FileNotFoundError:
             nbytes = 0
-        views = samples * self.manifest["views"]
+        views = samples * self.views
         return {"shards_done": len(self.commits), "shards_total": len(self.source_shards), "samples": samples,
                 "skipped": skipped, "bytes": nbytes, "bytes_per_view": nbytes / views if views else 0,
                 "fidelity": meter.report()}
@@ -374,9 +307,8 @@ def _dir_bytes(path: str) -> int:
 
 def evict_lru(local_cache: str, max_bytes: int, keep: str | None = None) -> None:
     """Keep a local read-through cache under max_bytes by removing least recently used shard copies."""
-    import shutil
-
-    roots = [os.path.join(local_cache, c, "shards") for c in (os.listdir(local_cache) if os.path.isdir(local_cache) else [])]
+    caches = os.listdir(local_cache) if os.path.isdir(local_cache) else []
+    roots = [os.path.join(local_cache, c, "shards") for c in caches]
     shards = [os.path.join(r, a) for r in roots if os.path.isdir(r) for a in os.listdir(r) if ".part-" not in a]
     sizes = {s: _dir_bytes(s) for s in shards}
     total = sum(sizes.values())
@@ -397,7 +329,7 @@ def open_cache(url: str, storage_options: dict | None = None, local_cache: str |
     fs, path = url_to_fs(url, storage_options)
     mpath = join(path, MANIFEST)
     if not fs.exists(mpath):
-        raise CacheError(f"{url}: no {MANIFEST} here; not a cache directory (use `mdcache ls ROOT` to list caches)")
+        raise CacheNotFound(f"{url}: no {MANIFEST} here; not a cache directory (use `mdcache ls ROOT` to list caches)")
     manifest = read_json(fs, mpath)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not supported "

@@ -18,16 +18,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .devices import resolve_device, resolve_precision  # noqa: F401 (re-exported)
+from .devices import autocast
+from .errors import TeacherError
+from .weights import read_state_dict
 
 ALIASES = {"clip-b16": "open_clip:ViT-B-16:openai", "clip-l14": "open_clip:ViT-L-14:openai"}
 TAPS = ("final", "ln_post", "proj")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class TeacherError(RuntimeError):
-    """The teacher cannot be built as asked (unknown spec, missing weights, unsupported tap)."""
 
 
 @dataclass
@@ -51,8 +49,9 @@ def parse_spec(spec: str) -> tuple[str, str, str | None]:
     """'clip-b16' | 'open_clip:ARCH[:TAG]' | 'timm:NAME' -> (family, arch, pretrained tag)."""
     spec = ALIASES.get(spec, spec)
     family, _, rest = spec.partition(":")
-    if family not in ("open_clip", "timm") or not rest:
-        raise TeacherError(f"unknown teacher {spec!r}; use {', '.join(ALIASES)}, open_clip:ARCH[:PRETRAINED] or timm:MODEL")
+    if family not in FAMILIES or not rest:
+        raise TeacherError(f"unknown teacher {spec!r}; use {', '.join(ALIASES)}, open_clip:ARCH[:PRETRAINED] or "
+                           f"timm:MODEL")
     if family == "open_clip":
         arch, _, tag = rest.partition(":")
         return family, arch, tag or None
@@ -78,8 +77,33 @@ def _missing_weights(spec: str, what: str, err: Exception) -> TeacherError:
         "Use --random-init only for tests and demos (recorded in the cache fingerprint).")
 
 
-def _open_clip(spec: str, arch: str, tag: str | None, weights: str | None, random_init: bool,
-               tap: str, image_size: int | None):
+@dataclass
+class TeacherParts:
+    """What a family builder returns: the frozen-to-be model and how to tap it."""
+
+    model: nn.Module
+    features: Callable[[torch.Tensor], torch.Tensor]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int
+    patch_grid: tuple[int, int]
+    dim: int
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
+    """Strict load of a weights file's state dict; a mismatch names the file and the keys."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        raise TeacherError(f"--weights {path}: does not fit this teacher: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise TeacherError(f"--weights {path}: does not fit this teacher: missing keys {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                           f"{' ...' if len(unexpected) > 5 else ''}")
+
+
+def _open_clip(spec: str, arch: str, tag: str | None, state: dict | None, path: str | None, random_init: bool,
+               tap: str, image_size: int | None) -> TeacherParts:
     import open_clip
 
     if arch.endswith(".json"):
@@ -90,15 +114,15 @@ def _open_clip(spec: str, arch: str, tag: str | None, weights: str | None, rando
     if arch not in open_clip.list_models():
         raise TeacherError(f"open_clip has no architecture {arch!r} (see open_clip.list_models())")
     kw = {"force_image_size": image_size} if image_size else {}
-    pretrained = None if random_init else (weights or tag)
-    if pretrained is None and not random_init:
+    if state is None and not random_init and not tag:
         raise TeacherError(f"teacher {spec!r} names no weights: pass --weights PATH or --random-init")
+    pretrained = tag if state is None and not random_init else None  # a named tag: open_clip's own (hub) loader
     try:
         model = open_clip.create_model(arch, pretrained=pretrained, **kw)
-    except TeacherError:
-        raise
     except Exception as e:
         raise _missing_weights(spec, f"weights {pretrained!r}", e) from e
+    if state is not None:
+        _load_open_clip(model, state, path)
     visual = model.visual
     del model
     if tap == "final":
@@ -120,25 +144,57 @@ def _open_clip(spec: str, arch: str, tag: str | None, weights: str | None, rando
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
     mean = tuple(getattr(visual, "image_mean", None) or CLIP_MEAN)
     std = tuple(getattr(visual, "image_std", None) or CLIP_STD)
-    return visual, features, mean, std, int(size), tuple(visual.grid_size), int(dim)
+    return TeacherParts(visual, features, mean, std, int(size), tuple(visual.grid_size), int(dim))
 
 
-def _timm(spec: str, name: str, weights: str | None, random_init: bool, tap: str, image_size: int | None):
+def _load_open_clip(model: nn.Module, state: dict, path: str) -> None:
+    """A full CLIP state dict (what open_clip saves), or the vision tower's alone; massaged as
+    open_clip's own load_checkpoint does (text layout, logit shapes, position-embedding resize)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    if not any(k.startswith("visual.") for k in state):  # vision tower only
+        state = {f"visual.{k}": v for k, v in state.items()}
+        resize_pos_embed(state, model)
+        load_into(model.visual, {k[len("visual."):]: v for k, v in state.items()}, path)
+        return
+    state = convert_state_dict(model, dict(state))
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        if key in state and getattr(model, key, None) is not None and model.get_parameter(key).ndim != state[key].ndim:
+            state[key] = state[key].reshape(model.get_parameter(key).shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    resize_pos_embed(state, model)
+    resize_text_pos_embed(state, model)
+    load_into(model, state, path)
+
+
+def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str | None, random_init: bool,
+          tap: str, image_size: int | None) -> TeacherParts:
+    import sys
+
     import timm
 
     kw = {"num_classes": 0}
     if image_size:
         kw["img_size"] = image_size
-    if weights:
-        kw["pretrained_cfg_overlay"] = {"file": weights}
     try:
-        model = timm.create_model(name, pretrained=not random_init, **kw)
+        model = timm.create_model(name, pretrained=not random_init and state is None, **kw)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise TeacherError(f"timm has no model {name!r}") from e
         raise _missing_weights(spec, "pretrained weights", e) from e
     except Exception as e:
         raise _missing_weights(spec, "pretrained weights", e) from e
+    if state is not None:  # as timm's load_pretrained: the model's own checkpoint filter, then drop the head
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        state = filter_fn(dict(state), model) if filter_fn else dict(state)
+        heads = model.pretrained_cfg.get("classifier") or ()
+        for head in ((heads,) if isinstance(heads, str) else heads) if not model.num_classes else ():
+            state.pop(f"{head}.weight", None), state.pop(f"{head}.bias", None)
+        load_into(model, state, path)
     if tap == "final":
         def features(x):
             return model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[0]
@@ -148,34 +204,58 @@ def _timm(spec: str, name: str, weights: str | None, random_init: bool, tap: str
     else:
         raise TeacherError(f"tap {tap!r} is not available for timm teachers (use final or ln_post)")
     cfg = model.pretrained_cfg
-    size = model.patch_embed.img_size[0]
-    return model, features, tuple(cfg["mean"]), tuple(cfg["std"]), int(size), tuple(model.patch_embed.grid_size), int(model.embed_dim)
+    return TeacherParts(model, features, tuple(cfg["mean"]), tuple(cfg["std"]), int(model.patch_embed.img_size[0]),
+                        tuple(model.patch_embed.grid_size), int(model.embed_dim))
+
+
+FAMILIES = {"open_clip": _open_clip, "timm": _timm}
 
 
 def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = False, tap: str = "final",
                  image_size: int | None = None, device: str | torch.device = "cpu", seed: int = 0) -> Teacher:
-    """Build a frozen teacher. Random init is seeded (so `verify` can rebuild it) and loudly recorded."""
+    """Build a frozen teacher. A weights file (a local path) is read with `weights.read_state_dict`, never
+    handed to a library loader, so nothing is unpickled. Random init is seeded (so `verify` can rebuild it)
+    and loudly recorded."""
     if tap not in TAPS:
         raise TeacherError(f"unknown tap {tap!r}; choose one of {', '.join(TAPS)}")
-    if weights and not os.path.exists(weights):
-        raise TeacherError(f"--weights {weights!r} does not exist")
     if weights and random_init:
         raise TeacherError("--weights and --random-init exclude each other")
     family, arch, tag = parse_spec(spec)
+    state = read_state_dict(weights) if weights else None
     if random_init:
         torch.manual_seed(seed)
-    build = _open_clip(spec, arch, tag, weights, random_init, tap, image_size) if family == "open_clip" \
-        else _timm(spec, arch, weights, random_init, tap, image_size)
-    model, features, mean, std, size, grid, dim = build
-    model.eval().requires_grad_(False).to(device)
-    source = "random-init" if random_init else ("file:" + os.path.basename(weights) if weights else f"pretrained:{tag or 'timm'}")
+    parts = FAMILIES[family](spec, arch, tag, state, weights, random_init, tap, image_size)
+    parts.model.eval().requires_grad_(False).to(device)
+    source = ("random-init" if random_init else
+              "file:" + os.path.basename(weights) if weights else f"pretrained:{tag or 'timm'}")
     identity = {"family": family, "arch": os.path.basename(arch).removesuffix(".json"), "weights": source,
-                "weights_sha256": weights_digest(model), "tap": tap, "image_size": size, "mean": list(mean),
-                "std": list(std)}
+                "weights_sha256": weights_digest(parts.model), "tap": tap, "image_size": parts.image_size,
+                "mean": list(parts.mean), "std": list(parts.std)}
     if random_init:
         identity["init_seed"] = seed
-    return Teacher(spec=spec, model=model, features=features, mean=mean, std=std, image_size=size,
-                   patch_grid=grid, dim=dim, identity=identity)
+    return Teacher(spec=spec, model=parts.model, features=parts.features, mean=parts.mean, std=parts.std,
+                   image_size=parts.image_size, patch_grid=parts.patch_grid, dim=parts.dim, identity=identity)
+
+
+def load_cache_teacher(cache, spec: str | None = None, weights: str | None = None, device: str | torch.device = "cpu",
+                       random_init: bool | None = None) -> Teacher:
+    """Rebuild the teacher that made `cache` (a `store.Cache`), and refuse any other: the weights digest
+    must equal the one in the cache's fingerprint. `spec` defaults to the cache's own teacher spec."""
+    ident = cache.teacher_identity
+    from_file = ident["weights"].startswith("file:")
+    if from_file and not weights:
+        raise TeacherError(f"cache {cache.url} was made with teacher weights from a file "
+                           f"({ident['weights'][5:]}); pass it with --weights PATH")
+    if random_init is None:
+        random_init = ident["weights"] == "random-init"
+    teacher = load_teacher(spec or cache.teacher_spec, weights=weights, random_init=random_init,
+                           tap=ident["tap"], image_size=ident["image_size"], device=device,
+                           seed=int(ident.get("init_seed", 0)))
+    if teacher.identity["weights_sha256"] != ident["weights_sha256"]:
+        raise TeacherError(f"cache {cache.url} was made by another teacher: weights digest "
+                           f"{ident['weights_sha256'][:12]} in the manifest, {teacher.identity['weights_sha256'][:12]} "
+                           f"loaded ({spec or cache.teacher_spec})")
+    return teacher
 
 
 @torch.inference_mode()
@@ -183,6 +263,6 @@ def run_teacher(teacher: Teacher, x: torch.Tensor, precision: str = "fp32") -> t
     """Normalized images -> float32 patch features [B, P, D]."""
     device = next(teacher.model.parameters()).device
     x = x.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with autocast(device, precision):
         out = teacher.features(x)
     return out.float()

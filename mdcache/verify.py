@@ -13,9 +13,10 @@ import torch
 from rich.console import Console
 
 from . import codecs, sources, store, views
-from .config import opt
-from .store import parse_storage_options
-from .teachers import TeacherError, load_teacher, resolve_device, run_teacher
+from . import fs as mfs
+from .commands import opt, storage_options_opt
+from .devices import resolve_device
+from .teachers import load_cache_teacher, run_teacher
 
 console = Console(stderr=True)
 
@@ -25,12 +26,14 @@ class VerifyConfig:
     """Check a cache: checksums of every committed shard, and optionally the teacher on replayed views."""
 
     cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
-    teacher_check: int = opt(0, "Re-run the teacher on this many replayed views and compare with the stored targets (0: skip).")
-    min_cosine: float = opt(0.99, "Teacher check fails if any token's cosine similarity (after LayerNorm) is below this.")
+    teacher_check: int = opt(0, "Re-run the teacher on this many replayed views and compare with the stored "
+                                "targets (0: skip).")
+    min_cosine: float = opt(0.99, "Teacher check fails if any token's cosine similarity (after LayerNorm) is "
+                                  "below this.")
     weights: Optional[str] = opt(None, "Teacher weights file, if the cache was made with --weights.")
     source: Optional[str] = opt(None, "Where the source shards are now, if they moved (same shard names).")
     device: str = opt("auto", "Device for the teacher check.")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def check_checksums(cache: store.Cache) -> list[str]:
@@ -44,34 +47,16 @@ def check_checksums(cache: store.Cache) -> list[str]:
     return problems
 
 
-def teacher_for(cache: store.Cache, weights: str | None, device) -> "object":
-    """Rebuild the teacher that made this cache, and refuse a different one."""
-    ident = cache.manifest["fingerprint"]["teacher"]
-    random_init = ident["weights"] == "random-init"
-    if ident["weights"].startswith("file:") and not weights:
-        raise TeacherError(f"cache {cache.url} was made with teacher weights from a file "
-                           f"({ident['weights'][5:]}); pass it with --weights PATH")
-    teacher = load_teacher(cache.manifest["teacher"]["spec"], weights=weights, random_init=random_init,
-                           tap=ident["tap"], image_size=ident["image_size"], device=device,
-                           seed=ident.get("init_seed", 0))
-    if teacher.identity["weights_sha256"] != ident["weights_sha256"]:
-        raise TeacherError(f"cache {cache.url} was made by another teacher: weights digest "
-                           f"{ident['weights_sha256']} in the manifest, {teacher.identity['weights_sha256']} loaded")
-    return teacher
-
-
 def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source: str | None = None,
                   device: str = "auto", storage_options: dict | None = None) -> dict:
     """Fidelity of stored targets vs the fp32 teacher on n replayed views (spread over views and shards)."""
-    teacher = teacher_for(cache, weights, resolve_device(device))
-    shard_list = [sources.SourceShard(name=s["name"], url=s["url"], size=s["size"], files=tuple(s.get("files", ())),
-                                      classes=tuple(cache.manifest["source"].get("classes", ())))
-                  for s in cache.source_shards]
+    teacher = load_cache_teacher(cache, weights=weights, device=resolve_device(device))
+    shard_list = cache.sources()
     if source:
         moved = {s.name: s for s in sources.list_source(source, storage_options)}
         shard_list = [moved.get(s.name, s) for s in shard_list]
     by_name = {s.name: s for s in shard_list}
-    meter, size, k_views, done = codecs.FidelityMeter(), cache.manifest["image_size"], cache.manifest["views"], 0
+    meter, size, k_views, done = codecs.FidelityMeter(), cache.image_size, cache.views, 0
     per_shard = max(1, -(-n // max(1, len(cache.shard_names))))
     for name in cache.shard_names:
         if done >= n:
@@ -99,12 +84,12 @@ def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source
 
 
 def verify(cfg: VerifyConfig) -> dict:
-    so = parse_storage_options(cfg.storage_option)
+    so = cfg.storage_options
     cache = store.open_cache(cfg.cache, so)
     report = {"cache": cache.url, "shards_done": len(cache.commits), "shards_total": len(cache.source_shards),
               "problems": check_checksums(cache)}
     if cfg.teacher_check:
-        weights = store.fetch(cfg.weights, so) if cfg.weights else None
+        weights = mfs.fetch(cfg.weights, so) if cfg.weights else None
         tc = teacher_check(cache, cfg.teacher_check, weights, cfg.source, cfg.device, so)
         report["teacher_check"] = tc
         if not tc.get("views"):
@@ -116,11 +101,7 @@ def verify(cfg: VerifyConfig) -> dict:
 
 
 def run_cli(cfg: VerifyConfig) -> None:
-    try:
-        report = verify(cfg)
-    except (store.CacheError, TeacherError, sources.SourceError) as e:
-        console.print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
+    report = verify(cfg)
     console.print(f"{report['cache']}: {report['shards_done']}/{report['shards_total']} shards committed, checksums "
                   + ("OK" if not any("checksum" in p or "unreadable" in p for p in report["problems"]) else "BAD"))
     tc = report.get("teacher_check")

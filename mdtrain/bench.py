@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import queue as queues
 import resource
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Iterator, Optional
@@ -26,11 +28,13 @@ from typing import Iterator, Optional
 import torch
 from rich.console import Console
 
-from mdcache.config import opt
+from mdcache.commands import opt, storage_options_opt
+from mdcache.devices import resolve_device, resolve_precision
+from mdcache.errors import ConfigError
 
 from . import data
-from .pretrain import (PretrainConfig, build_optimizer, configure_threads, make_stream, resolve_device,
-                       resolve_precision, setup_data, student_loss)
+from .pretrain import PretrainConfig, build_optimizer, make_stream, setup_data, student_loss
+from .runtime import configure_threads
 from .student import build_student
 
 console = Console()
@@ -40,12 +44,13 @@ console = Console()
 class BenchConfig:
     """Measure loader, student-only, cached-step and online-teacher-step images/s and peak memory in one run."""
 
-    cache: str = opt("", "Cache directory made by `mdcache extract`.")
+    cache: Optional[str] = opt(None, "Cache directory made by `mdcache extract`.")
     student: str = opt("vit_base_patch16_224", "timm student model name.")
-    teacher: str = opt("", "Teacher for the online phase (must be the cache's teacher); empty skips the online phase.")
+    teacher: Optional[str] = opt(None, "Teacher for the online phase (must be the cache's teacher); without it the "
+                                       "online phase is skipped.")
     teacher_weights: Optional[str] = opt(None, "Local teacher weights file for the online phase.")
     random_init: bool = opt(False, "Random-init online teacher (must match a --random-init cache).")
-    source: str = opt("", "Override the cache's source location.")
+    source: Optional[str] = opt(None, "Override the cache's source location.")
     batch_size: int = opt(8, "Images per step.")
     batches: int = opt(10, "Timed batches per phase.")
     warmup: int = opt(2, "Untimed batches before each phase.")
@@ -56,14 +61,14 @@ class BenchConfig:
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     precision: str = opt("auto", "auto (bf16 on CUDA with bf16), fp32, bf16.")
     json_out: bool = opt(False, "Print the measurements as JSON.", param="--json")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
     def pretrain_config(self, online: bool) -> PretrainConfig:
         return PretrainConfig(cache=self.cache, source=self.source, student=self.student, batch_size=self.batch_size,
                               epochs=1000, workers=self.workers, seed=self.seed, device=self.device,
                               precision=self.precision, warmup_epochs=0, lr=1e-4, drop_path=0.0,
-                              teacher=self.teacher if online else "", teacher_weights=self.teacher_weights,
-                              random_init=self.random_init, storage_option=list(self.storage_option))
+                              teacher=self.teacher if online else None, teacher_weights=self.teacher_weights,
+                              random_init=self.random_init, storage_options=dict(self.storage_options))
 
 
 def stream_batches(setup, workers: int, n: int) -> Iterator[dict]:
@@ -92,7 +97,7 @@ def timed(batches: Iterator[dict], warmup: int, fn) -> float:
             images += len(batch["keys"])
             t1 = time.perf_counter()  # before the loader shuts down: not part of the rate
     if t0 is None or not images:
-        raise ValueError("no timed batches: raise --batches or lower --warmup")
+        raise ConfigError("no timed batches: raise --batches or lower --warmup")
     return images / (t1 - t0)
 
 
@@ -119,7 +124,7 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_threads(device, cfg.workers, 1)
-    setup = setup_data(pcfg, 0, 1, device, precision, with_targets=True)
+    setup = setup_data(pcfg, device)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
                             teacher_dim=setup.dim).to(device)
@@ -132,13 +137,13 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if phase == "online":
+    if phase in ("cached", "online"):
         ips = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
-        teacher_mb = sum(p.numel() * p.element_size() for p in setup.teacher.model.parameters()) / 2**20
-        return {"online_step_ips": ips, "teacher_mb": teacher_mb, "online_peak_rss_mb": peak_rss_mb()}
-    if phase == "cached":
-        ips = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
-        return {"cached_step_ips": ips, "cached_peak_rss_mb": peak_rss_mb()}
+        out = {f"{phase}_step_ips": ips, f"{phase}_peak_rss_mb": peak_rss_mb(),
+               f"{phase}_imported_teacher": "mdcache.teachers" in sys.modules}  # the cached process never does
+        if setup.teacher is not None:
+            out["teacher_mb"] = sum(p.numel() * p.element_size() for p in setup.teacher.model.parameters()) / 2**20
+        return out
     out = {"tokens": setup.stream.grid[0] * setup.stream.grid[1], "teacher_dim": setup.dim,
            "image_size": setup.stream.image_size, "codec": setup.cache.codec}
     images_only = replace(setup, stream=replace(setup.stream, with_targets=False))
@@ -154,12 +159,25 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
     return out
 
 
-def _run_phase(cfg: BenchConfig, phase: str) -> dict:
+def _run_phase(cfg: BenchConfig, phase: str, target=_phase, poll_s: float = 1.0) -> dict:
+    """Run one phase in a fresh process; a process that dies without a result (OOM-killed, segfault) is
+    an error naming the phase, not a hang."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    p = ctx.Process(target=_phase, args=(cfg, phase, queue))
+    p = ctx.Process(target=target, args=(cfg, phase, queue))
     p.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=poll_s)
+            break
+        except queues.Empty:
+            if not p.is_alive():
+                try:  # it may have put its result just before exiting
+                    result = queue.get(timeout=poll_s)
+                    break
+                except queues.Empty:
+                    raise RuntimeError(f"bench {phase} phase: its process exited with code {p.exitcode} "
+                                       "without a result (killed? out of memory?)") from None
     p.join()
     if "error" in result:
         raise RuntimeError(f"bench {phase} phase failed: {result['error']}")
@@ -168,7 +186,7 @@ def _run_phase(cfg: BenchConfig, phase: str) -> dict:
 
 def bench(cfg: BenchConfig) -> dict:
     if not cfg.cache:
-        raise ValueError("bench needs --cache (and --teacher for the online phase)")
+        raise ConfigError("bench needs --cache (and --teacher for the online phase)")
     r = {"student": cfg.student, "batch_size": cfg.batch_size, "batches": cfg.batches, "workers": cfg.workers}
     for phase in PHASES if cfg.teacher else PHASES[:2]:
         r.update(_run_phase(cfg, phase))
@@ -190,7 +208,8 @@ def run_cli(cfg: BenchConfig) -> None:
         return "[green]meets[/]" if ok else "[red]BELOW[/]"
 
     console.print(f"student {r['student']}, {r['image_size']}px, {r['tokens']} tokens x {r['teacher_dim']} dims "
-                  f"({r['codec']} cache), batch {r['batch_size']}, {r['batches']} timed batches, {r['workers']} workers")
+                  f"({r['codec']} cache), batch {r['batch_size']}, {r['batches']} timed batches, "
+                  f"{r['workers']} workers")
     console.print(f"loader, images + targets : {r['loader_targets_ips']:9.1f} images/s")
     console.print(f"loader, images only      : {r['loader_images_ips']:9.1f} images/s")
     console.print(f"student step only (synth): {r['student_only_ips']:9.1f} images/s")
@@ -203,7 +222,8 @@ def run_cli(cfg: BenchConfig) -> None:
     console.print(f"cached step / student-only   : {x:.3f} ({verdict(x >= 0.9)} target >= 0.9)")
     if "online_step_ips" in r:
         x = r["ratio_cached_vs_online"]
-        console.print(f"cached / online step         : {x:.3f} ({verdict(x >= 1.25)} target >= 1.25 for ViT-B + CLIP-B/16)")
+        console.print(f"cached / online step         : {x:.3f} "
+                      f"({verdict(x >= 1.25)} target >= 1.25 for ViT-B + CLIP-B/16)")
         console.print(f"peak RSS cached {r['cached_peak_rss_mb']:.0f} MB, online {r['online_peak_rss_mb']:.0f} MB: "
                       f"saves {r['rss_saving_mb']:.0f} MB vs teacher {r['teacher_mb']:.0f} MB "
                       f"({verdict(r['rss_saving_mb'] >= r['teacher_mb'])} target: saving >= teacher size)")

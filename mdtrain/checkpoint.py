@@ -1,8 +1,13 @@
-"""Checkpoints that load with `torch.load(weights_only=True)`, and timm-loadable student weights.
+"""All weight and trainer-state I/O of the trainer: one format, one version field, one resume check.
 
-`last.ckpt` holds only tensors and plain Python types (model, optimizer, scheduler, loader position,
-per-rank RNG states, config), so loading never unpickles arbitrary objects. It is written to a
-temporary file and renamed into place: a crash mid-save leaves the previous checkpoint intact.
+    <out>/last.ckpt          trainer state (model, optimizer, scheduler, position, RNG, config):
+                             {"version": 1, "kind": "pretrain" | "finetune", ...}; tensors and
+                             plain Python types only, so it loads with torch.load(weights_only=True)
+    <out>/*.safetensors      weights timm loads, with what evaluation needs to rebuild the model
+                             in the metadata ("model", "image_size", ...)
+
+Every file is written to a temporary name and renamed into place: a crash mid-save leaves the
+previous file intact. Weights files are read through `mdcache.weights` (never unpickled).
 """
 from __future__ import annotations
 
@@ -11,12 +16,15 @@ from typing import Any
 
 import torch
 
+from mdcache.errors import UserError
+from mdcache.weights import WeightsError, read_state_dict  # noqa: F401 (the trainer reads weights here)
+
 CKPT_NAME = "last.ckpt"
 WEIGHTS_NAME = "student.safetensors"
 CKPT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot resume this run (missing, unreadable, or made for another layout)."""
 
 
@@ -26,17 +34,39 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a trainer checkpoint safely (weights_only=True: no arbitrary unpickling)."""
+def save_trainer_state(path: str, kind: str, state: dict) -> None:
+    atomic_torch_save({"version": CKPT_VERSION, "kind": kind, **state}, path)
+
+
+def load_trainer_state(path: str, kind: str) -> dict:
+    """Load a trainer checkpoint safely (weights_only=True: no arbitrary unpickling) and check it is
+    this command's kind and this format's version."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"checkpoint {path!r} is unreadable: {e}") from e
-    if not isinstance(ckpt, dict) or ckpt.get("version") != CKPT_VERSION:
-        raise CheckpointError(f"checkpoint {path!r} is not an mdtrain pretrain checkpoint (version {CKPT_VERSION})")
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CKPT_VERSION or ckpt.get("kind", "pretrain") != kind:
+        raise CheckpointError(f"checkpoint {path!r} is not an mdtrain {kind} checkpoint (version {CKPT_VERSION})")
     return ckpt
+
+
+def check_resumable(saved: dict, now: dict, path: str) -> None:
+    """Exact resume needs the same layout: name every knob that differs instead of silently diverging."""
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if diff:
+        raise CheckpointError(f"cannot resume exactly from {path} (" + "; ".join(diff) + ")")
+
+
+def resolve_resume(resume: str | None, out: str) -> str | None:
+    """--resume PATH, or 'auto' = OUT/last.ckpt when it exists (None otherwise)."""
+    if resume == "auto":
+        path = os.path.join(out, CKPT_NAME)
+        return path if os.path.exists(path) else None
+    if resume and not os.path.exists(resume):
+        raise CheckpointError(f"--resume {resume}: no such file")
+    return resume
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -69,11 +99,22 @@ def gather_rng_states(device: torch.device, world: int) -> list[dict[str, torch.
     return out
 
 
-def save_student(path: str, student_state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Backbone weights in timm naming as safetensors (loadable with `timm.create_model(name,
-    pretrained=True, pretrained_cfg_overlay={'file': path})` or `load_state_dict(strict=False)`)."""
+def save_weights(path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Safetensors weights in timm naming (atomic), metadata values stored as strings. Loadable with
+    `timm.create_model(name, pretrained=True, pretrained_cfg_overlay={'file': path})`."""
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in student_state.items()}, tmp, metadata=metadata)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp,
+              metadata={k: str(v) for k, v in metadata.items()})
     os.replace(tmp, path)
+
+
+def weights_metadata(path: str) -> dict[str, str]:
+    """The metadata of a safetensors file ({} for other files)."""
+    if not path.endswith(".safetensors") or not os.path.exists(path):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})

@@ -1,9 +1,9 @@
-"""The `mdtrain` command. Each subcommand's configuration is one dataclass (see mdcache.config)."""
+"""The `mdtrain` command. Each subcommand's configuration is one dataclass (see mdcache.commands)."""
 from __future__ import annotations
 
 import typer
 
-from mdcache.config import typer_command
+from mdcache.commands import typer_command
 
 from . import bench, bench_storage, evaluate, ffcv_loader, finetune, pretrain
 
@@ -20,6 +20,7 @@ typer_command(app, pretrain.PretrainConfig, pretrain.run_cli, "pretrain")
 typer_command(app, finetune.FinetuneConfig, finetune.run_cli, "finetune")
 typer_command(app, evaluate.EvalConfig, evaluate.run_eval_cli, "eval")
 typer_command(app, evaluate.KnnConfig, evaluate.run_knn_cli, "knn")
+typer_command(app, evaluate.LinprobeConfig, evaluate.run_linprobe_cli, "linprobe")
 typer_command(app, ffcv_loader.FfcvBuildConfig, ffcv_loader.run_build_cli, "ffcv-build")
 typer_command(app, ffcv_loader.BenchLoaderConfig, ffcv_loader.run_bench_cli, "bench-loader")
 typer_command(app, bench.BenchConfig, bench.run_cli, "bench")

@@ -19,24 +19,26 @@ dequantized on the device ("decode late").
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from mdcache import store, views
+from mdcache.errors import UserError
 from mdcache.sources import Sample, SourceShard, iter_samples, list_source
 
 from .masking import BlockMasker
+from .runtime import shuffled
 
 # The student sees ImageNet normalization (timm's defaults); the teacher its own (from the manifest).
-STUDENT_MEAN = (0.485, 0.456, 0.406)
-STUDENT_STD = (0.229, 0.224, 0.225)
+STUDENT_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
+STUDENT_STD = tuple(IMAGENET_DEFAULT_STD)
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """Source and cache disagree, or the data cannot feed the requested run. Names the shard."""
 
 
@@ -76,12 +78,12 @@ def plan_from_cache(cache: store.Cache, source: str | None = None) -> list[Shard
         raise DataError(f"cache {cache.url} is incomplete: {len(cache.commits)}/{len(cache.source_shards)} shards "
                         f"committed; missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. "
                         "Finish it with the same `mdcache extract` command (it resumes).")
-    classes = tuple(cache.manifest["source"].get("classes") or ())
-    by_name = {s["name"]: SourceShard(name=s["name"], url=s["url"], size=int(s.get("size") or 0),
-                                      files=tuple(s.get("files") or ()), classes=classes)
-               for s in cache.source_shards}
+    by_name = {s.name: s for s in cache.sources()}
     if source:
-        given = {s.name: s for s in list_source(source, cache.storage_options)}
+        first = next(iter(by_name.values()))
+        # An image folder is cut into shards of a fixed size at extraction: cut the copy the same way.
+        given = {s.name: s for s in list_source(source, cache.storage_options,
+                                                folder_shard_size=len(first.files) or 1000)}
         missing = [n for n in by_name if n not in given]
         if missing:
             raise DataError(f"--source {source!r} lacks shard(s) the cache was made from: {', '.join(missing[:5])}")
@@ -144,22 +146,6 @@ def resume_layout(counts: list[int], consumed: int) -> tuple[list[int], int]:
     return taken, i % len(counts)
 
 
-def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
-    """A streaming shuffle buffer: order depends only on the rng and the item count, never on content."""
-    buf: list = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = int(rng.integers(size))
-        yield buf[j]
-        buf[j] = item
-    for j in rng.permutation(len(buf)):
-        yield buf[j]
-
-
-# ----------------------------------------------------------------------------- the stream
-
 class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches for one epoch, starting after `skip` batches (mid-epoch resume).
 
@@ -184,7 +170,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is not None:
             if info.num_workers != self.cfg.lanes:
-                raise DataError(f"stream built for {self.cfg.lanes} lane(s) but the loader has {info.num_workers} workers")
+                raise DataError(f"stream built for {self.cfg.lanes} lane(s) but the loader has "
+                                f"{info.num_workers} workers")
             lane = self.order[info.id]
             yield from self.lane_batches(lane, self.skips[lane])
             return
@@ -213,19 +200,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                     pending = []
 
     def shard_items(self, plan: ShardPlan) -> Iterator[tuple]:
-        """(plan, index in cache shard, sample, view params or None, encoded targets or None, view) in shuffled order."""
-        k = self.cache.manifest["views"] if self.cache is not None else self.recipe.views
+        """(plan, index in cache shard, sample, view params or None, encoded targets or None, view), shuffled."""
+        k = self.cache.views if self.cache is not None else self.recipe.views
         view = view_for(self.cfg.seed, plan.name, self.epoch, k)
-        keys, arrays, params = self.read_cache(plan, view) if self.cache is not None else (None, None, None)
+        keys, arrays, params = (self.cache.read_encoded(plan.name, view, targets=self.cfg.with_targets)
+                                if self.cache is not None else (None, None, None))
         rng = views.key_rng(self.cfg.seed, f"shuffle/{self.epoch}/{plan.name}")
         items = ((plan, i, s, None if params is None else params[i], arrays, view)
                  for i, s in enumerate(self.lockstep(plan, keys)))
         yield from shuffled(items, self.cfg.shuffle_buffer, rng)
-
-    def read_cache(self, plan: ShardPlan, view: int):
-        if self.cfg.with_targets:
-            return self.cache.read_encoded(plan.name, view)
-        return read_view_params(self.cache, plan.name, view)
 
     def lockstep(self, plan: ShardPlan, keys: list[str] | None) -> Iterator[Sample]:
         """Source samples of a shard, checked key by key against the cache shard."""
@@ -236,11 +219,13 @@ class ShardStream(torch.utils.data.IterableDataset):
             if keys is not None and (i >= len(keys) or s.key != keys[i]):
                 have = repr(keys[i]) if i < len(keys) else f"only {len(keys)} samples"
                 raise DataError(f"shard {plan.name!r}: source sample {i} is {s.key!r} but the cache has {have}. "
-                                f"The source ({plan.source.url}) changed since extraction, or --source points at other data.")
+                                f"The source ({plan.source.url}) changed since extraction, or --source points at "
+                                "other data.")
             yield s
             i += 1
         if i != plan.samples:
-            raise DataError(f"shard {plan.name!r}: source {plan.source.url} yields {i} samples, expected {plan.samples} "
+            raise DataError(f"shard {plan.name!r}: source {plan.source.url} yields {i} samples, "
+                            f"expected {plan.samples} "
                             "(the source changed since extraction or since it was counted)")
 
     def load(self, item: tuple) -> dict:
@@ -259,18 +244,14 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:
-        batch = {"images": torch.stack([s["image"] for s in samples]), "mask": torch.stack([s["mask"] for s in samples]),
+        batch = {"images": torch.stack([s["image"] for s in samples]),
+                 "mask": torch.stack([s["mask"] for s in samples]),
                  "keys": [s["key"] for s in samples], "shards": [s["shard"] for s in samples],
                  "views": [s["view"] for s in samples]}
         if "targets" in samples[0]:
             batch["targets"] = {n: torch.from_numpy(np.stack([s["targets"][n] for s in samples]))
                                 for n in samples[0]["targets"]}
         return batch
-
-
-def read_view_params(cache: store.Cache, shard: str, view: int) -> tuple[list[str], dict, np.ndarray]:
-    """Keys and view params of one cache shard without its targets (images-only loading), checksummed."""
-    return cache.read_encoded(shard, view, targets=False)
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False,
@@ -299,8 +280,3 @@ def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-def epoch_keys(stream: ShardStream, steps: int) -> list[list[str]]:
-    """The keys of the first `steps` batches, in order, computed in-process (for checks and tests)."""
-    return [b["keys"] for b in itertools.islice(iter(stream), steps)]

@@ -1,128 +1,122 @@
-"""`mdtrain eval` (top-1/top-5 of a classifier) and `mdtrain knn` (k-NN on frozen features).
+"""`mdtrain eval` (top-1/top-5 of a classifier), `mdtrain knn` and `mdtrain linprobe` (frozen features).
 
 k-NN follows DINO's `knn_classifier`: L2-normalized features, cosine similarity, the k nearest
 training images vote for their label with weight exp(similarity / T). It needs no training, so
 it is the quick quality signal for a pretrained student (k=20, T=0.07 as in DINO).
+
+The linear probe follows MAE's: the backbone is frozen, a BatchNorm without affine parameters
+normalizes its pooled features, and one linear layer is trained on top (SGD, cosine schedule with
+warmup, head initialized with std 0.01). Unlike MAE, the features are computed once (center crops,
+no augmentation) and the head trains on them: seconds instead of a pass through the backbone per step.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-from mdcache.config import opt
-from mdcache.store import fetch
+from mdcache.commands import model_args_opt, opt, storage_options_opt
+from mdcache.devices import autocast, resolve_device, resolve_precision
+from mdcache.errors import ConfigError
+from mdcache.fs import fetch
 
 from . import labelled
-from .finetune import (Dist, InitError, _storage_options, autocast, build_model, data_config, default_split,
-                       eval_transform, evaluate_batches, init_distributed, layer_scale_of, load_backbone, read_state_dict,
-                       resolve_amp, resolve_device, weights_metadata)
+from .checkpoint import read_state_dict
+from .classifier import InitError, build_model, describe_weights, evaluate_batches, layer_scale_of, load_backbone
+from .runtime import init_distributed
 
 
 @dataclass
 class EvalConfig:
     """Top-1/top-5 accuracy of a classifier (e.g. runs/ft/best.safetensors) on a labelled set."""
 
-    weights: str = opt("", "Classifier weights (path or fsspec URL): .safetensors from `mdtrain finetune` (model and size read from its metadata).")
+    weights: str = opt("", "Classifier weights (path or fsspec URL): .safetensors from `mdtrain finetune` (model and "
+                           "size read from its metadata).")
     val: str = opt("", "Labelled data: tar shards with .cls, a class folder, or with --loader ffcv a .beton.")
-    model: str = opt("", "timm model name; empty = from the weights' metadata.")
-    num_classes: int = opt(0, "Classes; 0 = from the classifier's shape in the weights.")
-    input_size: int = opt(0, "Image side; 0 = from the weights' metadata, else 224.")
-    global_pool: str = opt("", "timm global_pool; empty = from the weights' metadata / the model default.")
-    crop_pct: float = opt(0.0, "Center-crop fraction; 0 = from the weights' metadata, else 0.875.")
+    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
+    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
+    num_classes: Optional[int] = opt(None, "Classes; None = from the classifier's shape in the weights.")
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
+    global_pool: Optional[str] = opt(None, "timm global_pool; None = from the weights' metadata / the model default.")
+    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.")
     batch_size: int = opt(64, "Batch size per process.")
-    num_workers: int = opt(2, "Data loading workers.")
+    workers: int = opt(2, "Data loading workers.")
     loader: str = opt("default", "default or ffcv.")
-    amp: str = opt("auto", "Autocast: auto (bf16 on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 @dataclass
 class KnnConfig:
     """k-NN classification (k=20, cosine, temperature-weighted votes as in DINO) on frozen features."""
 
-    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any finetune .safetensors: the classifier is ignored).")
+    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any finetune .safetensors: "
+                           "the classifier is ignored).")
     train: str = opt("", "Labelled reference set (the k-NN memory): tar shards with .cls or a class folder.")
     val: str = opt("", "Labelled query set.")
-    model: str = opt("", "timm model name; empty = from the weights' metadata.")
-    input_size: int = opt(0, "Image side; 0 = from the weights' metadata, else 224.")
-    global_pool: str = opt("", "Feature pooling: '' = model default (CLS token for ViTs), 'avg'.")
-    crop_pct: float = opt(0.875, "Center-crop fraction for both sets.")
+    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
+    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
+    global_pool: Optional[str] = opt(None, "Feature pooling: None = model default (CLS token for ViTs), 'avg'.")
+    crop_pct: Optional[float] = opt(None, "Center-crop fraction for both sets; None = from the weights' metadata, "
+                                          "else 0.875.")
     k: int = opt(20, "Neighbours that vote.")
     temperature: float = opt(0.07, "Vote weight exp(cosine / T).")
     batch_size: int = opt(64, "Batch size for feature extraction.")
-    num_workers: int = opt(2, "Data loading workers.")
-    amp: str = opt("auto", "Autocast: auto (bf16 on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    workers: int = opt(2, "Data loading workers.")
+    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE (repeatable).")
-
-
-def _resolve(weights: str, model: str, input_size: int, global_pool: str) -> tuple[str, int, str, dict]:
-    meta = weights_metadata(weights)
-    model = model or meta.get("model", "")
-    if not model:
-        raise ValueError(f"--model is required: {weights} does not record its model name")
-    return model, input_size or int(meta.get("input_size", 224)), global_pool or meta.get("global_pool", ""), meta
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def _mean_std(model_name: str, meta: dict) -> tuple[tuple, tuple]:
     """The normalization the weights were trained with (finetune records it), else ImageNet's."""
     if "mean" in meta and "std" in meta:
         return tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
-    return data_config(model_name)
+    return labelled.data_config(model_name)
 
 
 def load_classifier(cfg: EvalConfig) -> tuple[torch.nn.Module, dict]:
     """The model as saved by finetune: classifier size from the weights, every tensor must load."""
-    model_name, size, pool, meta = _resolve(cfg.weights, cfg.model, cfg.input_size, cfg.global_pool)
+    w = describe_weights(cfg.weights, cfg.model, cfg.image_size, cfg.global_pool, cfg.model_args)
+    meta = w["meta"]
     sd = read_state_dict(cfg.weights)
-    head = next((v for k, v in sd.items() if k in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")), None)
+    head = next((v for k, v in sd.items() if k in ("head.weight", "head.fc.weight", "fc.weight", "classifier.weight")),
+                None)
     num_classes = cfg.num_classes or (int(head.shape[0]) if head is not None else int(meta.get("num_classes", 0)))
     if not num_classes:
         raise InitError(f"{cfg.weights}: no classifier found; `mdtrain eval` needs finetuned weights "
                         f"(use `mdtrain knn` for a backbone)")
-    model = build_model(model_name, num_classes, size, global_pool=pool, layer_scale=layer_scale_of(cfg.weights))
+    model = build_model(w["model"], num_classes, w["image_size"], global_pool=w["global_pool"],
+                        model_args=w["model_args"],
+                        layer_scale=layer_scale_of(cfg.weights))
     report = load_backbone(model, cfg.weights)
     if report["missing"]:
         raise InitError(f"{cfg.weights}: classifier tensors missing ({', '.join(report['missing'])}); "
                         f"eval needs the finetuned head")
-    crop = cfg.crop_pct or float(meta.get("crop_pct", 0.875))
-    mean, std = _mean_std(model_name, meta)
-    return model, {"model": model_name, "input_size": size, "num_classes": num_classes, "crop_pct": crop,
-                   "mean": mean, "std": std}
-
-
-def _val_batches(spec: str, loader: str, mean: tuple, std: tuple, size: int, crop: float, batch_size: int,
-                 num_workers: int, num_classes: int, dist: Dist, device: torch.device, so: dict) -> Iterator:
-    if loader == "ffcv":
-        from . import ffcv_loader
-
-        return ffcv_loader.val_split(spec, batch_size, size, crop, mean, std, num_workers, dist.rank, dist.world,
-                                     device, num_classes).batches(0)
-    if loader != "default":
-        raise ValueError(f"--loader {loader!r}: expected default or ffcv")
-    return default_split(spec, eval_transform(size, crop, mean, std), batch_size, num_workers, False, 0, num_classes,
-                         -1, 0, so).batches(0)
+    mean, std = _mean_std(w["model"], meta)
+    return model, {"model": w["model"], "image_size": w["image_size"], "num_classes": num_classes,
+                   "crop_pct": cfg.crop_pct or float(meta.get("crop_pct", 0.875)), "mean": mean, "std": std}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Top-1/top-5 (%) and mean loss of --weights on --val (all ranks under torchrun)."""
     if not cfg.weights or not cfg.val:
-        raise ValueError("--weights and --val are both required")
-    dist = init_distributed()
+        raise ConfigError("--weights and --val are both required")
     device = resolve_device(cfg.device)
+    dist = init_distributed(device)
     model, info = load_classifier(cfg)
     model.to(device)
-    batches = _val_batches(cfg.val, cfg.loader, info["mean"], info["std"], info["input_size"], info["crop_pct"],
-                           cfg.batch_size, cfg.num_workers, info["num_classes"], dist, device,
-                           _storage_options(cfg.storage_option))
-    r = evaluate_batches(model, batches, device, resolve_amp(cfg.amp, device), dist)
+    split = labelled.val_split(cfg.val, cfg.loader, info["image_size"], info["crop_pct"], info["mean"], info["std"],
+                               cfg.batch_size, cfg.workers, info["num_classes"], device, cfg.storage_options)
+    r = evaluate_batches(model, split.batches(0), device, resolve_precision(cfg.precision, device), dist)
     return {**r, **info, "weights": cfg.weights, "val": cfg.val}
 
 
@@ -130,12 +124,12 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, batches: Iterator, device: torch.device,
-                     amp: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+                     precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logits features (float32, not normalized) and labels of every batch."""
     model.eval()
     feats, labels = [], []
     for x, y in batches:
-        with autocast(device, amp):
+        with autocast(device, precision):
             f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
         feats.append(f.float().cpu())
         labels.append(y.long().cpu())
@@ -163,44 +157,122 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tens
     return {"top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": n, "k": k, "temperature": temperature}
 
 
-def knn(cfg: KnnConfig) -> dict:
-    """Frozen-feature k-NN of --weights: features of --train are the memory, --val the queries."""
+def frozen_features(cfg: "KnnConfig | LinprobeConfig") -> tuple[dict, dict, dict, int]:
+    """(weights description, load report, {"train"/"val": (features, labels)}, classes) of a frozen backbone.
+    Model and image size come from the weights' metadata (a pretrained student records both)."""
     if not cfg.weights or not cfg.train or not cfg.val:
-        raise ValueError("--weights, --train and --val are all required")
-    model_name, size, pool, meta = _resolve(cfg.weights, cfg.model, cfg.input_size, cfg.global_pool)
+        raise ConfigError("--weights, --train and --val are all required")
+    w = describe_weights(cfg.weights, cfg.model, cfg.image_size, cfg.global_pool, cfg.model_args)
     device = resolve_device(cfg.device)
-    amp = resolve_amp(cfg.amp, device)
-    model = build_model(model_name, 0, size, global_pool=pool, layer_scale=layer_scale_of(cfg.weights))
+    precision = resolve_precision(cfg.precision, device)
+    model = build_model(w["model"], 0, w["image_size"], global_pool=w["global_pool"],
+                        layer_scale=layer_scale_of(cfg.weights), model_args=w["model_args"])
     report = load_backbone(model, cfg.weights)
     model.to(device)
-    so = _storage_options(cfg.storage_option)
-    mean, std = _mean_std(model_name, meta)
-    t = eval_transform(size, cfg.crop_pct, mean, std)
+    so = cfg.storage_options
+    mean, std = _mean_std(w["model"], w["meta"])
+    t = labelled.eval_transform(w["image_size"], cfg.crop_pct or float(w["meta"].get("crop_pct", 0.875)), mean, std)
     info = labelled.scan_source(cfg.train, so)
     feats = {}
     for name, spec in (("train", cfg.train), ("val", cfg.val)):
-        split = default_split(spec, t, cfg.batch_size, cfg.num_workers, False, 0, info.num_classes, -1, 0, so)
-        feats[name] = extract_features(model, split.batches(0), device, amp)
-    r = knn_classify(*feats["train"], *feats["val"], k=cfg.k, temperature=cfg.temperature, num_classes=info.num_classes)
-    return {**r, "model": model_name, "input_size": size, "train_n": len(feats["train"][0]),
+        split = labelled.default_split(spec, t, cfg.batch_size, cfg.workers, False, 0, info.num_classes, -1, 0, so)
+        feats[name] = extract_features(model, split.batches(0), device, precision)
+    return w, report, feats, info.num_classes
+
+
+def knn(cfg: KnnConfig) -> dict:
+    """Frozen-feature k-NN of --weights: features of --train are the memory, --val the queries."""
+    w, report, feats, classes = frozen_features(cfg)
+    r = knn_classify(*feats["train"], *feats["val"], k=cfg.k, temperature=cfg.temperature, num_classes=classes)
+    return {**r, "model": w["model"], "image_size": w["image_size"], "train_n": len(feats["train"][0]),
             "weights": cfg.weights, "ignored": report["notes"]}
 
 
-def _cli(fn, cfg) -> None:
-    from .finetune import run_command
+# ----------------------------------------------------------------------------- linear probe
 
-    def with_local_weights(cfg):  # --weights may be any fsspec URL
-        return fn(dataclasses.replace(cfg, weights=fetch(cfg.weights, _storage_options(cfg.storage_option)))
-                  if cfg.weights else cfg)
+@dataclass
+class LinprobeConfig:
+    """Linear probe on frozen features (MAE protocol: BatchNorm without affine + one linear layer)."""
 
-    r = run_command(with_local_weights, cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(r))
+    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any .safetensors in timm "
+                           "naming: a classifier in it is ignored).")
+    train: str = opt("", "Labelled training set for the probe: tar shards with .cls or a class folder.")
+    val: str = opt("", "Labelled evaluation set.")
+    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
+    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
+    global_pool: Optional[str] = opt(None, "Feature pooling: None = model default (CLS token for ViTs), 'avg'.")
+    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.")
+    epochs: int = opt(100, "Epochs over the (precomputed) training features.")
+    warmup_epochs: int = opt(10, "Linear warmup epochs.")
+    probe_batch_size: int = opt(256, "Batch size of the probe's SGD steps.")
+    lr: float = opt(0.1, "Peak SGD learning rate (momentum 0.9, cosine to 0).")
+    weight_decay: float = opt(0.0, "Weight decay of the linear layer (MAE: 0).")
+    seed: int = opt(0, "Seed of the probe's init and batch order.")
+    batch_size: int = opt(64, "Batch size for feature extraction.")
+    workers: int = opt(2, "Data loading workers.")
+    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
+
+
+def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, classes: int, epochs: int, warmup_epochs: int,
+                batch_size: int, lr: float, weight_decay: float, seed: int) -> torch.nn.Module:
+    """BatchNorm1d(affine=False) + Linear trained with SGD on fixed features (CPU, float32)."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(train_f.shape[1], classes)
+    torch.nn.init.trunc_normal_(head.weight, std=0.01, generator=g)
+    torch.nn.init.zeros_(head.bias)
+    probe = torch.nn.Sequential(torch.nn.BatchNorm1d(train_f.shape[1], affine=False, eps=1e-6), head)
+    opt_ = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, len(train_f) // batch_size)
+    total, warm = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    step = 0
+    probe.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(train_f), generator=g)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            for group in opt_.param_groups:
+                group["lr"] = lr * (step + 1) / warm if step < warm else \
+                    lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+            loss = F.cross_entropy(probe(train_f[idx]), train_y[idx])
+            opt_.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_.step()
+            step += 1
+    return probe.eval()
+
+
+def linprobe(cfg: LinprobeConfig) -> dict:
+    """Train a linear probe on --train's frozen features; top-1/top-5 (%) on --val."""
+    w, report, feats, classes = frozen_features(cfg)
+    (train_f, train_y), (val_f, val_y) = feats["train"], feats["val"]
+    probe = train_probe(train_f, train_y, classes, cfg.epochs, cfg.warmup_epochs, cfg.probe_batch_size, cfg.lr,
+                        cfg.weight_decay, cfg.seed)
+    with torch.no_grad():
+        top = probe(val_f).topk(min(5, classes), dim=1).indices
+        train_acc = 100 * probe(train_f).argmax(1).eq(train_y).float().mean().item()
+    hit = top.eq(val_y.view(-1, 1))
+    return {"top1": 100 * hit[:, :1].float().sum().item() / len(val_y), "top5": 100 * hit.float().sum().item()
+            / len(val_y), "train_top1": train_acc, "n": len(val_y), "train_n": len(train_y), "model": w["model"],
+            "image_size": w["image_size"], "weights": cfg.weights, "ignored": report["notes"]}
+
+
+def _local_weights(cfg):
+    """--weights may be any fsspec URL: the functions below read a local copy."""
+    return dataclasses.replace(cfg, weights=fetch(cfg.weights, cfg.storage_options)) if cfg.weights else cfg
 
 
 def run_eval_cli(cfg: EvalConfig) -> None:
-    _cli(evaluate, cfg)
+    r = evaluate(_local_weights(cfg))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(r), flush=True)
 
 
 def run_knn_cli(cfg: KnnConfig) -> None:
-    _cli(knn, cfg)
+    print(json.dumps(knn(_local_weights(cfg))), flush=True)
+
+
+def run_linprobe_cli(cfg: LinprobeConfig) -> None:
+    print(json.dumps(linprobe(_local_weights(cfg))), flush=True)

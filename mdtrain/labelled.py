@@ -13,17 +13,20 @@ import random
 import tarfile
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mdcache import sources
+from mdcache.errors import ConfigError, UserError
 from mdcache.views import decode_image
 
+from .runtime import current_dist, rng_for, seed_for, shuffled
 
-class LabelError(ValueError):
+
+class LabelError(UserError):
     """A sample without a usable label, or a label outside --num-classes. The message names it."""
 
 
@@ -43,13 +46,6 @@ class SourceInfo:
     @property
     def num_classes(self) -> int:
         return len(self.classes) if self.classes else self.max_label + 1
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world) of the current torch.distributed group, (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 # ----------------------------------------------------------------------------- random access index
@@ -161,6 +157,7 @@ def split_work(shards: list, consumer: int, consumers: int) -> tuple[list, int, 
 
 class LabelledShards(torch.utils.data.IterableDataset):
     """(image tensor, label) pairs streamed from source shards; split by rank and worker by shard.
+    With keys=True each item also carries its 'shard/key' (to check who read what).
 
     Undecodable images are skipped with a CorruptSampleWarning naming shard and key; a missing or
     out-of-range label is an error (a silently wrong label is worse than a crash).
@@ -168,10 +165,11 @@ class LabelledShards(torch.utils.data.IterableDataset):
 
     def __init__(self, shards: list[sources.SourceShard], transform: Callable[[Image.Image], torch.Tensor],
                  num_classes: int, shuffle: bool = False, seed: int = 0, buffer: int = 1000,
-                 storage_options: dict | None = None) -> None:
+                 storage_options: dict | None = None, keys: bool = False) -> None:
         super().__init__()
         self.shards, self.transform, self.num_classes = shards, transform, num_classes
         self.shuffle, self.seed, self.buffer, self.storage_options = shuffle, seed, buffer, storage_options
+        self.keys = keys
         self.epoch = 0
         self.skipped = 0
 
@@ -180,7 +178,8 @@ class LabelledShards(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def _consumer(self) -> tuple[int, int]:
-        rank, world = dist_info()
+        d = current_dist()
+        rank, world = d.rank, d.world
         w = torch.utils.data.get_worker_info()
         wid, nw = (w.id, w.num_workers) if w is not None else (0, 1)
         return rank * nw + wid, world * nw
@@ -190,7 +189,7 @@ class LabelledShards(torch.utils.data.IterableDataset):
         consumer, consumers = self._consumer()
         shards = list(self.shards)
         if self.shuffle:
-            random.Random(self.seed * 100003 + self.epoch).shuffle(shards)
+            shards = [shards[i] for i in rng_for(self.seed, "shards", self.epoch).permutation(len(shards))]
         mine, mod, rem = split_work(shards, consumer, consumers)
         n = 0
         for shard in mine:
@@ -219,37 +218,24 @@ class LabelledShards(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         consumer, _ = self._consumer()
         if torch.utils.data.get_worker_info() is not None:  # worker RNGs: reproducible per (seed, epoch, consumer)
-            s = (self.seed * 1000003 + self.epoch * 1009 + consumer) % 2**31
+            s = seed_for(self.seed, "worker", self.epoch, consumer)
             random.seed(s)
             np.random.seed(s)
             torch.manual_seed(s)
         it = self.samples()
         if self.shuffle and self.buffer > 1:
-            it = _shuffled(it, self.buffer, random.Random(self.seed * 7919 + self.epoch * 31 + consumer))
-        for img, label, _ in it:
-            yield self.transform(img), label
+            it = shuffled(it, self.buffer, rng_for(self.seed, "buffer", self.epoch, consumer))
+        for img, label, key in it:
+            yield (self.transform(img), label, key) if self.keys else (self.transform(img), label)
 
 
-def _shuffled(it: Iterator, size: int, rng: random.Random) -> Iterator:
-    """WebDataset-style shuffle buffer: bounded memory, good enough mixing across shards."""
-    buf = []
-    for x in it:
-        if len(buf) < size:
-            buf.append(x)
-            continue
-        j = rng.randrange(size)
-        buf[j], x = x, buf[j]
-        yield x
-    rng.shuffle(buf)
-    yield from buf
-
-
-def make_loader(ds: LabelledShards, batch_size: int, num_workers: int, train: bool, seed: int, epoch: int,
+def make_loader(ds: LabelledShards, batch_size: int, workers: int, train: bool, seed: int, epoch: int,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over `ds` for one epoch (fresh workers each epoch so set_epoch reaches them)."""
     ds.set_epoch(epoch)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=train,
-                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch),
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=train,
+                                       pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(seed_for(seed, "loader", epoch)),
                                        persistent_workers=False)
 
 
@@ -257,3 +243,214 @@ def steps_per_epoch(samples: int, batch_size: int, world: int) -> int:
     """Optimizer steps per epoch per rank for `samples` images (drop_last batches)."""
     return max(1, math.floor(samples / world / batch_size))
 
+
+# ----------------------------------------------------------------------------- splits and transforms
+
+@dataclass
+class Split:
+    """One labelled split behind either loader: how to get an epoch's batches, and its size."""
+
+    samples: int
+    num_classes: int
+    batches: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]   # epoch -> (images, labels)
+
+
+def data_config(model_name: str, norm: str = "imagenet") -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean/std. 'imagenet' is what `mdtrain pretrain` feeds the student, so a finetune sees the
+    pixels its backbone learned on; 'model' takes the timm model's pretrained config (e.g. 0.5/0.5 for
+    augreg ViTs) for backbones that came from elsewhere."""
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if not timm.is_model(model_name):
+        raise ConfigError(f"--model {model_name!r}: not a timm model name (see timm.list_models())")
+    if norm == "imagenet":
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if norm != "model":
+        raise ConfigError(f"--norm {norm!r}: expected imagenet or model")
+    pcfg = timm.models.get_pretrained_cfg(model_name)
+    mean = getattr(pcfg, "mean", None) or IMAGENET_DEFAULT_MEAN
+    std = getattr(pcfg, "std", None) or IMAGENET_DEFAULT_STD
+    return tuple(mean), tuple(std)
+
+
+def default_split(spec: str, transform: Callable, batch_size: int, workers: int, train: bool, seed: int,
+                  num_classes: int | None, samples: int | None, shuffle_buffer: int, storage_options: dict) -> Split:
+    """The PIL/WebDataset stream: sources -> decode -> timm transform -> DataLoader.
+
+    num_classes or samples None means "find out": one pass over the tar headers (cheap, no decode).
+    samples < 0 means "not needed" (validation).
+    """
+    info = None
+    if not num_classes or samples is None:
+        info = scan_source(spec, storage_options)
+    shards = info.shards if info else sources.list_source(spec, storage_options)
+    n_cls = num_classes or info.num_classes
+    ds = LabelledShards(shards, transform, n_cls, shuffle=train, seed=seed, buffer=shuffle_buffer,
+                        storage_options=storage_options)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        yield from make_loader(ds, batch_size, workers, train, seed, epoch)
+
+    return Split(info.samples if samples is None else samples, n_cls, batches)
+
+
+def train_transform(image_size: int, scale: tuple[float, float], aa: str | None, color_jitter: float, reprob: float,
+                    remode: str, recount: int, mean: tuple, std: tuple) -> Callable:
+    """timm's training transform: RandomResizedCrop, flip, RandAugment (or color jitter), random erasing."""
+    from timm.data import create_transform
+
+    patch_randaugment()
+    return create_transform(image_size, is_training=True, scale=tuple(scale), auto_augment=aa or None,
+                            color_jitter=color_jitter or None, interpolation="bicubic", re_prob=reprob,
+                            re_mode=remode, re_count=recount, mean=mean, std=std)
+
+
+def eval_transform(image_size: int, crop_pct: float, mean: tuple, std: tuple) -> Callable:
+    """Resize to image_size / crop_pct, center crop image_size (bicubic)."""
+    from timm.data import create_transform
+
+    return create_transform(image_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                            mean=mean, std=std)
+
+
+def posterize_compat(img: Any, bits_to_keep: int, **_: Any) -> Any:
+    """timm's posterize, valid on Pillow >= 13: 0 bits kept is a black image (what older Pillow
+    returned) instead of the ValueError that kills RandAugment's 'inc1' policy at magnitude 10."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def patch_randaugment() -> None:
+    """Route timm's Posterize ops through posterize_compat (must run before create_transform)."""
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = posterize_compat
+
+
+# ----------------------------------------------------------------------------- FFCV reading (--loader ffcv)
+
+INSTALL_HINT = ("FFCV is not installed. It needs system packages and a pip install:\n"
+                "  apt-get install -y --no-install-recommends pkg-config libturbojpeg0-dev libopencv-dev\n"
+                "  pip install ffcv pillow\n"
+                "(scripts/setup.sh does both). The default loader (--loader default) works without it.")
+
+
+class FfcvMissing(UserError):
+    """--loader ffcv or ffcv-build was asked for on a machine without FFCV."""
+
+
+def require_ffcv():
+    """Import ffcv or raise FfcvMissing with the install recipe (nothing imports it at module level)."""
+    try:
+        import ffcv
+        from ffcv.loader import Loader  # noqa: F401  (fails if the compiled libraries are missing)
+    except ImportError as e:
+        raise FfcvMissing(f"{INSTALL_HINT}\n(import error: {e})") from None
+    return ffcv
+
+
+def beton_info(path: str) -> dict:
+    """Samples and classes of a .beton (labels read from its metadata, no image decode)."""
+    require_ffcv()
+    from ffcv.reader import Reader
+
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such .beton (build one with `mdtrain ffcv-build --source ... --out {path}`)")
+    try:
+        reader = Reader(path)
+    except Exception as e:  # noqa: BLE001 - FFCV raises assorted errors on foreign files
+        raise ConfigError(f"{path}: not an FFCV .beton file ({e})") from e
+    if "label" not in reader.handlers or "image" not in reader.handlers:
+        raise ConfigError(f"{path}: expected fields image and label, found {list(reader.handlers)}")
+    labels = np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"])  # fields are stored as f0, f1..
+    return {"samples": int(reader.num_samples), "num_classes": int(labels.max()) + 1, "labels": labels}
+
+
+def _beton_classes(path: str, num_classes: int | None) -> tuple[dict, int]:
+    info = beton_info(path)
+    n_cls = num_classes or info["num_classes"]
+    lo, hi = int(info["labels"].min()), int(info["labels"].max())
+    if lo < 0 or hi >= n_cls:
+        raise LabelError(f"{path}: labels span {lo}..{hi}, outside 0..{n_cls - 1} (--num-classes {n_cls})")
+    return info, n_cls
+
+
+def _image_batches(loader, mean: tuple, std: tuple, device: torch.device, erasing=None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 NCHW batches from FFCV -> normalized float (copied out of FFCV's reused buffers)."""
+    m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+    for x, y in loader:
+        x = (x.to(device).float() - m) / s
+        if erasing is not None:
+            x = erasing(x)
+        yield x.contiguous(), y.to(device).long().view(-1).clone()
+
+
+def ffcv_train_split(path: str, batch_size: int, image_size: int, scale: tuple, mean: tuple, std: tuple,
+                     workers: int, seed: int, world: int, device: torch.device, reprob: float = 0.0,
+                     remode: str = "pixel", recount: int = 1, num_classes: int | None = None,
+                     drop_last: bool = True) -> Split:
+    """Training batches from a .beton: FFCV RandomResizedCrop + flip, then random erasing in torch."""
+    require_ffcv()
+    from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import RandomHorizontalFlip, ToTensor, ToTorchImage
+    from timm.data.random_erasing import RandomErasing
+
+    info, n_cls = _beton_classes(path, num_classes)
+    loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=OrderOption.RANDOM,
+                    distributed=world > 1, seed=seed, drop_last=drop_last, os_cache=True,
+                    pipelines={"image": [RandomResizedCropRGBImageDecoder((image_size, image_size), scale=scale),
+                                         RandomHorizontalFlip(), ToTensor(), ToTorchImage(channels_last=False)],
+                               "label": [IntDecoder(), ToTensor()]})
+    erasing = RandomErasing(reprob, mode=remode, max_count=recount, device=str(device)) if reprob > 0 else None
+
+    def batches(epoch: int):
+        loader.next_epoch = epoch  # FFCV's order is a function of (seed, epoch): resume continues it
+        yield from _image_batches(loader, mean, std, device, erasing)
+
+    return Split(info["samples"], n_cls, batches)
+
+
+def ffcv_val_split(path: str, batch_size: int, image_size: int, crop_pct: float, mean: tuple, std: tuple,
+                   workers: int, rank: int, world: int, device: torch.device, num_classes: int | None = None) -> Split:
+    """Validation batches: FFCV center crop (crop_pct of the short side) resized to image_size; each
+    rank reads every world-th sample so no sample is counted twice."""
+    require_ffcv()
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor, ToTorchImage
+
+    info, n_cls = _beton_classes(path, num_classes)
+    loader = Loader(path, batch_size=batch_size, num_workers=max(1, workers), order=OrderOption.SEQUENTIAL,
+                    indices=np.arange(rank, info["samples"], world), drop_last=False, os_cache=True,
+                    pipelines={"image": [CenterCropRGBImageDecoder((image_size, image_size), ratio=crop_pct),
+                                         ToTensor(), ToTorchImage(channels_last=False)],
+                               "label": [IntDecoder(), ToTensor()]})
+
+    def batches(epoch: int):
+        yield from _image_batches(loader, mean, std, device)
+
+    return Split(info["samples"], n_cls, batches)
+
+
+def val_split(spec: str, loader: str, image_size: int, crop_pct: float, mean: tuple, std: tuple, batch_size: int,
+              workers: int, num_classes: int | None, device: torch.device, storage_options: dict) -> Split:
+    """The validation split of either loader (eval and finetune read validation data the same way)."""
+    if loader == "ffcv":
+        d = current_dist()
+        return ffcv_val_split(spec, batch_size, image_size, crop_pct, mean, std, workers, d.rank, d.world, device,
+                              num_classes)
+    if loader != "default":
+        raise ConfigError(f"--loader {loader!r}: expected default or ffcv")
+    return default_split(spec, eval_transform(image_size, crop_pct, mean, std), batch_size, workers, False, 0,
+                         num_classes, -1, 0, storage_options)

@@ -12,6 +12,8 @@ import math
 
 import numpy as np
 
+from mdcache.errors import ConfigError
+
 DEFAULT_MASK_RATIO = 75 / 196      # MaskDistill/BEiT: 75 of 196 patches for ViT-B/16 at 224 px
 DEFAULT_MIN_PATCHES = 16           # ... with blocks of at least 16 patches on the 14x14 grid
 REFERENCE_PATCHES = 196
@@ -30,7 +32,7 @@ class BlockMasker:
         self.height, self.width = int(grid[0]), int(grid[1])
         total = self.height * self.width
         if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+            raise ConfigError(f"mask ratio must be in (0, 1), got {mask_ratio}")
         self.num_masked = max(1, min(total - 1, round(mask_ratio * total)))
         self.min_patches = scaled_min_patches(total) if min_patches is None else int(min_patches)
         max_aspect = max_aspect or 1.0 / min_aspect

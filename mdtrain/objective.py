@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mdcache.codecs import token_layernorm
+from mdcache.errors import ConfigError
 
 TARGET_NORMS = ("layernorm", "none")
 LOSSES = ("smooth_l1", "mse", "cosine")
@@ -17,9 +18,9 @@ LOSSES = ("smooth_l1", "mse", "cosine")
 
 def check(target_norm: str, loss: str) -> None:
     if target_norm not in TARGET_NORMS:
-        raise ValueError(f"--target-norm {target_norm!r}: choose one of {', '.join(TARGET_NORMS)}")
+        raise ConfigError(f"--target-norm {target_norm!r}: choose one of {', '.join(TARGET_NORMS)}")
     if loss not in LOSSES:
-        raise ValueError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+        raise ConfigError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
 
 
 def normalize_targets(targets: torch.Tensor, target_norm: str) -> torch.Tensor:

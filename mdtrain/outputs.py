@@ -1,4 +1,4 @@
-"""`--out` as a local path or any fsspec URL (s3://bucket/runs/pt).
+"""A run's output directory: `--out` as a local path or any fsspec URL, its metrics log and plots.
 
 A remote --out is mirrored in a local working directory: existing remote files are pulled first (so
 `--resume auto` finds last.ckpt), the trainer writes locally as usual, and `push()` uploads what
@@ -8,29 +8,33 @@ sees either the previous or the new version of a checkpoint, never a torn one.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from typing import Callable
 
-from mdcache import store
+from mdcache import fs as mfs
 
 
 class OutputDir:
     def __init__(self, out: str, storage_options: dict | None = None):
-        fs, path = store.url_to_fs(out, storage_options)
+        fs, path = mfs.url_to_fs(out, storage_options)
         self.url = out
-        if store.is_local(fs):
+        self._pushed: dict[str, tuple[int, float]] = {}
+        if mfs.is_local(fs):
             self.fs, self.remote, self.local = None, None, path
             os.makedirs(path, exist_ok=True)
             return
         self.fs, self.remote = fs, path
-        self.local = store.user_cache_dir("outputs", hashlib.sha256(out.encode()).hexdigest()[:16])
+        self.local = mfs.user_cache_dir("outputs", hashlib.sha256(out.encode()).hexdigest()[:16])
         os.makedirs(self.local, exist_ok=True)
-        self._pushed: dict[str, tuple[int, float]] = {}
-        if fs.exists(path):
-            for f in fs.find(path):
-                dst = os.path.join(self.local, f[len(path):].lstrip("/"))
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                fs.get_file(f, dst)
-                self._pushed[dst] = self._stamp(dst)
+        if fs.exists(path):  # the bucket is the truth: refresh the mirror from it
+            mfs.download_tree(fs, path, self.local, merge=True)
+        for d, _, files in os.walk(self.local):
+            for name in files:
+                self._pushed[os.path.join(d, name)] = self._stamp(os.path.join(d, name))
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.local, name)
 
     @staticmethod
     def _stamp(p: str) -> tuple[int, float]:
@@ -47,8 +51,90 @@ class OutputDir:
                 p = os.path.join(d, name)
                 if ".tmp" in name or self._pushed.get(p) == self._stamp(p):
                     continue
-                dst = store.join(self.remote, os.path.relpath(p, self.local).replace(os.sep, "/"))
+                dst = mfs.join(self.remote, os.path.relpath(p, self.local).replace(os.sep, "/"))
                 self.fs.put_file(p, dst)
                 self._pushed[p] = self._stamp(p)
                 sent.append(dst)
         return sent
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended as training goes. On resume, `truncate`
+    keeps exactly the rows the checkpoint covers (a crash after a checkpoint may have logged more)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._f = None
+
+    def rows(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate(self, keep: Callable[[dict], bool]) -> list[dict]:
+        """Rewrite the log with the rows `keep` accepts (atomically); returns them."""
+        rows = [r for r in self.rows() if keep(r)]
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, self.path)
+        return rows
+
+    def write(self, row: dict) -> None:
+        if self._f is None:
+            self._f = open(self.path, "a")
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(rows: list[dict], png_path: str) -> None:
+    """loss.png of a pretraining run: masked-token loss per optimizer step."""
+    if not rows:
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (masked tokens)")
+    ax.set_title("mdtrain pretrain")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(rows: list[dict], png_path: str) -> None:
+    """curves.png of a finetune: train/val loss and val top-1/top-5 per epoch."""
+    if not rows:
+        return
+    plt = _pyplot()
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [r["train_loss"] for r in rows], marker="o", label="train loss")
+    a.plot(ep, [r["val_loss"] for r in rows], marker="o", label="val loss")
+    a.set_xlabel("epoch")
+    a.legend()
+    for key in ("val_top1", "val_top5", "ema_top1"):
+        if any(key in r for r in rows):
+            b.plot([r["epoch"] for r in rows if key in r], [r[key] for r in rows if key in r], marker="o", label=key)
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy (%)")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)

@@ -11,51 +11,68 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
-import torch.distributed as dist
 from rich.console import Console
 
 from mdcache import store, views
-from mdcache.config import opt, parse_floats
-from mdcache.devices import resolve_device, resolve_precision
+from mdcache.commands import ViewOptions, opt, public_config, storage_options_opt
+from mdcache.devices import autocast, resolve_device, resolve_precision
+from mdcache.errors import ConfigError
 
 from . import checkpoint, data, objective
-from .outputs import OutputDir
 from .masking import DEFAULT_MASK_RATIO, DEFAULT_MIN_PATCHES, scaled_min_patches
+from .outputs import MetricsLog, OutputDir, plot_loss
+from .runtime import (
+    Dist,
+    StopFlag,
+    all_reduce_mean,
+    any_rank,
+    configure_threads,
+    ignore_sigint,
+    init_distributed,
+    unwrap,
+)
 from .student import Student, build_student
 
 console = Console(stderr=True)
 
 
 @dataclass
-class PretrainConfig:
-    """MaskDistill pretraining of a timm ViT from cached teacher targets (or an online teacher)."""
+class PretrainConfig(ViewOptions):
+    """MaskDistill pretraining of a timm ViT from cached teacher targets (or an online teacher).
 
-    cache: str = opt("", "Cache directory (<root>/<cache-id>) made by `mdcache extract`, local path or fsspec URL.")
-    source: str = opt("", "Source shards: overrides where the cache's images are; required online without --cache.")
+    The view options (--views ... --color-jitter) apply to online mode without a cache; a cache brings its own."""
+
+    cache: Optional[str] = opt(None, "Cache directory (<root>/<cache-id>) made by `mdcache extract`, local path or "
+                                     "fsspec URL.")
+    source: Optional[str] = opt(None, "Source shards: overrides where the cache's images are; required online "
+                                      "without --cache.")
     student: str = opt("vit_base_patch16_224", "timm model name of the student (vit_*, deit_*, beitv2_*, ...).")
-    out: str = opt("runs/pretrain", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
+    out: str = opt("runs/pretrain", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every "
+                                    "checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
     epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).")
     batch_size: int = opt(256, "Images per process per micro-step (effective batch = this x accum-iter x processes).")
     accum_iter: int = opt(1, "Micro-steps accumulated per optimizer step.")
-    blr: float = opt(1.875e-4, "Base learning rate: lr = blr x effective batch / 256 (MaskDistill: 1.5e-3 at batch 2048).")
+    blr: float = opt(1.875e-4, "Base learning rate: lr = blr x effective batch / 256 (MaskDistill: 1.5e-3 at "
+                               "batch 2048).")
     lr: Optional[float] = opt(None, "Absolute peak learning rate (overrides --blr).")
     min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.")
     warmup_epochs: int = opt(10, "Linear warmup epochs.")
     weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, position/cls/mask tokens).")
-    betas: str = opt("0.9,0.999", "AdamW betas 'b1,b2' (BEiT v2 long runs: 0.9,0.98).")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas B1 B2.")
     clip_grad: float = opt(3.0, "Gradient norm clipping (0 disables).")
     drop_path: float = opt(0.1, "Stochastic depth rate of the student.")
     layer_scale: float = opt(0.0, "Layer-scale init value passed to timm as init_values (0: the model's default).")
-    mask_ratio: float = opt(DEFAULT_MASK_RATIO, "Fraction of patches masked (exactly round(ratio x patches)); 75/196 by default.")
-    min_mask_patches: int = opt(DEFAULT_MIN_PATCHES, "Smallest mask block on a 196-patch grid (scaled to the cache's grid).")
+    mask_ratio: float = opt(DEFAULT_MASK_RATIO, "Fraction of patches masked (exactly round(ratio x patches)); "
+                                                "75/196 by default.")
+    min_mask_patches: int = opt(DEFAULT_MIN_PATCHES, "Smallest mask block on a 196-patch grid (scaled to the "
+                                                     "cache's grid).")
     target_norm: str = opt("layernorm", "Target normalization: layernorm (per token, no affine) or none.")
     loss: str = opt("smooth_l1", "Loss on masked tokens: smooth_l1, mse or cosine.")
     beta: float = opt(2.0, "Smooth-L1 beta (OPEN in MaskDistill: 1.0 or 2.0).")
@@ -65,46 +82,33 @@ class PretrainConfig:
     device: str = opt("auto", "Device: auto (CUDA at LOCAL_RANK if available, else CPU), cpu, cuda, cuda:N.")
     precision: str = opt("auto", "Autocast: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
     resume: Optional[str] = opt(None, "Resume from a last.ckpt (or 'auto': OUT/last.ckpt if it exists).")
-    save_every: int = opt(0, "Also checkpoint every N optimizer steps (0: at the end of each epoch only).")
+    save_every: Optional[int] = opt(None, "Also checkpoint every N optimizer steps (default: at the end of each "
+                                          "epoch only).")
     log_every: int = opt(1, "Log every N optimizer steps.")
-    stop_after: int = opt(0, "Stop after N optimizer steps in this process, with a checkpoint (0: run to the end).")
+    stop_after: Optional[int] = opt(None, "Stop after N optimizer steps in this process, with a checkpoint "
+                                          "(default: run to the end).")
     log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).")
     progress: bool = opt(True, "Rich progress bar on rank 0 (when stderr is a terminal).")
-    teacher: str = opt("", "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], timm:NAME).")
+    teacher: Optional[str] = opt(None, "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
+                                       "timm:NAME).")
     teacher_weights: Optional[str] = opt(None, "Online mode: local teacher weights file.")
     random_init: bool = opt(False, "Online mode: randomly initialised teacher (tests/benchmarks only).")
     tap: str = opt("final", "Online mode without a cache: teacher feature tap (final, ln_post, proj).")
-    views: int = opt(2, "Online mode without a cache: views per image (as `mdcache extract --views`).")
-    image_size: int = opt(224, "Online mode without a cache: image size (as `mdcache extract --image-size`).")
-    crop_scale: str = opt("0.2,1.0", "Online mode without a cache: RandomResizedCrop scale 'min,max'.")
-    crop_ratio: str = opt("0.75,1.3333333333", "Online mode without a cache: RandomResizedCrop ratio 'min,max'.")
-    flip: bool = opt(True, "Online mode without a cache: random horizontal flip.")
-    color_jitter: float = opt(0.0, "Online mode without a cache: ColorJitter strength (as `mdcache extract --color-jitter`).")
-    storage_option: list[str] = opt([], "fsspec storage option KEY=VALUE for cache and source (repeatable).")
-    local_cache: str = opt("", "Local directory for a read-through copy of a remote cache: each shard is downloaded once per machine.")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for cache and source (repeatable).")
+    local_cache: Optional[str] = opt(None, "Local directory for a read-through copy of a remote cache: each shard "
+                                           "is downloaded once per machine.")
     local_cache_gb: float = opt(100.0, "Size bound of --local-cache in GB (least recently used shards are evicted).")
 
 
-# ----------------------------------------------------------------------------- setup pieces
-
-def configure_threads(device: torch.device, workers: int, world: int) -> None:
-    """On CPU, leave a core per loader worker: OpenMP regions that lose a thread to a busy worker stall
-    (measured here: 100x slower steps with 2 threads + 2 workers on 2 cores). OMP_NUM_THREADS wins."""
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // max(1, world) - workers))
+def check_config(cfg: PretrainConfig) -> None:
+    objective.check(cfg.target_norm, cfg.loss)
+    for name in ("accum_iter", "log_every", "save_every", "stop_after"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world). Under torchrun: init the process group (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
+# ----------------------------------------------------------------------------- data and targets
 
 @dataclass
 class Setup:
@@ -119,35 +123,33 @@ class Setup:
     teacher_precision: str = "fp32"
 
 
-def setup_data(cfg: PretrainConfig, rank: int, world: int, device: torch.device, precision: str,
-               with_targets: bool = True) -> Setup:
+def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = None, with_targets: bool = True) -> Setup:
     """Open the cache and plan the stream; in online mode also load the teacher (lazily imported)."""
-    so = store.parse_storage_options(cfg.storage_option) or None
+    dist = dist or Dist()
+    so = cfg.storage_options
     cache = recipe = teacher = None
     if cfg.cache:
-        cache = store.open_cache(cfg.cache, so, local_cache=cfg.local_cache or None,
+        cache = store.open_cache(cfg.cache, so, local_cache=cfg.local_cache,
                                  local_cache_bytes=int(cfg.local_cache_gb * 2**30))
-        plan = data.plan_from_cache(cache, cfg.source or None)
-        t = cache.manifest["teacher"]
-        grid, dim, image_size, k = tuple(t["patch_grid"]), int(t["dim"]), int(cache.manifest["image_size"]), int(cache.manifest["views"])
+        plan = data.plan_from_cache(cache, cfg.source)
+        grid, dim, image_size, k = cache.patch_grid, cache.teacher_dim, cache.image_size, cache.views
     elif cfg.teacher and cfg.source:
         plan = data.plan_from_source(cfg.source, so)
     else:
-        raise ValueError("give --cache (offline), or --teacher with --source (online without a cache)")
+        raise ConfigError("give --cache (offline), or --teacher with --source (online without a cache)")
     if cfg.teacher:
         teacher = load_online_teacher(cfg, cache, device)
         if cache is None:
             grid, dim, image_size, k = tuple(teacher.patch_grid), teacher.dim, teacher.image_size, cfg.views
-            recipe = views.ViewRecipe(image_size=image_size, scale=parse_floats(cfg.crop_scale, 2, "--crop-scale"),
-                                      ratio=parse_floats(cfg.crop_ratio, 2, "--crop-ratio"), flip=cfg.flip,
-                                      views=cfg.views, seed=cfg.seed, color_jitter=cfg.color_jitter)
-    lanes = max(1, cfg.workers)
+            recipe = cfg.view_recipe(image_size, cfg.seed)
     scfg = data.StreamConfig(batch_size=cfg.batch_size, image_size=image_size, grid=grid, views=k, seed=cfg.seed,
-                             mask_ratio=cfg.mask_ratio, min_mask_patches=scaled_min_patches(grid[0] * grid[1], cfg.min_mask_patches),
-                             shuffle_buffer=cfg.shuffle_buffer, rank=rank, world=world, lanes=lanes,
-                             with_targets=with_targets and teacher is None, storage_options=so)
-    tprec = resolve_precision(cfg.precision, device)
-    return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher, teacher_precision=tprec)
+                             mask_ratio=cfg.mask_ratio,
+                             min_mask_patches=scaled_min_patches(grid[0] * grid[1], cfg.min_mask_patches),
+                             shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank, world=dist.world,
+                             lanes=max(1, cfg.workers), with_targets=with_targets and teacher is None,
+                             storage_options=so)
+    return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher,
+                 teacher_precision=resolve_precision(cfg.precision, device))
 
 
 def load_online_teacher(cfg: PretrainConfig, cache: store.Cache | None, device: torch.device):
@@ -157,14 +159,8 @@ def load_online_teacher(cfg: PretrainConfig, cache: store.Cache | None, device: 
     if cache is None:
         return teachers.load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
                                      image_size=cfg.image_size, device=device, seed=cfg.seed)
-    fp = cache.manifest["fingerprint"]["teacher"]
-    t = teachers.load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=fp["tap"],
-                              image_size=int(cache.manifest["image_size"]), device=device,
-                              seed=int(fp.get("init_seed", cfg.seed)))
-    if t.identity["weights_sha256"] != fp["weights_sha256"]:
-        raise ValueError(f"online teacher {cfg.teacher!r} (weights {t.identity['weights_sha256'][:12]}) is not the teacher "
-                         f"of cache {cache.url} (weights {fp['weights_sha256'][:12]}): the comparison would be meaningless")
-    return t
+    return teachers.load_cache_teacher(cache, spec=cfg.teacher, weights=cfg.teacher_weights, device=device,
+                                       random_init=cfg.random_init)
 
 
 def make_stream(setup: Setup, epoch: int, skip: int = 0) -> data.ShardStream:
@@ -181,12 +177,24 @@ def targets_for(setup: Setup, batch: dict) -> torch.Tensor:
     return run_teacher(t, data.normalize(batch["images"], t.mean, t.std), setup.teacher_precision)
 
 
+def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: PretrainConfig, precision: str,
+                 device: torch.device) -> torch.Tensor:
+    """One micro-batch (already on the device): targets, forward, masked loss."""
+    targets = targets_for(setup, batch)
+    images = data.normalize(batch["images"], data.STUDENT_MEAN, data.STUDENT_STD)
+    with autocast(device, precision):
+        pred = model(images, batch["mask"])
+    return objective.distill_loss(pred, targets, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss,
+                                  beta=cfg.beta)
+
+
+# ----------------------------------------------------------------------------- optimization
+
 def build_optimizer(cfg: PretrainConfig, student: Student, eff_batch: int) -> tuple[torch.optim.Optimizer, float]:
     from timm.optim import create_optimizer_v2
 
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    betas = parse_floats(cfg.betas, 2, "--betas")
-    return create_optimizer_v2(student, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=betas), lr
+    return create_optimizer_v2(student, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas)), lr
 
 
 def build_scheduler(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
@@ -198,276 +206,226 @@ def build_scheduler(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, updat
     return sched
 
 
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+# ----------------------------------------------------------------------------- the run
 
+@dataclass
+class Run:
+    """The state the loop shares with its helpers (MAE passes these as arguments; there are many)."""
 
-def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: PretrainConfig, precision: str,
-                 device: torch.device) -> torch.Tensor:
-    """One micro-batch (already on the device): targets, forward, masked loss."""
-    targets = targets_for(setup, batch)
-    images = data.normalize(batch["images"], data.STUDENT_MEAN, data.STUDENT_STD)
-    with autocast(device, precision):
-        pred = model(images, batch["mask"])
-    return objective.distill_loss(pred, targets, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss, beta=cfg.beta)
+    cfg: PretrainConfig
+    setup: Setup
+    dist: Dist
+    device: torch.device
+    precision: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    outdir: OutputDir
+    steps: int                             # batches per epoch per rank (a multiple of accum_iter)
+    on_step: Callable[[dict], None] | None = None
+    step: int = 0                          # optimizer steps so far (all runs of this training)
+    run_steps: int = 0                     # optimizer steps in this process (--stop-after)
+    loss: float = float("nan")
+    metrics: MetricsLog | None = None      # rank 0
+    samples: MetricsLog | None = None      # --log-samples
+    stop: StopFlag = field(default_factory=lambda: StopFlag(console))
+    progress: Any = None
 
+    @property
+    def layout(self) -> dict:
+        """What decides the data order and the schedule: exact resume needs all of it unchanged."""
+        return {"world_size": self.dist.world, "lanes": max(1, self.cfg.workers), "batch_size": self.cfg.batch_size,
+                "accum_iter": self.cfg.accum_iter, "seed": self.cfg.seed, "steps_per_epoch": self.steps}
 
-# ----------------------------------------------------------------------------- outputs
+    @property
+    def meta(self) -> dict:
+        s = self.setup
+        return {"steps_per_epoch": self.steps, "image_size": s.stream.image_size, "grid": list(s.stream.grid),
+                "teacher_dim": s.dim, "cache_id": s.cache.cache_id if s.cache else None}
 
-class StopFlag:
-    """Ctrl-C / SIGTERM -> finish the current optimizer step, save a checkpoint, exit. Twice: exit now."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint after this step "
-                      "(again to exit without saving)[/]")
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def ignore_sigint(_worker_id: int) -> None:
-    """Loader workers leave Ctrl-C to the main process, which stops cleanly and saves."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def plot_loss(metrics_path: str, png_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (masked tokens)")
-    ax.set_title("mdtrain pretrain")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-
-
-def keep_jsonl(path: str, keep: Callable[[dict], bool]) -> None:
-    """Rewrite a JSON-lines log keeping only the rows `keep` accepts (missing file: nothing to do)."""
-    if not os.path.exists(path):
-        return
-    rows = [line for line in open(path) if line.strip() and keep(json.loads(line))]
-    with open(path, "w") as f:
-        f.writelines(rows)
-
-
-def unwrap(model: torch.nn.Module) -> Student:
-    return model.module if hasattr(model, "module") else model
-
-
-def save_all(cfg: PretrainConfig, out: str, model, optimizer, scheduler, epoch: int, batch_in_epoch: int,
-             step: int, device: torch.device, world: int, rank: int, meta: dict) -> None:
-    """Every rank contributes its RNG state; rank 0 writes last.ckpt and student.safetensors."""
-    rngs = checkpoint.gather_rng_states(device, world)
-    if rank != 0:
-        return
-    student = unwrap(model)
-    state = {"version": checkpoint.CKPT_VERSION, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "epoch": epoch, "batch_in_epoch": batch_in_epoch, "step": step,
-             "rng": rngs, "world_size": world, "lanes": max(1, cfg.workers), "batch_size": cfg.batch_size,
-             "accum_iter": cfg.accum_iter, "seed": cfg.seed, "config": asdict(cfg), **meta}
-    checkpoint.atomic_torch_save(state, os.path.join(out, checkpoint.CKPT_NAME))
-    checkpoint.save_student(os.path.join(out, checkpoint.WEIGHTS_NAME), student.backbone_state_dict(),
-                            {"timm_model": cfg.student, "img_size": str(meta["image_size"]), "step": str(step),
-                             "cache_id": str(meta.get("cache_id"))})
-
-
-def check_resume(ckpt: dict, cfg: PretrainConfig, world: int, steps: int) -> None:
-    """Exact resume needs the same data layout; say which knob differs instead of silently reshuffling."""
-    expected = {"world_size": world, "lanes": max(1, cfg.workers), "batch_size": cfg.batch_size,
-                "accum_iter": cfg.accum_iter, "seed": cfg.seed, "steps_per_epoch": steps}
-    diff = [f"{k}: checkpoint {ckpt.get(k)} vs now {v}" for k, v in expected.items() if ckpt.get(k) != v]
-    if diff:
-        raise checkpoint.CheckpointError("cannot resume exactly, the data layout changed (" + "; ".join(diff) + ")")
-
-
-# ----------------------------------------------------------------------------- the loop
 
 def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
     """Train; returns a summary (steps, final loss, paths). Safe to call under torchrun."""
-    objective.check(cfg.target_norm, cfg.loss)
+    check_config(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    rank, world = init_distributed(device)
-    configure_threads(device, cfg.workers, world)
-    setup = setup_data(cfg, rank, world, device, precision)
+    dist = init_distributed(device)
+    configure_threads(device, cfg.workers, dist.world)
+    setup = setup_data(cfg, device, dist)
     steps = data.steps_per_epoch(setup.plan, setup.stream, cfg.epochs)
     steps -= steps % cfg.accum_iter
     if steps == 0:
         raise data.DataError(f"an epoch has fewer batches than --accum-iter {cfg.accum_iter}")
-    updates_per_epoch = steps // cfg.accum_iter
-    image_size = setup.stream.image_size
+
     torch.manual_seed(cfg.seed)  # after the (online) teacher drew its init; same on every rank (DDP broadcasts too)
-    student = build_student(cfg.student, image_size=image_size, grid=setup.stream.grid, teacher_dim=setup.dim,
-                            drop_path=cfg.drop_path, layer_scale=cfg.layer_scale or None).to(device)
-    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
+                            teacher_dim=setup.dim, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale or None)
+    student = student.to(device)
+    eff_batch = cfg.batch_size * cfg.accum_iter * dist.world
     optimizer, lr = build_optimizer(cfg, student, eff_batch)
-    scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
+    scheduler = build_scheduler(cfg, optimizer, steps // cfg.accum_iter)
     model: torch.nn.Module = student
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    torch.manual_seed(cfg.seed + rank)  # per-rank drop-path noise
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None)
+    torch.manual_seed(cfg.seed + dist.rank)  # per-rank drop-path noise
+    r = Run(cfg=cfg, setup=setup, dist=dist, device=device, precision=precision, model=model, optimizer=optimizer,
+            scheduler=scheduler, outdir=OutputDir(cfg.out, cfg.storage_options), steps=steps, on_step=on_step)
+    resume_path = checkpoint.resolve_resume(cfg.resume, r.outdir.local)
+    start_epoch, start_batch = resume(r, resume_path)
+    open_logs(r, resume_path, start_epoch, start_batch, lr, eff_batch)
 
-    outdir = OutputDir(cfg.out, store.parse_storage_options(cfg.storage_option))  # local, or mirrored to a URL
-    out = outdir.local
-    meta = {"steps_per_epoch": steps, "image_size": image_size, "grid": list(setup.stream.grid), "teacher_dim": setup.dim,
-            "cache_id": setup.cache.manifest["cache_id"] if setup.cache else None}
-    start_epoch, start_batch, step = 0, 0, 0
-    resume = cfg.resume
-    if resume == "auto":
-        resume = os.path.join(out, checkpoint.CKPT_NAME) if os.path.exists(os.path.join(out, checkpoint.CKPT_NAME)) else None
-    if resume:
-        ckpt = checkpoint.load_checkpoint(resume)
-        check_resume(ckpt, cfg, world, steps)
-        student.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        checkpoint.set_rng_state(ckpt["rng"][rank], device)
-        start_epoch, start_batch, step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
-        del ckpt
-    scheduler.step_update(num_updates=step)
-
-    metrics_path = os.path.join(out, "metrics.jsonl")
-    samples_path = os.path.join(out, f"samples-rank{rank}.jsonl")
-    # Logs may run past the checkpoint (a crash after it): keep exactly what the checkpoint covers.
-    keep_jsonl(samples_path, lambda r: resume and (r["epoch"], r["batch"]) < (start_epoch, start_batch))
-    if rank == 0:
-        keep_jsonl(metrics_path, lambda r: resume and r["step"] <= step)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump({"config": asdict(cfg), "lr": lr, "effective_batch": eff_batch, "world_size": world,
-                       "mode": "online" if setup.teacher is not None else "offline", **meta}, f, indent=1)
-        mode = f"online teacher {cfg.teacher}" if setup.teacher is not None else f"cache {cfg.cache}"
-        console.print(f"pretrain {cfg.student} from {mode}: {len(setup.plan)} shards, {steps} batches/epoch/rank, "
-                      f"world {world}, lr {lr:.3g} (effective batch {eff_batch}), {precision}, device {device}"
-                      + (f"; resuming at epoch {start_epoch} batch {start_batch} (step {step})" if resume else ""))
-    samples_log = open(samples_path, "a") if cfg.log_samples else None
-    metrics = open(metrics_path, "a") if rank == 0 else None
-    progress = _progress(cfg, rank, cfg.epochs * updates_per_epoch, step)
-
-    run_steps, last_loss, stopped = 0, float("nan"), False
-    epoch, i = start_epoch, start_batch
+    epoch, i, stopped = start_epoch, start_batch, False
     model.train()
-    with StopFlag() as stop, progress:
+    with r.stop, r.progress:
         for epoch in range(start_epoch, cfg.epochs):
-            skip = start_batch if epoch == start_epoch else 0
-            loader = data.make_loader(make_stream(setup, epoch, skip), cfg.workers, pin_memory=device.type == "cuda",
-                                      worker_init_fn=ignore_sigint)
-            batches = iter(loader)
-            i, t0, seen, acc_loss = skip, time.perf_counter(), 0, 0.0
-            while i < steps:
-                batch = data.to_device(next(batches), device)
-                if samples_log:
-                    samples_log.write(json.dumps({"epoch": epoch, "batch": i, "keys": batch["keys"],
-                                                  "views": batch["views"]}) + "\n")
-                last_micro = (i + 1) % cfg.accum_iter == 0
-                with (model.no_sync() if world > 1 and not last_micro else nullcontext()):
-                    loss = student_loss(model, setup, batch, cfg, precision, device)
-                    (loss / cfg.accum_iter).backward()
-                acc_loss += float(loss.detach()) / cfg.accum_iter
-                seen += len(batch["keys"])
-                i += 1
-                if not last_micro:
-                    continue
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                run_steps += 1
-                scheduler.step_update(num_updates=step)
-                last_loss = _mean_across(acc_loss, world)
-                if not math.isfinite(last_loss):
-                    raise FloatingPointError(f"loss is {last_loss} at step {step} (epoch {epoch}); stopping")
-                if rank == 0 and step % cfg.log_every == 0:
-                    dt = time.perf_counter() - t0
-                    row = {"step": step, "epoch": round(epoch + i / steps, 4), "loss": last_loss,
-                           "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(seen * world / max(dt, 1e-9), 2)}
-                    if grad_norm is not None:
-                        row["grad_norm"] = round(float(grad_norm), 4)
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                    progress.update(row)
-                    if on_step:
-                        on_step(row)
-                    t0, seen = time.perf_counter(), 0
-                acc_loss = 0.0
-                stopped = _any_rank((cfg.stop_after and run_steps >= cfg.stop_after) or stop.requested, world)
-                if stopped:
-                    break
-                if cfg.save_every and step % cfg.save_every == 0 and i < steps:
-                    save_all(cfg, out, model, optimizer, scheduler, epoch, i, step, device, world, rank, meta)
-                    if rank == 0:
-                        metrics.flush()
-                        outdir.push()
-            del batches, loader
-            if stopped:
+            i, stopped = train_one_epoch(r, epoch, start_batch if epoch == start_epoch else 0)
+            if stopped or epoch + 1 == cfg.epochs:
                 break
-            start_batch = 0
-        next_epoch, next_batch = (epoch, i) if i < steps else (epoch + 1, 0)
-        save_all(cfg, out, model, optimizer, scheduler, next_epoch, next_batch, step, device, world, rank, meta)
-    if samples_log:
-        samples_log.close()
-    if rank == 0:
-        metrics.close()
-        plot_loss(metrics_path, os.path.join(out, "loss.png"))
-        outdir.push()
-        console.print(f"{'stopped' if stopped else 'done'} at step {step} (epoch {next_epoch}, batch {next_batch}), "
-                      f"loss {last_loss:.4f}; wrote {cfg.out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
-    if dist.is_initialized():
-        dist.barrier()
-    return {"step": step, "epoch": next_epoch, "batch_in_epoch": next_batch, "loss": last_loss, "stopped": stopped,
-            "interrupted": stop.requested, "out": out, "rank": rank, "world": world}
+            save_all(r, epoch + 1, 0)
+        epoch, i = (epoch, i) if i < steps else (epoch + 1, 0)
+        save_all(r, epoch, i)
+    close_logs(r, stopped, epoch, i)
+    return {"step": r.step, "epoch": epoch, "batch_in_epoch": i, "loss": r.loss, "stopped": stopped,
+            "interrupted": r.stop.requested, "out": r.outdir.local, "rank": dist.rank, "world": dist.world}
 
 
-def _mean_across(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / world
+def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
+    """Optimizer steps over one epoch, from batch `skip` on: (batches consumed, stopped early)."""
+    cfg, model, opt = r.cfg, r.model, r.optimizer
+    loader = data.make_loader(make_stream(r.setup, epoch, skip), cfg.workers, pin_memory=r.device.type == "cuda",
+                              worker_init_fn=ignore_sigint)
+    batches = iter(loader)
+    i, t0, seen = skip, time.perf_counter(), 0
+    while i < r.steps:
+        acc_loss = 0.0
+        for micro in range(cfg.accum_iter):
+            batch = data.to_device(next(batches), r.device)
+            if r.samples:
+                r.samples.write({"epoch": epoch, "batch": i, "keys": batch["keys"], "views": batch["views"]})
+            sync = r.dist.world == 1 or micro == cfg.accum_iter - 1  # DDP all-reduces on the last micro-step only
+            with nullcontext() if sync else model.no_sync():
+                loss = student_loss(model, r.setup, batch, cfg, r.precision, r.device)
+                (loss / cfg.accum_iter).backward()
+            acc_loss += float(loss.detach()) / cfg.accum_iter
+            seen += len(batch["keys"])
+            i += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        r.step += 1
+        r.run_steps += 1
+        r.scheduler.step_update(num_updates=r.step)
+        r.loss = all_reduce_mean(acc_loss, r.dist)
+        if not math.isfinite(r.loss):
+            raise FloatingPointError(f"loss is {r.loss} at step {r.step} (epoch {epoch}); stopping")
+        if r.dist.main and r.step % cfg.log_every == 0:
+            dt = time.perf_counter() - t0
+            row = {"step": r.step, "epoch": round(epoch + i / r.steps, 4), "loss": r.loss,
+                   "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen * r.dist.world / max(dt, 1e-9), 2)}
+            if grad_norm is not None:
+                row["grad_norm"] = round(float(grad_norm), 4)
+            r.metrics.write(row)
+            r.progress.update(row)
+            if r.on_step:
+                r.on_step(row)
+            t0, seen = time.perf_counter(), 0
+        if any_rank(cfg.stop_after is not None and r.run_steps >= cfg.stop_after or r.stop.requested, r.dist):
+            return i, True  # every rank stops on the same step, or DDP deadlocks
+        if cfg.save_every and r.step % cfg.save_every == 0 and i < r.steps:
+            save_all(r, epoch, i)
+    return i, False
 
 
-def _any_rank(flag: bool, world: int) -> bool:
-    """All ranks must stop on the same step, or DDP deadlocks."""
-    if world == 1:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def resume(r: Run, path: str | None) -> tuple[int, int]:
+    """Restore model, optimizer, schedule and this rank's RNG from a checkpoint of the same layout;
+    returns the (epoch, batch) to continue from."""
+    position = (0, 0)
+    if path:
+        ckpt = checkpoint.load_trainer_state(path, "pretrain")
+        checkpoint.check_resumable(ckpt, r.layout, path)
+        unwrap(r.model).load_state_dict(ckpt["model"])
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.scheduler.load_state_dict(ckpt["scheduler"])
+        checkpoint.set_rng_state(ckpt["rng"][r.dist.rank], r.device)
+        position, r.step = (ckpt["epoch"], ckpt["batch_in_epoch"]), ckpt["step"]
+    r.scheduler.step_update(num_updates=r.step)
+    return position
 
 
-class _progress:
-    """Rich progress on rank 0 when stderr is a terminal; otherwise a line every few log rows."""
+def open_logs(r: Run, resumed: str | None, epoch: int, batch: int, lr: float, eff_batch: int) -> None:
+    """Logs may run past the checkpoint (a crash after it): keep exactly what the checkpoint covers."""
+    cfg, main = r.cfg, r.dist.main
+    samples = MetricsLog(r.outdir.path(f"samples-rank{r.dist.rank}.jsonl"))
+    if cfg.log_samples or os.path.exists(samples.path):
+        samples.truncate(lambda row: bool(resumed) and (row["epoch"], row["batch"]) < (epoch, batch))
+    r.samples = samples if cfg.log_samples else None
+    r.progress = StepProgress(cfg.progress and main and sys.stderr.isatty(), not main,
+                              cfg.epochs * (r.steps // cfg.accum_iter), r.step)
+    if not main:
+        return
+    r.metrics = MetricsLog(r.outdir.path("metrics.jsonl"))
+    r.metrics.truncate(lambda row: bool(resumed) and row["step"] <= r.step)
+    online = r.setup.teacher is not None
+    with open(r.outdir.path("config.json"), "w") as f:
+        json.dump({"config": public_config(cfg), "lr": lr, "effective_batch": eff_batch, "world_size": r.dist.world,
+                   "mode": "online" if online else "offline", **r.meta}, f, indent=1)
+    console.print(f"pretrain {cfg.student} from {f'online teacher {cfg.teacher}' if online else f'cache {cfg.cache}'}: "
+                  f"{len(r.setup.plan)} shards, {r.steps} batches/epoch/rank, world {r.dist.world}, lr {lr:.3g} "
+                  f"(effective batch {eff_batch}), {r.precision}, device {r.device}"
+                  + (f"; resuming at epoch {epoch} batch {batch} (step {r.step})" if resumed else ""))
 
-    def __init__(self, cfg: PretrainConfig, rank: int, total: int, done: int):
-        self.live = cfg.progress and rank == 0 and sys.stderr.isatty()
-        self.quiet = rank != 0
-        self.total, self.done = total, done
+
+def save_all(r: Run, epoch: int, batch: int) -> None:
+    """Every rank contributes its RNG state; rank 0 writes last.ckpt and student.safetensors, then uploads."""
+    rngs = checkpoint.gather_rng_states(r.device, r.dist.world)
+    if not r.dist.main:
+        return
+    cfg, student = r.cfg, unwrap(r.model)
+    checkpoint.save_trainer_state(r.outdir.path(checkpoint.CKPT_NAME), "pretrain", {
+        "model": student.state_dict(), "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
+        "epoch": epoch, "batch_in_epoch": batch, "step": r.step, "rng": rngs, **r.layout, "config": public_config(cfg),
+        **r.meta})
+    meta = {"model": cfg.student, "image_size": r.setup.stream.image_size, "kind": "pretrain-student",
+            "mean": json.dumps(list(data.STUDENT_MEAN)), "std": json.dumps(list(data.STUDENT_STD)), "step": r.step}
+    if cfg.layer_scale:
+        meta["layer_scale"] = cfg.layer_scale
+    if r.setup.cache is not None:
+        meta["cache_id"] = r.setup.cache.cache_id
+    checkpoint.save_weights(r.outdir.path(checkpoint.WEIGHTS_NAME), student.backbone_state_dict(), meta)
+    r.outdir.push()
+
+
+def close_logs(r: Run, stopped: bool, epoch: int, batch: int) -> None:
+    if r.samples:
+        r.samples.close()
+    if r.dist.main:
+        r.metrics.close()
+        plot_loss(r.metrics.rows(), r.outdir.path("loss.png"))
+        r.outdir.push()
+        console.print(f"{'stopped' if stopped else 'done'} at step {r.step} (epoch {epoch}, batch {batch}), "
+                      f"loss {r.loss:.4f}; wrote {r.cfg.out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
+    if r.dist.world > 1:
+        torch.distributed.barrier()
+
+
+class StepProgress:
+    """Rich progress on rank 0 when stderr is a terminal; otherwise a line every 50 steps (rank 0)."""
+
+    def __init__(self, live: bool, quiet: bool, total: int, done: int):
+        self.live, self.quiet, self.total, self.done = live, quiet, total, done
         self.bar = None
 
-    def __enter__(self) -> "_progress":
+    def __enter__(self) -> "StepProgress":
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("[bold]pretrain[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                                 TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
@@ -489,23 +447,7 @@ class _progress:
 
 
 def run_cli(cfg: PretrainConfig) -> None:
-    """CLI entry: clear one-line errors for the failures users can fix; exit 130 after a Ctrl-C save."""
-    from mdcache.sources import SourceError
-
-    from .checkpoint import CheckpointError
-    from .student import StudentError
-
-    user_errors: tuple = (store.CacheError, data.DataError, SourceError, StudentError, CheckpointError, ValueError)
-    if cfg.teacher:  # online mode only: offline runs never import the teacher module
-        from mdcache.teachers import TeacherError
-        user_errors += (TeacherError,)
-    try:
-        summary = pretrain(cfg)
-    except user_errors as e:
-        Console(stderr=True).print(f"[red]error:[/] {e}")
-        raise SystemExit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """CLI entry: exit 130 after a Ctrl-C save (errors are reported by the command boundary)."""
+    summary = pretrain(cfg)
     if summary["interrupted"]:
         raise SystemExit(130)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mdcache.errors import UserError
 
-class StudentError(ValueError):
+
+class StudentError(UserError):
     """The student cannot serve this cache (unknown model, wrong patch grid)."""
 
 

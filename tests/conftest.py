@@ -14,10 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CLIP = str(ROOT / "tests" / "assets" / "tiny-clip.json")
-TINY_TEACHER = f"open_clip:{TINY_CLIP}"
+from helpers import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -44,24 +41,6 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def train_spec(demo_data) -> str:
     return str(demo_data / "train-{000000..000003}.tar")
-
-
-def extract_cfg(source: str, cache: str, **kw):
-    from mdcache.extract import ExtractConfig
-
-    base = dict(source=source, cache=cache, teacher=TINY_TEACHER, random_init=True, image_size=64, views=2,
-                codec="fp16", workers=0, batch_size=8, calib_images=16)
-    base.update(kw)
-    return ExtractConfig(**base)
-
-
-def run_cli(*args: str, check: bool = True, env: dict | None = None, module: str = "mdcache") -> subprocess.CompletedProcess:
-    """Run `python -m mdcache ...` as a user would, in a fresh process."""
-    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "COLUMNS": "200", **(env or {})})
-    if check and p.returncode != 0:
-        raise AssertionError(f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,7 @@ def start(workdir: Path) -> S3Server:
         except Exception:
             if time.time() > deadline:
                 stop(server)
-                raise RuntimeError(f"S3 server did not come up: {(workdir / 'weed.log').read_text()[-2000:]}")
+                raise RuntimeError(f"S3 server did not come up: {(workdir / 'weed.log').read_text()[-2000:]}") from None
             time.sleep(0.3)
 
 

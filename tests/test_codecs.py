@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_TEACHER
 
-from conftest import TINY_TEACHER
-from mdcache import codecs, teachers
+from mdcache import codecs, store, teachers
+from mdcache.errors import ConfigError
 from mdcache.extract import image_views
 from mdcache.sources import iter_samples, list_source
 from mdcache.views import ViewRecipe
@@ -18,13 +19,19 @@ def feats(train_spec) -> torch.Tensor:
     return teachers.run_teacher(t, torch.cat(xs))
 
 
+def calibrate(name, x):
+    c = codecs.CODECS[name]
+    return c.calibrate(x) if c.calibrate else None
+
+
 def roundtrip(name, x, calib_from=None):
-    calib = codecs.calibrate(name, (calib_from if calib_from is not None else x)[:8])
-    enc = codecs.encode(name, x, calib)
-    assert set(enc) == set(codecs.CODEC_ARRAYS[name])
-    for a, (dtype, rank) in codecs.CODEC_ARRAYS[name].items():
+    c = codecs.CODECS[name]
+    calib = calibrate(name, (calib_from if calib_from is not None else x)[:8])
+    enc = c.encode(x, calib)
+    assert set(enc) == set(c.arrays)
+    for a, (dtype, rank) in c.arrays.items():
         assert enc[a].dtype == np.dtype(dtype) and enc[a].ndim == rank
-    return codecs.decode(name, {k: torch.from_numpy(v) for k, v in enc.items()}, calib)
+    return c.decode({k: torch.from_numpy(v) for k, v in enc.items()}, calib)
 
 
 def fidelity(ref, approx):
@@ -62,19 +69,26 @@ def test_int8_survives_outlier_channels(feats, factor):
 
 
 def test_int8_is_half_the_size_of_fp16(feats):
-    calib = codecs.calibrate("int8", feats)
-    n8 = sum(a.nbytes for a in codecs.encode("int8", feats, calib).values())
-    n16 = sum(a.nbytes for a in codecs.encode("fp16", feats, None).values())
+    calib = calibrate("int8", feats)
+    n8 = sum(a.nbytes for a in codecs.CODECS["int8"].encode(feats, calib).values())
+    n16 = sum(a.nbytes for a in codecs.CODECS["fp16"].encode(feats, None).values())
     assert n8 < 0.55 * n16
 
 
 def test_decode_runs_where_the_arrays_are(feats):
-    calib = codecs.calibrate("int8", feats)
-    enc = {k: torch.from_numpy(v) for k, v in codecs.encode("int8", feats, calib).items()}
-    out = codecs.decode("int8", enc, calib)
+    calib = calibrate("int8", feats)
+    enc = {k: torch.from_numpy(v) for k, v in codecs.CODECS["int8"].encode(feats, calib).items()}
+    out = codecs.CODECS["int8"].decode(enc, calib)
     assert out.dtype == torch.float32 and out.shape == feats.shape and out.device == enc["targets"].device
 
 
 def test_unknown_codec_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown codec 'int4'"):
-        codecs.check_codec("int4")
+    with pytest.raises(ConfigError, match="unknown codec 'int4'; choose one of fp16, int8"):
+        codecs.get_codec("int4")
+
+
+def test_codec_identities_are_frozen():
+    """The identity dicts are hashed into every cache id: changing one orphans every existing cache."""
+    fp = {"format_version": 1, "codec": codecs.CODECS["fp16"].identity}
+    i8 = {"format_version": 1, "codec": codecs.CODECS["int8"].identity}
+    assert store.cache_id(fp) == "42e8363c2b4a50b7" and store.cache_id(i8) == "353b1adf5acacdd2"

@@ -1,6 +1,7 @@
 """mdcache extract end to end: real photos, a real (tiny, random-init) open_clip ViT, real Zarr stores."""
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg, run_cli
 
-from conftest import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg, run_cli
 from mdcache import open_cache, store, views
 from mdcache.extract import extract
 from mdcache.sources import iter_samples, list_source
@@ -29,7 +30,8 @@ def teacher_on_replayed_views(cache, source_spec):
         images = {s.key: views.decode_image(s.data) for s in iter_samples(shards[name])}
         for v in range(cache.manifest["views"]):
             keys, targets, params = cache.read(name, v)
-            x = torch.stack([views.to_tensor(views.replay(images[k], p, 64), t.mean, t.std) for k, p in zip(keys, params)])
+            x = torch.stack([views.to_tensor(views.replay(images[k], p, 64), t.mean, t.std)
+                             for k, p in zip(keys, params)])
             yield run_teacher(t, x), torch.from_numpy(targets)
 
 
@@ -66,7 +68,7 @@ def test_cache_id_changes_with_what_produced_it_and_nothing_else(tmp_path, demo_
         "tap": cache_url_for(tmp_path, train_spec, tap="proj"),
         "codec": cache_url_for(tmp_path, train_spec, codec="int8"),
         "views": cache_url_for(tmp_path, train_spec, views=3),
-        "crop": cache_url_for(tmp_path, train_spec, crop_scale="0.3,1.0"),
+        "crop": cache_url_for(tmp_path, train_spec, crop_scale=(0.3, 1.0)),
         "seed": cache_url_for(tmp_path, train_spec, seed=1),
         "jitter": cache_url_for(tmp_path, train_spec, color_jitter=0.4),
         "source": cache_url_for(tmp_path, str(demo_data / "train-{000000..000002}.tar")),
@@ -186,7 +188,8 @@ def test_corrupt_and_missing_inputs_are_reported(tmp_path, demo_data):
     assert rec["samples"] == 5 and "broken" not in cache.keys("bad-000000")
     assert cache.stats()["skipped"] == 3
     missing = run_cli(*extract_args(str(src / "bad-{000000..000005}.tar"), str(tmp_path / "c")), check=False)
-    assert missing.returncode == 2 and "bad-000003.tar" in missing.stderr and "3 source shards do not exist" in missing.stderr
+    assert missing.returncode == 2 and "bad-000003.tar" in missing.stderr
+    assert "3 source shards do not exist" in missing.stderr
 
 
 def test_verify_checksums_and_teacher(tmp_path, train_spec):
@@ -202,6 +205,27 @@ def test_verify_checksums_and_teacher(tmp_path, train_spec):
     assert "train-000002" in bad.stderr and "view 1" in bad.stderr
     with pytest.raises(store.CacheError, match="train-000002"):
         open_cache(url).read("train-000002", 1)
+
+
+def test_verify_teacher_check_catches_views_that_do_not_match(tmp_path, train_spec):
+    """Negative control: a shard whose stored view params were altered but whose checksums are consistent
+    (a new attempt, a new commit record) passes the checksum check and must fail the teacher check."""
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path), shards="0:1"), progress=False)
+    cache = open_cache(url)
+    name, k = "train-000000", cache.views
+    per_view = [cache.read_encoded(name, v) for v in range(k)]
+    keys = per_view[0][0]
+    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
+    params = np.stack([p for _, _, p in per_view])
+    params[..., 4] = 1 - params[..., 4]  # every view's flip state toggled
+    params[..., 0] //= 2  # and its crop box moved up
+    rec = store.write_shard_data(url, name, keys, arrays, params, {})
+    os.unlink(Path(url) / "commits" / f"{name}.json")
+    assert store.commit_shard(url, rec)
+    assert run_cli("verify", url).stdout.strip() == "OK"  # checksums alone cannot tell
+    bad = run_cli("verify", url, "--teacher-check", "8", check=False)
+    assert bad.returncode == 1 and bad.stdout.strip() == "FAILED", bad.stderr
+    assert "problem: teacher check: worst token cosine" in bad.stderr
 
 
 def test_verify_refuses_another_teacher(tmp_path, train_spec):
@@ -256,8 +280,11 @@ def test_bench_prints_both_rates_and_ratio(train_spec):
                 "--shards", "0:2", "--workers", "1", "--calib-images", "8")
     out = p.stdout
     assert "teacher forward only" in out and "full extraction" in out
+    assert "images: 60 x 2 views (60 extracted)" in out  # both runs saw every image of the 2 shards
     ratio = float(out.split("ratio extraction/teacher-only:")[1].split()[0])
-    assert ratio > 0
+    assert math.isfinite(ratio) and ratio > 0
+    share = float(out.split("claims + commit records:")[1].split("%")[0]) / 100
+    assert 0 < share < 1  # a share of the shard time, measured
 
 
 def test_color_jitter_views_are_replayed_exactly(tmp_path, train_spec):

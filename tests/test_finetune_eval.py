@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -13,16 +10,17 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from helpers import STUDENT, TRAIN_FLAGS, mdtrain, shared_cache
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 from mdcache import sources
 from mdtrain import labelled
+from mdtrain.checkpoint import save_weights
 from mdtrain.evaluate import EvalConfig, KnnConfig, evaluate, knn
-from mdtrain.finetune import save_weights
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, SIZE = "vit_tiny_patch16_224", 32
+CPU1 = {"OMP_NUM_THREADS": "1"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -54,8 +52,8 @@ def test_eval_matches_direct_top1_top5(tmp_path, data):
     torch.manual_seed(3)
     model = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10)
     weights = str(tmp_path / "clf.safetensors")
-    save_weights(model, weights, {"model": MODEL, "input_size": SIZE, "num_classes": 10})
-    r = evaluate(EvalConfig(weights=weights, val=f"{data}/val-000000.tar", amp="fp32", num_workers=0, batch_size=16))
+    save_weights(weights, model.state_dict(), {"model": MODEL, "image_size": SIZE, "num_classes": 10})
+    r = evaluate(EvalConfig(weights=weights, val=f"{data}/val-000000.tar", precision="fp32", workers=0, batch_size=16))
 
     x, y = direct_eval_inputs([f"{data}/val-000000.tar"])
     model.eval()
@@ -93,8 +91,8 @@ def test_knn_matches_direct_dino_computation(tmp_path, data):
     student = str(tmp_path / "student.safetensors")
     safetensors.torch.save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, student)
     train = f"{data}/train-{{000000..000003}}.tar"
-    r = knn(KnnConfig(weights=student, model=MODEL, input_size=SIZE, train=train, val=f"{data}/val-000000.tar",
-                      amp="fp32", num_workers=0))
+    r = knn(KnnConfig(weights=student, model=MODEL, image_size=SIZE, train=train, val=f"{data}/val-000000.tar",
+                      precision="fp32", workers=0))
 
     backbone.eval()
     with torch.no_grad():
@@ -112,18 +110,38 @@ def test_cli_eval_and_knn_print_json(tmp_path, data):
     torch.manual_seed(0)
     model = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10)
     weights = str(tmp_path / "best.safetensors")
-    save_weights(model, weights, {"model": MODEL, "input_size": SIZE, "num_classes": 10})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    save_weights(weights, model.state_dict(), {"model": MODEL, "image_size": SIZE, "num_classes": 10})
     out = {}
     for cmd in (["eval", "--val", f"{data}/val-000000.tar"],
                 ["knn", "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar", "--k", "5"]):
-        r = subprocess.run([sys.executable, "-m", "mdtrain", *cmd, "--weights", weights, "--num-workers", "0"],
-                           capture_output=True, text=True, cwd=ROOT, env=env)
-        assert r.returncode == 0, r.stderr
+        r = mdtrain(*cmd, "--weights", weights, "--workers", "0", env=CPU1)
         out[cmd[0]] = json.loads(r.stdout.strip().splitlines()[-1])
-    assert out["eval"]["n"] == 40 and out["eval"]["num_classes"] == 10 and out["eval"]["input_size"] == SIZE
-    assert out["knn"]["k"] == 5 and out["knn"]["train_n"] == 30
+    assert out["eval"]["n"] == 40 and out["eval"]["num_classes"] == 10 and out["eval"]["image_size"] == SIZE
+    assert out["knn"]["k"] == 5 and out["knn"]["train_n"] == 30 and out["knn"]["image_size"] == SIZE
     assert any("head.weight" in n for n in out["knn"]["ignored"])  # finetuned classifier ignored for k-NN
+
+
+def test_knn_of_a_pretrained_student_needs_only_its_weights(tmp_path_factory, tmp_path, train_spec, data):
+    """D3: `mdtrain knn --weights runs/pt/student.safetensors` with no --model and no --image-size runs the
+    student's own model at the size it was pretrained at (the cache's 64 px), as a real pretrain wrote it."""
+    from mdtrain.checkpoint import weights_metadata
+
+    out = tmp_path / "pt"
+    mdtrain("pretrain", "--cache", shared_cache(tmp_path_factory, train_spec), "--out", str(out), "--epochs", "1",
+            "--stop-after", "2", *TRAIN_FLAGS)
+    student = str(out / "student.safetensors")
+    meta = weights_metadata(student)
+    assert (meta.get("model") or meta.get("timm_model")) == STUDENT
+    r = mdtrain("knn", "--weights", student, "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar",
+                "--k", "5", "--workers", "0", env=CPU1)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["model"], got["image_size"], got["n"], got["train_n"]) == (STUDENT, 64, 40, 30)
+    assert not any("resampled" in n for n in got["ignored"])  # the pos-embed fits: it ran at 64 px
+    # An explicit size still wins (the position embedding is resampled to 32 px).
+    r = mdtrain("knn", "--weights", student, "--image-size", "32", "--train", f"{data}/train-000000.tar",
+                "--val", f"{data}/val-000000.tar", "--k", "5", "--workers", "0", env=CPU1)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["image_size"] == 32 and any("resampled pos_embed" in n for n in got["ignored"])
 
 
 # ----------------------------------------------------------------------------- labelled data
@@ -141,12 +159,15 @@ def test_split_work_gives_every_sample_to_exactly_one_consumer():
 
 def test_loader_workers_read_each_image_once(data):
     shards = sources.list_source(f"{data}/train-{{000000..000003}}.tar")
-    want = sorted(e.label for e in labelled.index_source(shards))
-    for spec_shards in (shards, shards[:1]):  # shard split (4 shards), then sample split (1 shard, 2 workers)
-        ds = labelled.LabelledShards(spec_shards, lambda im: torch.zeros(1), 10, shuffle=True, seed=0)
-        labels = [int(y) for _, ys in labelled.make_loader(ds, 7, 2, False, 0, 0) for y in ys]
-        expect = want if spec_shards is shards else sorted(e.label for e in labelled.index_source(shards[:1]))
-        assert sorted(labels) == expect
+    for part in (shards, shards[:1]):  # shard split (4 shards), then sample split (1 shard, 2 workers)
+        want = sorted(f"{part[e.shard].name}/{e.key}" for e in labelled.index_source(part))
+        ds = labelled.LabelledShards(part, lambda im: torch.zeros(1), 10, shuffle=True, seed=0, keys=True)
+        orders = []
+        for epoch in (0, 1):
+            keys = [k for _, _, ks in labelled.make_loader(ds, 7, 2, False, 0, epoch) for k in ks]
+            assert len(keys) == len(want) and sorted(keys) == want  # every key, each exactly once
+            orders.append(keys)
+        assert orders[0] != orders[1]  # reshuffled per epoch
 
 
 def test_class_folder_source_infers_classes(tmp_path, data):

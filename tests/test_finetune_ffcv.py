@@ -1,5 +1,7 @@
 """The FFCV path: ffcv-build from real tar shards, --loader ffcv training, the loader benchmark, and
-the clear message (with the default loader still working) where FFCV is not installed."""
+the clear message (with the default loader still working) where FFCV is not installed.
+
+FFCV is installed in the project's environment, so these tests never skip: a missing FFCV fails them."""
 from __future__ import annotations
 
 import io
@@ -8,21 +10,20 @@ import os
 import subprocess
 import sys
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
+from helpers import ROOT
 from PIL import Image
 
-from mdtrain.ffcv_loader import (BenchLoaderConfig, FfcvBuildConfig, beton_info, bench_loader, build_beton,
-                                 ffcv_available)
+from mdtrain import labelled
+from mdtrain.checkpoint import load_trainer_state, save_weights
+from mdtrain.ffcv_loader import BenchLoaderConfig, FfcvBuildConfig, bench_loader, beton_info, build_beton
 from mdtrain.finetune import FinetuneConfig, finetune
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL, SIZE = "vit_tiny_patch16_224", 32
-needs_ffcv = pytest.mark.skipif(not ffcv_available(), reason="ffcv is not importable (see docs/finetune.md: apt "
-                                "packages pkg-config libturbojpeg0-dev libopencv-dev, then pip install ffcv pillow)")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,7 +40,7 @@ def betons(data, tmp_path_factory) -> dict:
     out = {}
     for name, spec in (("train", f"{data}/train-{{000000..000003}}.tar"), ("val", f"{data}/val-000000.tar")):
         out[name] = str(d / f"{name}.beton")
-        build_beton(FfcvBuildConfig(source=spec, out=out[name], max_resolution=64, num_workers=2))
+        build_beton(FfcvBuildConfig(source=spec, out=out[name], max_resolution=64, workers=2))
     return out
 
 
@@ -48,7 +49,6 @@ def tar_labels(path: str) -> list[int]:
         return [int(tf.extractfile(m).read()) for m in tf if m.name.endswith(".cls")]
 
 
-@needs_ffcv
 def test_ffcv_build_keeps_every_image_and_label_in_order(data, betons, tmp_path):
     want = [y for i in range(4) for y in tar_labels(f"{data}/train-{i:06d}.tar")]
     info = beton_info(betons["train"])
@@ -62,7 +62,7 @@ def test_ffcv_build_keeps_every_image_and_label_in_order(data, betons, tmp_path)
 
     raw = str(tmp_path / "raw.beton")
     build_beton(FfcvBuildConfig(source=f"{data}/val-000000.tar", out=raw, write_mode="raw", max_resolution=0,
-                                num_workers=1))
+                                workers=1))
     loader = Loader(raw, batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [SimpleRGBImageDecoder()], "label": [IntDecoder()]})
     images = np.concatenate([np.array(x, copy=True) for x, _ in loader])
@@ -73,7 +73,6 @@ def test_ffcv_build_keeps_every_image_and_label_in_order(data, betons, tmp_path)
     assert all(np.array_equal(a, b) for a, b in zip(images, ref))
 
 
-@needs_ffcv
 def test_ffcv_build_names_an_undecodable_image(tmp_path, data):
     with tarfile.open(f"{data}/val-000000.tar") as src, tarfile.open(tmp_path / "bad-000000.tar", "w") as dst:
         for m in list(src)[:4]:
@@ -84,64 +83,88 @@ def test_ffcv_build_names_an_undecodable_image(tmp_path, data):
             dst.addfile(info, io.BytesIO(payload))
     out = str(tmp_path / "bad.beton")
     with pytest.raises(Exception, match=r"(?s)1 undecodable image.*bad-000000\.tar: 'broken'") as e:
-        build_beton(FfcvBuildConfig(source=str(tmp_path / "bad-000000.tar"), out=out, num_workers=1))
+        build_beton(FfcvBuildConfig(source=str(tmp_path / "bad-000000.tar"), out=out, workers=1))
     assert type(e.value).__name__ == "SourceError"
     assert not os.path.exists(out)
 
 
-@needs_ffcv
 def test_ffcv_and_default_loaders_train_the_same_model(tmp_path, data, betons):
-    """Same recipe, same data, same init: both loaders train the same model (same architecture and
-    state-dict layout, same number of images per epoch) and both beat chance (10%) on the validation
-    images; the FFCV-trained weights score as well when the default loader reads the images."""
-    torch_student = tmp_path / "student.safetensors"
+    """Same recipe, same data, same init: both loaders start from the same model (equal tensors at step 0),
+    see the same number of images per epoch, and both beat chance (10%) on the validation images; the
+    FFCV-trained weights score as well when the default loader reads the images."""
     import timm
 
+    student = str(tmp_path / "student.safetensors")
     torch.manual_seed(0)
-    m = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=0)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(torch_student))
-    common = dict(model=MODEL, init=str(torch_student), input_size=SIZE, epochs=5, warmup_epochs=1, batch_size=16,
+    save_weights(student, timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=0).state_dict(),
+                 {"model": MODEL, "image_size": SIZE})
+    common = dict(model=MODEL, init=student, image_size=SIZE, epochs=5, warmup_epochs=1, batch_size=16,
                   lr=1e-3, log_every=0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0)
     # One FFCV thread: on 2 cores more threads only fight torch's own (measured 2x slower).
-    r_ffcv = finetune(FinetuneConfig(train=betons["train"], val=betons["val"], loader="ffcv", num_workers=1,
-                                     out=str(tmp_path / "ffcv"), **common))
-    r_default = finetune(FinetuneConfig(train=f"{data}/train-{{000000..000003}}.tar", val=f"{data}/val-000000.tar",
-                                        num_workers=0, out=str(tmp_path / "default"), **common))
-    assert r_ffcv["num_classes"] == r_default["num_classes"] == 10
-    assert r_ffcv["best_top1"] >= 40 and r_default["best_top1"] >= 40, (r_ffcv, r_default)
-    wf = safetensors.torch.load_file(str(tmp_path / "ffcv" / "last.safetensors"))
-    wd = safetensors.torch.load_file(str(tmp_path / "default" / "last.safetensors"))
-    assert {k: v.shape for k, v in wf.items()} == {k: v.shape for k, v in wd.items()}
+    runs = {"ffcv": dict(train=betons["train"], val=betons["val"], loader="ffcv", workers=1),
+            "default": dict(train=f"{data}/train-{{000000..000003}}.tar", val=f"{data}/val-000000.tar", workers=0)}
+    start = {}
+    for name, kw in runs.items():  # step 0 (a checkpoint, no step taken), then the training, resumed from it
+        finetune(FinetuneConfig(out=str(tmp_path / name), stop_after=0, **common, **kw))
+        start[name] = load_trainer_state(str(tmp_path / name / "last.ckpt"), "finetune")["model"]
+    assert start["ffcv"].keys() == start["default"].keys()
+    assert all(torch.equal(start["ffcv"][k], start["default"][k]) for k in start["ffcv"])
+    r = {name: finetune(FinetuneConfig(out=str(tmp_path / name), resume="auto", **common, **kw))
+         for name, kw in runs.items()}
+    assert r["ffcv"]["num_classes"] == r["default"]["num_classes"] == 10
+    assert r["ffcv"]["best_top1"] >= 40 and r["default"]["best_top1"] >= 40, r
     rows = [json.loads(x) for x in open(tmp_path / "ffcv" / "metrics.jsonl")]
-    assert len(rows) == 5 and all(r["val_n"] == 40 for r in rows) and rows[0]["images"] == 112
+    rows_default = [json.loads(x) for x in open(tmp_path / "default" / "metrics.jsonl")]
+    assert len(rows) == 5 and all(x["val_n"] == 40 for x in rows) and rows[0]["images"] == 112
+    assert [x["images"] for x in rows] == [x["images"] for x in rows_default]
     # The FFCV-trained classifier, evaluated by the default (PIL) loader, is as good as FFCV said.
     from mdtrain.evaluate import EvalConfig, evaluate
 
     e = evaluate(EvalConfig(weights=str(tmp_path / "ffcv" / "last.safetensors"), val=f"{data}/val-000000.tar",
-                            num_workers=0))
+                            workers=0))
     assert e["top1"] >= 40 and abs(e["top1"] - rows[-1]["val_top1"]) <= 15
 
 
-@needs_ffcv
+def test_ffcv_and_default_loaders_deliver_every_image_once_per_epoch(data, betons):
+    """Per epoch, the FFCV loader (reshuffled) and the default loader deliver the same labels, each image
+    once: the multiset of labels equals the tar files' labels."""
+    want = Counter(y for i in range(4) for y in tar_labels(f"{data}/train-{i:06d}.tar"))
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    ffcv = labelled.ffcv_train_split(betons["train"], 16, SIZE, (0.08, 1.0), mean, std, 1, 0, 1, torch.device("cpu"),
+                                     drop_last=False)
+    default = labelled.default_split(f"{data}/train-{{000000..000003}}.tar",
+                                     labelled.eval_transform(SIZE, 1.0, mean, std), 16, 0, False, 0, None, None, 0, {})
+    orders = []
+    for split in (ffcv, default):
+        assert split.samples == 120 and split.num_classes == 10
+    for epoch in (0, 1):
+        labels = [y for _, ys in ffcv.batches(epoch) for y in ys.tolist()]
+        assert Counter(labels) == want, epoch
+        orders.append(labels)
+        assert Counter(y for _, ys in default.batches(epoch) for y in ys.tolist()) == want
+    assert orders[0] != orders[1]  # FFCV reshuffles per epoch
+
+
 def test_bench_loader_measures_both_loaders_on_the_same_images(data, betons):
     r = bench_loader(BenchLoaderConfig(source=f"{data}/train-{{000000..000003}}.tar", beton=betons["train"],
-                                       input_size=64, batch_size=16, num_workers=2, epochs=2))
+                                       image_size=64, batch_size=16, workers=2, epochs=2))
     assert set(r["loaders"]) == {"default (RandAugment + erasing)", "default (crop + flip)", "ffcv (crop + flip)"}
+    assert (r["images"], r["image_size"], r["workers"]) == (120, 64, 2)
     for v in r["loaders"].values():
-        assert v["images_per_pass"] == 120 and v["images_per_s"] > 0
-    assert r["ffcv_speedup_vs_default_crop_flip"] > 0
+        assert v["images_per_pass"] == 120 and len(v["seconds"]) == 2
+        assert v["images_per_s"] == pytest.approx(120 / min(v["seconds"]), rel=0.01)
+    speedup = r["loaders"]["ffcv (crop + flip)"]["images_per_s"] / r["loaders"]["default (crop + flip)"]["images_per_s"]
+    assert r["ffcv_speedup_vs_default_crop_flip"] == pytest.approx(speedup, abs=0.01)
 
 
 def test_without_ffcv_the_request_fails_clearly_and_the_default_loader_works(tmp_path, data):
     """Run where `import ffcv` fails (blocked in sys.modules, as on a machine without it)."""
     import timm
 
-    from mdtrain.finetune import save_weights
-
     torch.manual_seed(0)
     weights = str(tmp_path / "clf.safetensors")
-    save_weights(timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10), weights,
-                 {"model": MODEL, "input_size": SIZE})
+    save_weights(weights, timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10).state_dict(),
+                 {"model": MODEL, "image_size": SIZE})
     code = ("import sys; sys.modules['ffcv'] = None\n"
             "from mdtrain.cli import app\n"
             "app(prog_name='mdtrain')\n")
@@ -151,6 +174,6 @@ def test_without_ffcv_the_request_fails_clearly_and_the_default_loader_works(tmp
     assert bad.returncode == 2
     assert "FFCV is not installed" in bad.stderr and "libturbojpeg0-dev" in bad.stderr
     ok = subprocess.run([sys.executable, "-c", code, "eval", "--weights", weights, "--val", f"{data}/val-000000.tar",
-                         "--num-workers", "0"], capture_output=True, text=True, cwd=ROOT, env=env)
+                         "--workers", "0"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout.strip().splitlines()[-1])["n"] == 40

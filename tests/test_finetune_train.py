@@ -3,27 +3,28 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
 import timm
 import torch
+from helpers import mdtrain, read_jsonl
 
-from mdtrain.finetune import FinetuneConfig, InitError, build_model, finetune, layer_scale_of, load_backbone
+from mdtrain.checkpoint import CheckpointError, load_trainer_state, save_weights
+from mdtrain.classifier import InitError, build_model, layer_scale_of, load_backbone
+from mdtrain.finetune import FinetuneConfig, finetune
+from mdtrain.runtime import seed_all
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "vit_tiny_patch16_224"
 SIZE = 32  # 2x2 patches: a real ViT, fast enough on 2 CPU cores
+CPU1 = {"OMP_NUM_THREADS": "1"}
 
 
-def save_student(path: str, name: str = MODEL, size: int = SIZE, seed: int = 0) -> dict:
-    """A pretrained-student stand-in: a timm backbone state dict without classifier, in safetensors."""
+def backbone(path: str, name: str = MODEL, size: int = SIZE, seed: int = 0, **kw) -> dict:
+    """A pretrained-student stand-in: a timm backbone without classifier, written as the trainer writes weights."""
     torch.manual_seed(seed)
-    m = timm.create_model(name, pretrained=False, img_size=size, num_classes=0)
-    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
-    safetensors.torch.save_file(sd, path)
+    sd = timm.create_model(name, pretrained=False, img_size=size, num_classes=0, **kw).state_dict()
+    save_weights(path, sd, {"model": name, "image_size": size, "kind": "pretrain-student"})
     return sd
 
 
@@ -38,13 +39,13 @@ def data(demo_data) -> str:
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("student") / "student.safetensors")
-    save_student(path)
+    backbone(path)
     return path
 
 
 def cfg(data: str, out: str, **kw) -> FinetuneConfig:
     base = dict(train=f"{data}/train-{{000000..000003}}.tar", val=f"{data}/val-000000.tar", model=MODEL, out=out,
-                input_size=SIZE, epochs=6, warmup_epochs=1, batch_size=16, lr=1e-3, num_workers=0, log_every=0)
+                image_size=SIZE, epochs=6, warmup_epochs=1, batch_size=16, lr=1e-3, workers=0, log_every=0)
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -65,13 +66,10 @@ def test_load_backbone_takes_every_student_tensor_and_only_the_classifier_is_new
 def test_layer_scale_students_load_into_a_layer_scale_model(tmp_path):
     """`mdtrain pretrain --layer-scale 0.1` (the paper's ViT-B setting) makes ls1/ls2 gammas: finetune and
     eval must build the model with LayerScale, or the backbone would not load."""
-    torch.manual_seed(0)
-    net = timm.create_model(MODEL, pretrained=False, num_classes=0, img_size=SIZE, init_values=0.1)
-    sd = {k: v.contiguous() for k, v in net.state_dict().items()}
     path = str(tmp_path / "ls.safetensors")
-    safetensors.torch.save_file(sd, path)
+    sd = backbone(path, init_values=0.1)
     plain = str(tmp_path / "plain.safetensors")
-    save_student(plain)
+    backbone(plain)
     assert layer_scale_of(path) and layer_scale_of(plain) is None
     with pytest.raises(InitError):
         load_backbone(build_model(MODEL, 10, SIZE), path)
@@ -95,11 +93,12 @@ def test_load_backbone_adapts_pos_embed_and_avg_pool(student):
 
 def test_incompatible_backbone_is_refused_with_a_clear_error(tmp_path, student):
     small = str(tmp_path / "vit_small.safetensors")
-    save_student(small, "vit_small_patch16_224")
+    backbone(small, "vit_small_patch16_224")
     with pytest.raises(InitError) as e:
         load_backbone(build_model(MODEL, 10, SIZE), small)
     msg = str(e.value)
-    assert small in msg and "another shape" in msg and "patch_embed.proj.weight: checkpoint (384, 3, 16, 16) vs model (192, 3, 16, 16)" in msg
+    assert small in msg and "another shape" in msg
+    assert "patch_embed.proj.weight: checkpoint (384, 3, 16, 16) vs model (192, 3, 16, 16)" in msg
 
     sd = safetensors.torch.load_file(student)
     truncated = str(tmp_path / "no_last_block.safetensors")
@@ -115,13 +114,12 @@ def test_incompatible_backbone_is_refused_with_a_clear_error(tmp_path, student):
 
 def test_cli_finetune_refuses_incompatible_init(tmp_path, data):
     small = str(tmp_path / "vit_small.safetensors")
-    save_student(small, "vit_small_patch16_224")
-    r = subprocess.run([sys.executable, "-m", "mdtrain", "finetune", "--model", MODEL, "--input-size", str(SIZE),
-                        "--init", small, "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar",
-                        "--out", str(tmp_path / "ft"), "--epochs", "1", "--num-workers", "0"],
-                       capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    backbone(small, "vit_small_patch16_224")
+    r = mdtrain("finetune", "--model", MODEL, "--image-size", str(SIZE), "--init", small,
+                "--train", f"{data}/train-000000.tar", "--val", f"{data}/val-000000.tar",
+                "--out", str(tmp_path / "ft"), "--epochs", "1", "--workers", "0", check=False, env=CPU1)
     assert r.returncode == 2, r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
     assert "does not fit" in r.stderr and "vit_small.safetensors" in r.stderr
     assert not os.path.exists(tmp_path / "ft" / "last.ckpt")
 
@@ -148,45 +146,58 @@ def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data,
     best = safetensors.torch.load_file(os.path.join(out, "best.safetensors"))
     m = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10)
     m.load_state_dict(best)
-    state = torch.load(os.path.join(out, "last.ckpt"), weights_only=True)
-    assert state["epoch"] == 5 and {"model", "optimizer", "scheduler", "ema", "best"} <= set(state)
+    state = load_trainer_state(os.path.join(out, "last.ckpt"), "finetune")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (6, 0, 42)  # 6 epochs x 7 batches
+    assert {"model", "optimizer", "scheduler", "ema", "best"} <= set(state)
     best_meta = torch.load(os.path.join(out, "best.ckpt"), weights_only=True)
     assert best_meta["metrics"]["val_top1"] == r["best_top1"]
     assert os.path.exists(os.path.join(out, "ema.safetensors"))
 
 
 def test_from_scratch_baseline_is_the_same_command_without_init(tmp_path, data):
+    """Without --init the run starts from timm's own init for --seed (nothing loaded) and learns."""
     out = str(tmp_path / "scratch")
-    r = finetune(cfg(data, out, epochs=1, warmup_epochs=0))
-    assert r["epoch"] == 0 and 0 <= r["val_top1"] <= 100
-    assert json.load(open(os.path.join(out, "config.json")))["init"] == ""
+    kw = dict(epochs=2, warmup_epochs=0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, smoothing=0.0)
+    r = finetune(cfg(data, out, stop_after=0, **kw))  # a checkpoint of the initial state, no step taken
+    assert r["step"] == 0 and json.load(open(os.path.join(out, "config.json")))["init"] is None
+    seed_all(0)
+    fresh = build_model(MODEL, 10, SIZE, drop_path=0.1).state_dict()
+    start = load_trainer_state(os.path.join(out, "last.ckpt"), "finetune")["model"]
+    assert start.keys() == fresh.keys() and all(torch.equal(start[k], fresh[k]) for k in fresh)
+    finetune(cfg(data, out, resume="auto", **kw))
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    assert [x["epoch"] for x in rows] == [0, 1] and rows[1]["train_loss"] < rows[0]["train_loss"], rows
 
 
-def test_resume_is_exact(tmp_path, data, student):
-    """3 epochs in one go == 2 epochs, a new run with --resume auto, 1 more: same weights, same metrics.
-    Mixup, RandAugment, erasing, drop path, EMA and 2 loader workers all draw random numbers."""
-    kw = dict(init=student, epochs=3, num_workers=2, model_ema=True, model_ema_decay=0.9)
+def test_resume_mid_epoch_is_exact(tmp_path, data, student):
+    """3 epochs in one go == stop after 10 optimizer steps (mid epoch 1), then --resume auto: same
+    weights, EMA and metrics. Mixup, RandAugment, erasing, drop path, EMA and 2 loader workers all draw
+    random numbers."""
+    kw = dict(init=student, epochs=3, workers=2, model_ema=True, model_ema_decay=0.9)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    finetune(cfg(data, a, **kw))
-    finetune(cfg(data, b, stop_after=2, **kw))
-    assert len(open(os.path.join(b, "metrics.jsonl")).readlines()) == 2
-    finetune(cfg(data, b, resume="auto", **kw))
+    total = finetune(cfg(data, a, **kw))["step"]
+    per_epoch = read_jsonl(os.path.join(a, "metrics.jsonl"))[0]["steps"]  # 2 workers x 2 shards: 3 batches each
+    assert (per_epoch, total) == (6, 18)
+    assert finetune(cfg(data, b, stop_after=10, **kw))["step"] == 10
+    ck = load_trainer_state(os.path.join(b, "last.ckpt"), "finetune")
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (1, 4, 10)
+    assert [x["epoch"] for x in read_jsonl(os.path.join(b, "metrics.jsonl"))] == [0]
+    assert finetune(cfg(data, b, resume="auto", **kw))["step"] == total
     wa = safetensors.torch.load_file(os.path.join(a, "last.safetensors"))
     wb = safetensors.torch.load_file(os.path.join(b, "last.safetensors"))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     ea = safetensors.torch.load_file(os.path.join(a, "ema.safetensors"))
     eb = safetensors.torch.load_file(os.path.join(b, "ema.safetensors"))
-    assert all(torch.equal(ea[k], eb[k]) for k in ea)
-    ra = [json.loads(x) for x in open(os.path.join(a, "metrics.jsonl"))]
-    rb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
+    assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
     strip = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}  # noqa: E731
-    assert [strip(x) for x in ra] == [strip(x) for x in rb]
+    ra, rb = read_jsonl(os.path.join(a, "metrics.jsonl")), read_jsonl(os.path.join(b, "metrics.jsonl"))
+    assert len(ra) == 3 and [strip(x) for x in ra] == [strip(x) for x in rb]
 
 
 def test_resume_refuses_a_changed_recipe(tmp_path, data):
     out = str(tmp_path / "ft")
-    finetune(cfg(data, out, epochs=2, stop_after=1))
-    with pytest.raises(ValueError, match="batch_size"):
+    finetune(cfg(data, out, epochs=2, stop_after=3))
+    with pytest.raises(CheckpointError, match="batch_size"):
         finetune(cfg(data, out, epochs=2, batch_size=8, resume="auto"))
 
 
@@ -194,22 +205,16 @@ def test_ddp_torchrun_two_processes_gloo(tmp_path, data, student):
     """Real torchrun, 2 CPU processes: 4 train shards split by rank, 1 val shard split by sample;
     every val image is counted once and the DDP val top-1 equals a single-process `mdtrain eval`."""
     out = str(tmp_path / "ddp")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "mdtrain", "finetune", "--model", MODEL, "--input-size", str(SIZE), "--init", student,
-                        "--train", f"{data}/train-{{000000..000003}}.tar", "--val", f"{data}/val-000000.tar",
-                        "--out", out, "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--lr", "1e-3",
-                        "--num-workers", "0", "--amp", "fp32", "--log-every", "0"],
-                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    mdtrain("finetune", "--model", MODEL, "--image-size", str(SIZE), "--init", student,
+            "--train", f"{data}/train-{{000000..000003}}.tar", "--val", f"{data}/val-000000.tar",
+            "--out", out, "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--lr", "1e-3",
+            "--workers", "0", "--precision", "fp32", "--log-every", "0", torchrun=2, env=CPU1)
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert len(rows) == 2 and all(x["val_n"] == 40 for x in rows)
     assert json.load(open(os.path.join(out, "config.json")))["resolved"]["world"] == 2
     assert rows[-1]["images"] == 112  # 2 ranks x 2 shards x 30 images, batches of 8 with drop_last
-    e = subprocess.run([sys.executable, "-m", "mdtrain", "eval", "--weights", os.path.join(out, "last.safetensors"),
-                        "--val", f"{data}/val-000000.tar", "--amp", "fp32", "--num-workers", "0"],
-                       capture_output=True, text=True, cwd=ROOT, env=env)
-    assert e.returncode == 0, e.stderr
+    e = mdtrain("eval", "--weights", os.path.join(out, "last.safetensors"), "--val", f"{data}/val-000000.tar",
+                "--precision", "fp32", "--workers", "0", env=CPU1)
     single = json.loads(e.stdout.strip().splitlines()[-1])
     assert single["n"] == 40
     assert abs(single["top1"] - rows[-1]["val_top1"]) <= 2.5  # at most one borderline image of 40

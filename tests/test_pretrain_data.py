@@ -7,12 +7,11 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from helpers import make_cache, shared_cache
 
 from mdcache import open_cache, store, views
 from mdcache.sources import list_source
 from mdtrain import data
-
-from pretrain_helpers import make_cache, shared_cache
 
 
 @pytest.fixture(scope="module")

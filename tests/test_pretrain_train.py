@@ -9,10 +9,13 @@ import time
 
 import pytest
 import torch
+from helpers import ROOT, STUDENT, TINY_TEACHER, TRAIN_FLAGS, mdtrain, read_jsonl, shared_cache
 
-from mdtrain.checkpoint import load_checkpoint
+from mdtrain.checkpoint import load_trainer_state, weights_metadata
 
-from pretrain_helpers import ROOT, STUDENT, TINY_TEACHER, TRAIN_FLAGS, mdtrain, read_jsonl, shared_cache
+
+def load_ckpt(path) -> dict:
+    return load_trainer_state(str(path), "pretrain")
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +33,8 @@ PROBE = ("import atexit, json, sys\n"
 
 def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_url, tmp_path):
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-c", PROBE, "pretrain", "--cache", cache_url, "--out", str(out), "--epochs", "3",
-                        "--drop-path", "0", *TRAIN_FLAGS], capture_output=True, text=True, cwd=ROOT,
+    p = subprocess.run([sys.executable, "-c", PROBE, "pretrain", "--cache", cache_url, "--out", str(out),
+                        "--epochs", "3", "--drop-path", "0", *TRAIN_FLAGS], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert p.returncode == 0, p.stderr
     modules = json.loads(p.stdout.split("MODULES=")[1].splitlines()[0])
@@ -46,8 +49,13 @@ def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_ur
     assert (out / "loss.png").stat().st_size > 1000
 
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
-    assert (ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == (3, 0, 42)
+    assert (ckpt["kind"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == ("pretrain", 3, 0, 42)
     assert {"model", "optimizer", "scheduler", "rng"} <= set(ckpt) and ckpt["config"]["student"] == STUDENT
+    # What finetune/eval/knn need to rebuild the student, in the weights file itself.
+    meta = weights_metadata(str(out / "student.safetensors"))
+    assert (meta["model"], meta["image_size"], meta["kind"], meta["step"]) == (STUDENT, "64", "pretrain-student", "42")
+    assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["std"]) == [0.229, 0.224, 0.225]
+    assert meta["cache_id"] == cache_url.rstrip("/").rsplit("/", 1)[-1] and "layer_scale" not in meta
 
     import timm
     from safetensors.torch import load_file
@@ -67,7 +75,7 @@ def test_resume_mid_epoch_reproduces_order_and_weights(cache_url, tmp_path):
     flags = ["--cache", cache_url, "--epochs", "2", "--warmup-epochs", "1", "--log-samples", *TRAIN_FLAGS]
     mdtrain("pretrain", *flags, "--out", str(tmp_path / "full"))
     mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--stop-after", "5")  # odd position, drop path on
-    ck = load_checkpoint(str(tmp_path / "cut" / "last.ckpt"))
+    ck = load_ckpt(tmp_path / "cut" / "last.ckpt")
     assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (0, 5, 5)
     mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--resume", "auto")
 
@@ -76,8 +84,8 @@ def test_resume_mid_epoch_reproduces_order_and_weights(cache_url, tmp_path):
     assert len(keys("full")) == 28 and keys("cut") == keys("full")
     assert [r["loss"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")] == \
            [r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl")]
-    a = load_checkpoint(str(tmp_path / "full" / "last.ckpt"))["model"]
-    b = load_checkpoint(str(tmp_path / "cut" / "last.ckpt"))["model"]
+    a = load_ckpt(tmp_path / "full" / "last.ckpt")["model"]
+    b = load_ckpt(tmp_path / "cut" / "last.ckpt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # A different data layout cannot resume exactly: refused with the reason.
     p = mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--resume", "auto", "--workers", "1", check=False)
@@ -115,7 +123,7 @@ def test_two_process_torchrun_ranks_see_disjoint_data(cache_url, tmp_path):
         assert all(len(r["views"]) == 4 for r in r0 + r1)
     rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 30 and all(math.isfinite(r["loss"]) for r in rows)
-    ckpt = load_checkpoint(str(out / "last.ckpt"))
+    ckpt = load_ckpt(out / "last.ckpt")
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2 and ckpt["step"] == 30
     assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # per-rank drop-path noise
 
@@ -139,10 +147,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(cache_url, tmp_path):
             p.kill()
     assert p.returncode == 130, err
     assert "saving a checkpoint" in err
-    ck = load_checkpoint(str(out / "last.ckpt"))
+    ck = load_ckpt(out / "last.ckpt")
     assert ck["step"] >= 3 and ck["step"] == len(read_jsonl(out / "metrics.jsonl"))
     mdtrain("pretrain", *cmd[4:], "--resume", "auto", "--stop-after", "1")
-    assert load_checkpoint(str(out / "last.ckpt"))["step"] == ck["step"] + 1
+    assert load_ckpt(out / "last.ckpt")["step"] == ck["step"] + 1
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(1, ck["step"] + 2))
 
 
@@ -152,3 +160,23 @@ def test_clear_errors_for_wrong_grid_and_incomplete_cache(cache_url, tmp_path):
     assert p.returncode == 2 and "8x8 patch grid" in p.stderr and "4x4 grid" in p.stderr
     p = mdtrain("pretrain", "--cache", str(tmp_path / "nowhere"), "--out", str(tmp_path / "n"), check=False)
     assert p.returncode == 2 and "not a cache directory" in p.stderr
+
+
+def test_checkpoints_at_save_every_and_at_each_epoch_end(cache_url, tmp_path, one_torch_thread):
+    """In-process (the Python API): which checkpoint exists when each step is logged."""
+    from mdtrain.pretrain import PretrainConfig, pretrain
+
+    out = tmp_path / "ck"
+    seen = {}
+
+    def on_step(row):
+        path = out / "last.ckpt"
+        seen[row["step"]] = load_ckpt(path)["step"] if path.exists() else None
+
+    cfg = PretrainConfig(cache=cache_url, out=str(out), student=STUDENT, epochs=2, batch_size=8, warmup_epochs=0,
+                         lr=1e-3, workers=0, shuffle_buffer=8, progress=False, save_every=4, stop_after=17)
+    summary = pretrain(cfg, on_step=on_step)  # 15 steps per epoch with one lane
+    assert summary["stopped"] and (summary["epoch"], summary["batch_in_epoch"], summary["step"]) == (1, 2, 17)
+    assert [seen[s] for s in range(1, 18)] == [None] * 4 + [4] * 4 + [8] * 4 + [12] * 3 + [15, 16]
+    ck = load_ckpt(out / "last.ckpt")
+    assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (1, 2, 17)

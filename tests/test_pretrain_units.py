@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import STUDENT
 
+from mdcache.errors import ConfigError
 from mdtrain import objective
 from mdtrain.masking import BlockMasker, scaled_min_patches
 from mdtrain.student import StudentError, build_student
-
-from pretrain_helpers import STUDENT
 
 
 @pytest.mark.parametrize("grid,ratio,expected", [((14, 14), 75 / 196, 75), ((4, 4), 75 / 196, 6), ((14, 14), 0.6, 118),
@@ -103,5 +103,7 @@ def test_objective_uses_masked_tokens_only():
     assert torch.allclose(objective.distill_loss(ln, tgt, mask, loss="mse"), torch.tensor(0.0), atol=1e-10)
     ref = torch.nn.functional.smooth_l1_loss(pred[mask], ln[mask], beta=2.0)
     assert torch.allclose(objective.distill_loss(pred, tgt, mask, beta=2.0), ref)
-    with pytest.raises(ValueError, match="--loss"):
+    with pytest.raises(ConfigError, match="--loss"):
         objective.check("layernorm", "l3")
+    with pytest.raises(ConfigError, match="--target-norm"):
+        objective.check("batchnorm", "mse")

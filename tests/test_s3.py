@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import s3_server
-from conftest import ROOT, TINY_TEACHER, run_cli
+from helpers import ROOT, TINY_CLIP, TINY_TEACHER, run_cli
+
 from mdcache import open_cache, store
 from mdcache.sources import iter_samples, list_source
 
@@ -60,7 +60,7 @@ def test_read_only_credentials_list_verify_read_but_cannot_extract(s3, bucket_da
     assert url.rsplit("/", 1)[-1] in run_cli("ls", root, env=ro).stdout
     assert run_cli("verify", url, "--teacher-check", "4", env=ro).stdout.strip() == "OK"
     assert open_cache(url, s3.options(s3_server.READER)).read("train-000000", 0)[1].shape == (30, 16, 64)
-    for args in (extract_args(bucket_data, root), extract_args(bucket_data, root, "--views", "3")):  # resume / new cache
+    for args in (extract_args(bucket_data, root), extract_args(bucket_data, root, "--views", "3")):  # resume, new
         p = run_cli(*args, env=ro, check=False)
         assert p.returncode == 2 and "no write access" in p.stderr and "Traceback" not in p.stderr
     assert len(open_cache(url, s3.options()).commits) == 1  # nothing was written
@@ -147,6 +147,36 @@ def test_torchrun_ranks_split_the_shards(s3, bucket_data):
     assert ranks == {"train-000000": 0, "train-000001": 1, "train-000002": 0, "train-000003": 1}
 
 
+def test_lost_commit_race_on_s3(s3):
+    """Two writers finish the same shard: the conditional PUT lets exactly the first record stand."""
+    url = "s3://team/race/0123456789abcdef"
+    first = {"shard": "s0", "path": "shards/s0.aaaa", "samples": 1, "views": 1, "checksums": {}}
+    second = {**first, "path": "shards/s0.bbbb"}
+    assert store.commit_shard(url, first, s3.options()) is True
+    assert store.commit_shard(url, second, s3.options()) is False
+    assert json.loads(s3.fs().cat_file("team/race/0123456789abcdef/commits/s0.json")) == first
+
+
+def test_bench_fetches_teacher_weights_from_the_bucket(s3, bucket_data, tmp_path):
+    """`mdcache bench --weights s3://...` fetches the file like extract does (a full open_clip state dict)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(TINY_CLIP)
+    torch.manual_seed(7)
+    model = open_clip.create_model("tiny-clip")  # what open_clip saves: the full CLIP state dict
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    s3.fs().put_file(str(tmp_path / "w.safetensors"), "team/weights/w.safetensors")
+    p = run_cli("bench", "--source", bucket_data, "--teacher", TINY_TEACHER, "--weights", "s3://team/weights/w.safetensors",
+                "--image-size", "64", "--shards", "0:1", "--workers", "0", "--codec", "fp16", "--repeats", "1",
+                env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "home")})
+    assert "images: 30 x 2 views (30 extracted)" in p.stdout, p.stdout + p.stderr
+    ratio = float(p.stdout.split("ratio extraction/teacher-only:")[1].split()[0])
+    assert 0 < ratio < float("inf")
+    assert "RANDOM weights" not in p.stderr  # the teacher is the bucket's file
+
+
 def objects(fs, path):
     return [p for p, i in fs.find(path, detail=True).items() if i["type"] != "directory"]
 
@@ -167,7 +197,8 @@ def test_gc_and_rm(s3, bucket_data):
     run_cli("gc", root, "--grace", "0", "--yes", env=s3.env())
     fs.invalidate_cache()  # another process changed the bucket
     # (SeaweedFS may keep an empty directory entry: what counts is that no object remains)
-    assert not objects(fs, f"{path}/shards/train-000001.crashed0001") and not fs.exists(f"{path}/claims/train-000002.json")
+    assert not objects(fs, f"{path}/shards/train-000001.crashed0001")
+    assert not fs.exists(f"{path}/claims/train-000002.json")
     assert run_cli("verify", url, env=s3.env()).stdout.strip() == "OK"  # committed data untouched
     assert "nothing to remove" in run_cli("gc", root, "--grace", "0", env=s3.env()).stdout
     # rm one shard: the next extract recomputes exactly it
@@ -202,7 +233,9 @@ def test_local_read_through_cache_is_bounded(s3, bucket_data, tmp_path):
     assert len(kept) <= 2 and "train-000002" in kept  # least recently used copies were evicted
 
 
-def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_data, tmp_path):
+def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_data, demo_data, tmp_path):
+    from mdtrain import bench_storage
+
     url = run_cli(*extract_args(bucket_data, "s3://team/train"), env=s3.env()).stdout.strip().splitlines()[-1]
     local = tmp_path / "local"
     out = tmp_path / "run"
@@ -213,11 +246,32 @@ def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_d
     assert (out / "student.safetensors").exists() and (out / "metrics.jsonl").read_text().strip()
     cache_id = url.rsplit("/", 1)[-1]
     assert len(list((local / cache_id / "shards").iterdir())) == 4  # each shard downloaded once, kept locally
-    bench = run_cli("bench-storage", "--cache", url, "--batch-size", "8", "--workers", "1", module="mdtrain",
-                    env=ro).stdout
-    for phase in ("local disk", "remote, local cache cold", "remote, local cache warm"):
-        assert phase in bench
-    assert float(bench.split("warm local cache / local  :")[1].split()[0]) > 0
+    bench = run_cli("bench-storage", "--cache", url, "--batch-size", "8", "--workers", "1", "--repeats", "1",
+                    module="mdtrain", env=ro).stdout
+    rates = {name: float(bench.split(f"{name:26s}:")[1].split()[0])
+             for name in ("local disk", "remote", "remote, local cache cold", "remote, local cache warm")}
+    assert all(v > 0 for v in rates.values()), bench
+    assert "120 images per pass" in bench  # whole epochs: 4 shards x 30 images, 8 per batch, 1 lane
+    # The warm pass reads no byte from the bucket: on a private server, stopped after the cold pass.
+    (tmp_path / "s3").mkdir()
+    private = s3_server.start(tmp_path / "s3")
+    try:
+        src, dst = s3.fs(), private.fs()
+        for f in src.find(f"team/train/{cache_id}"):
+            dst.pipe_file(f, src.cat_file(f))
+        for f in sorted(demo_data.glob("train-*.tar")):
+            dst.put_file(str(f), f"team/data/{f.name}")
+        cfg = bench_storage.StorageBenchConfig(cache=url, batch_size=8, workers=1,
+                                               storage_options=private.options(s3_server.READER))
+        source = bench_storage.copy_source(open_cache(url, cfg.storage_options), str(tmp_path / "source"))
+        through = bench_storage.open_setup(cfg, url, source, local_cache=str(tmp_path / "read-through"))
+        direct = bench_storage.open_setup(cfg, url, source)
+        assert bench_storage.timed_pass(through, cfg.workers) > 0  # cold: downloads every shard
+    finally:
+        s3_server.stop(private)
+    assert bench_storage.timed_pass(through, cfg.workers) > 0  # warm: the bucket is gone
+    with pytest.raises(Exception):  # noqa: B017 (control: any failure to read from the stopped bucket)
+        bench_storage.timed_pass(direct, cfg.workers)
 
 
 def test_trainer_outputs_and_weights_in_the_bucket(s3, bucket_data, tmp_path):
@@ -225,22 +279,25 @@ def test_trainer_outputs_and_weights_in_the_bucket(s3, bucket_data, tmp_path):
     url = run_cli(*extract_args(bucket_data, "s3://team/train"), env=s3.env()).stdout.strip().splitlines()[-1]
     flags = ["--cache", url, "--out", "s3://team/runs/pt", "--student", "vit_tiny_patch16_224", "--batch-size", "8",
              "--warmup-epochs", "0", "--workers", "1", "--no-progress"]
-    run_cli("pretrain", *flags, "--epochs", "1", module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m1")})
+    run_cli("pretrain", *flags, "--epochs", "1", module="mdtrain",
+            env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m1")})
     fs = s3.fs()
-    assert {"last.ckpt", "student.safetensors", "metrics.jsonl", "loss.png"} <= {p.rsplit("/", 1)[-1] for p in fs.ls("team/runs/pt")}
+    pushed = {p.rsplit("/", 1)[-1] for p in fs.ls("team/runs/pt")}
+    assert {"last.ckpt", "student.safetensors", "metrics.jsonl", "loss.png"} <= pushed
     steps_1 = len((fs.cat_file("team/runs/pt/metrics.jsonl")).decode().splitlines())
     # Another machine (empty local mirror): --resume auto continues from the bucket's checkpoint.
     run_cli("pretrain", *flags, "--epochs", "2", "--resume", "auto", module="mdtrain",
             env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m2")})
     fs.invalidate_cache()
     rows = [json.loads(r) for r in fs.cat_file("team/runs/pt/metrics.jsonl").decode().splitlines()]
-    assert len(rows) == 2 * steps_1 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # continued, not restarted
+    # continued, not restarted
+    assert len(rows) == 2 * steps_1 and [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     data = bucket_data.rsplit("/", 1)[0]
     ft = run_cli("finetune", "--init", "s3://team/runs/pt/student.safetensors", "--model", "vit_tiny_patch16_224",
                  "--train", bucket_data, "--val", f"{data}/train-000000.tar", "--out", "s3://team/runs/ft",
-                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--input-size", "64", "--num-workers", "1",
+                 "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--image-size", "64", "--workers", "1",
                  module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m3")})
     assert "init: " in ft.stderr + ft.stdout
     ev = run_cli("eval", "--weights", "s3://team/runs/ft/best.safetensors", "--val", f"{data}/train-000000.tar",
-                 "--num-workers", "1", module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m4")})
+                 "--workers", "1", module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m4")})
     assert json.loads(ev.stdout.strip().splitlines()[-1])["n"] == 30

@@ -78,7 +78,8 @@ def test_source_specs_brace_alternatives_and_comma_lists(demo_data):
     d = str(demo_data)
     names = lambda spec: [s.name for s in list_source(spec)]  # noqa: E731
     assert names(f"{d}/{{train-000000,val-000000}}.tar") == ["train-000000", "val-000000"]
-    assert names(f"{d}/train-{{000000..000001}}.tar,{d}/val-000000.tar") == ["train-000000", "train-000001", "val-000000"]
+    both = names(f"{d}/train-{{000000..000001}}.tar,{d}/val-000000.tar")
+    assert both == ["train-000000", "train-000001", "val-000000"]
     assert names(f"{d}/train-00000[23].tar") == ["train-000002", "train-000003"]
     with pytest.raises(SourceError, match="2 source shards do not exist: .*train-000008.tar.*train-000009.tar"):
         list_source(f"{d}/train-{{000008..000009}}.tar")

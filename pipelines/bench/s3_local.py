@@ -23,7 +23,8 @@ import s3_server  # noqa: E402  (the test suite's SeaweedFS launcher)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="runs/demo/data", help="folder with train-00000N.tar (pipelines/demo/make_data.py)")
+    p.add_argument("--data", default="runs/demo/data",
+                   help="folder with train-00000N.tar (pipelines/demo/make_data.py)")
     p.add_argument("--teacher", default="clip-b16")
     p.add_argument("--image-size", default="224")
     a = p.parse_args()

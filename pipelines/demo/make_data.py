@@ -86,7 +86,8 @@ def main() -> None:
     write_shard(os.path.join(a.out, "val-000000.tar"), val)
     with open(os.path.join(a.out, "classes.json"), "w") as f:
         json.dump(list(photos), f)
-    print(f"{len(photos)} classes, {len(train)} train images in {a.train_shards} shards, {len(val)} val images -> {a.out}")
+    print(f"{len(photos)} classes, {len(train)} train images in {a.train_shards} shards, {len(val)} val images "
+          f"-> {a.out}")
 
 
 if __name__ == "__main__":

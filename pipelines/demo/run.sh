@@ -37,10 +37,10 @@ $PY -m mdtrain pretrain --cache "$CACHE" --student "$STUDENT" --out "$OUT/pretra
     --epochs "${PT_EPOCHS:-4}" --warmup-epochs 1 --batch-size 16 --blr 1.5e-4 --workers 1 --log-every 2
 
 echo "== 5/5 mdtrain knn / finetune / eval"
-$PY -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --model "$STUDENT" \
-    --train "$DATA/train-{000000..000003}.tar" --val "$DATA/val-000000.tar" --num-workers 1
+$PY -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" \
+    --train "$DATA/train-{000000..000003}.tar" --val "$DATA/val-000000.tar" --workers 1
 $PY -m mdtrain finetune --init "$OUT/pretrain/student.safetensors" --model "$STUDENT" \
     --train "$DATA/train-{000000..000003}.tar" --val "$DATA/val-000000.tar" --out "$OUT/finetune" \
-    --epochs "${FT_EPOCHS:-3}" --warmup-epochs 1 --batch-size 16 --blr 2e-3 --num-workers 1
-$PY -m mdtrain eval --weights "$OUT/finetune/best.safetensors" --val "$DATA/val-000000.tar" --num-workers 1
+    --epochs "${FT_EPOCHS:-3}" --warmup-epochs 1 --batch-size 16 --blr 2e-3 --workers 1
+$PY -m mdtrain eval --weights "$OUT/finetune/best.safetensors" --val "$DATA/val-000000.tar" --workers 1
 echo "demo done: cache $CACHE, pretrained student $OUT/pretrain/student.safetensors, finetuned $OUT/finetune/"

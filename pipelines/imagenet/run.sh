@@ -5,7 +5,7 @@
 #   IMAGENET=s3://bucket/imagenet CACHE_ROOT=s3://bucket/mdcache CLIP_WEIGHTS=/path/ViT-B-16.safetensors \
 #   GPUS=8 bash pipelines/imagenet/run.sh
 #
-# Defaults follow ../shared/MASKDISTILL.md: 300 epochs, batch 2048 (lr 1.5e-3), 75/196 block masking,
+# Defaults follow docs/method.md: 300 epochs, batch 2048 (lr 1.5e-3), 75/196 block masking,
 # Smooth-L1, LayerNorm targets from the last block (tap final); finetune 100 epochs, layer decay 0.65.
 set -euo pipefail
 IMAGENET=${IMAGENET:?set IMAGENET to the folder/bucket holding train-{000000..001023}.tar and val-{000000..000063}.tar}
@@ -30,7 +30,7 @@ torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student
     --workers 10 --local-cache /tmp/mdcache-local --out "$OUT/pretrain"
 
 # 3. Quick signal, then finetune (BEiT v2 recipe) and evaluate.
-python -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --model vit_base_patch16_224 --train "$TRAIN" --val "$VAL"
+python -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --train "$TRAIN" --val "$VAL"
 torchrun --nproc-per-node "$GPUS" -m mdtrain finetune --init "$OUT/pretrain/student.safetensors" \
     --model vit_base_patch16_224 --train "$TRAIN" --val "$VAL" --epochs 100 --warmup-epochs 20 \
     --batch-size $((1024 / GPUS)) --blr 5e-4 --layer-decay 0.65 --drop-path 0.1 --out "$OUT/finetune"

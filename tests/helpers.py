@@ -1,7 +1,9 @@
-"""Helpers for the mdtrain pretrain tests: real caches from `mdcache extract`, real CLI runs.
+"""Helpers shared by the tests: real caches from `mdcache extract`, real CLI runs in fresh processes.
 
-Caches live under pytest's session base temp and are addressed by their fingerprint, so asking for
-the same cache from several test modules extracts once and then reuses the committed shards.
+No weights can be downloaded here, so every teacher in the tests is a tiny *real* open_clip ViT with
+random weights on purpose (`--random-init`), which the cache records in its fingerprint. Caches live
+under pytest's session base temp and are addressed by their fingerprint, so asking for the same cache
+from several test modules extracts once and then reuses the committed shards.
 """
 from __future__ import annotations
 
@@ -11,7 +13,29 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg  # noqa: F401  (re-exported to the pretrain tests)
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = str(ROOT / "tests" / "assets" / "tiny-clip.json")
+TINY_TEACHER = f"open_clip:{TINY_CLIP}"
+
+
+def extract_cfg(source: str, cache: str, **kw):
+    from mdcache.extract import ExtractConfig
+
+    base = dict(source=source, cache=cache, teacher=TINY_TEACHER, random_init=True, image_size=64, views=2,
+                codec="fp16", workers=0, batch_size=8, calib_images=16)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None,
+            module: str = "mdcache") -> subprocess.CompletedProcess:
+    """Run `python -m mdcache ...` as a user would, in a fresh process."""
+    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "COLUMNS": "200", **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
 
 STUDENT = "vit_tiny_patch16_224"
 # Small, fast, deterministic training flags shared by the CLI tests.

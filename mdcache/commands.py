@@ -1,0 +1,153 @@
+"""One place per command for configuration, and the one error boundary of both CLIs.
+
+A command's configuration is a dataclass whose fields carry their help text (`opt`);
+`typer_command` turns it into a Typer command whose `--help` shows every default, so the CLI, the
+Python API and docs/ cannot drift. Values that the shell spells differently from the API are
+converted here, at the edge, once: `--storage-option KEY=VALUE` (repeatable) becomes the
+`storage_options` dict every function takes; ranges are real tuples (`--crop-scale 0.2 1.0`).
+
+Errors: a `UserError` prints one red line and exits with its code (2); anything else is a bug and
+keeps its traceback. A torch.distributed process group is torn down either way.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import ConfigError, UserError
+from .fs import parse_storage_options
+
+STORAGE_HELP = "fsspec storage option KEY=VALUE for remote URLs (repeatable), e.g. endpoint_url=http://host:8333."
+
+
+def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Callable] | None = None) -> Any:
+    """A config field: default + help (+ an explicit --flag name, + a (CLI type, parser) pair when the
+    shell spelling differs from the API value)."""
+    meta: dict[str, Any] = {"help": help}
+    if param:
+        meta["param"] = param
+    if cli:
+        meta["cli"] = cli
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def storage_options_opt(help: str = STORAGE_HELP) -> Any:
+    """The `storage_options` field every command that reads URLs has: a dict in Python, repeatable
+    `--storage-option KEY=VALUE` on the command line."""
+    return opt({}, help, param="--storage-option", cli=(list[str], parse_storage_options))
+
+
+def parse_model_args(items: list[str]) -> dict:
+    """['depth=4', 'embed_dim=128', 'qkv_bias=false'] -> {'depth': 4, 'embed_dim': 128, 'qkv_bias': False}:
+    timm model arguments (JSON values where they parse, strings otherwise)."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"model argument {item!r}: expected KEY=VALUE (e.g. depth=4)")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def model_args_opt(flag: str, what: str) -> Any:
+    """A `dict` of timm model arguments, spelled `--FLAG KEY=VALUE` (repeatable) on the command line, so
+    small custom ViTs work everywhere (e.g. img_size=28 patch_size=4 embed_dim=128 depth=4 num_heads=4)."""
+    return opt({}, f"timm model argument KEY=VALUE for the {what} (repeatable), e.g. depth=4 embed_dim=128.",
+               param=flag, cli=(list[str], parse_model_args))
+
+
+def print_error(e: BaseException) -> None:
+    """One red 'error:' line on stderr, never re-wrapped (paths in messages stay copyable)."""
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+
+
+def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
+    """The error boundary: UserError -> one line + its exit code; the process group is torn down."""
+    try:
+        return fn(cfg)
+    except UserError as e:
+        print_error(e)
+        raise SystemExit(e.exit_code) from None
+    finally:
+        import sys
+
+        if "torch" in sys.modules:  # never import torch just to check
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], name: str,
+                  help: str | None = None, arguments: tuple[str, ...] = ()) -> None:
+    """Register `run(cfg_cls(**options))` as `name`, inside the error boundary; fields listed in
+    `arguments` are positional."""
+    hints = typing.get_type_hints(cfg_cls)
+    params, annotations, parsers = [], {}, {}
+    for f in dataclasses.fields(cfg_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        decls = [f.metadata["param"]] if "param" in f.metadata else []
+        hint = hints[f.name]
+        if "cli" in f.metadata:
+            hint, parsers[f.name] = f.metadata["cli"]
+            default = [] if isinstance(default, dict) else default
+        if f.name in arguments:
+            info = typer.Argument(... if default is None else default, help=f.metadata.get("help", ""),
+                                  show_default=default is not None)
+        else:
+            info = typer.Option(default, *decls, help=f.metadata.get("help", ""), show_default=True)
+        annotations[f.name] = hint
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint))
+
+    def command(**kwargs):
+        def build_and_run(kw):
+            return run(cfg_cls(**{k: parsers[k](v) if k in parsers else v for k, v in kw.items()}))
+
+        return run_command(build_and_run, kwargs)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = help or (cfg_cls.__doc__ or "")
+    app.command(name)(command)
+
+
+@dataclasses.dataclass
+class ViewOptions:
+    """The view recipe's options, shared by `mdcache extract` and `mdtrain pretrain`'s online mode."""
+
+    views: int = opt(2, "Views (augmented crops) per image.")
+    image_size: int = opt(224, "Teacher/student input size in pixels.")
+    crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.")
+    crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.")
+    flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
+    color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation (0: off), "
+                                   "recorded per view.")
+
+    def view_recipe(self, image_size: int, seed: int):
+        from .views import ViewRecipe
+
+        return ViewRecipe(image_size=image_size, scale=tuple(self.crop_scale), ratio=tuple(self.crop_ratio),
+                          flip=self.flip, views=self.views, seed=seed, color_jitter=self.color_jitter)
+
+
+def public_config(cfg: Any) -> dict:
+    """A config as a dict safe to write next to outputs (config.json, checkpoints, buckets): storage option
+    values (keys, secrets, tokens) are replaced by '***'."""
+    d = dataclasses.asdict(cfg)
+    if d.get("storage_options"):
+        d["storage_options"] = {k: "***" for k in d["storage_options"]}
+    return d
