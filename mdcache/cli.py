@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import bench, cleanup, extract, store, verify
 from .commands import opt, storage_options_opt, typer_command
@@ -77,8 +78,8 @@ class LsConfig:
 
 def ls(cfg: LsConfig) -> None:
     caches = store.list_caches(cfg.root, cfg.storage_options)
-    t = Table("id", "teacher", "tap", "source", "views", "codec", "images", "shards", "bytes", "bytes/view",
-              "fidelity", "created")
+    t = Table(Column("id", no_wrap=True, min_width=16), "teacher", "tap", "source", "views", "codec", "images",
+              "shards", "bytes", "bytes/view", "fidelity", "created")  # ids are pasted into commands: never cut
     for c in caches:
         s, m = c.stats(), c.manifest
         random = " (random)" if m["fingerprint"]["teacher"]["weights"] == "random-init" else ""
@@ -87,7 +88,7 @@ def ls(cfg: LsConfig) -> None:
                   str(s["samples"]), f"{s['shards_done']}/{s['shards_total']}", human_bytes(s["bytes"]),
                   human_bytes(s["bytes_per_view"]), fidelity_text(s["fidelity"]),
                   f"{m['created_by']} {m['created_at']}")
-    out = console if console.is_terminal else Console(width=240)  # logs and pipes get whole rows
+    out = console if console.is_terminal or "COLUMNS" in os.environ else Console(width=240)  # pipes: whole rows
     out.print(t if caches else f"no caches under {cfg.root}")
 
 

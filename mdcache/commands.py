@@ -134,8 +134,8 @@ class ViewOptions:
     crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.")
     crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.")
     flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
-    color_jitter: float = opt(0.0, "ColorJitter strength for brightness, contrast and saturation (0: off), "
-                                   "recorded per view.")
+    color_jitter: float = opt(0.4, "ColorJitter strength for brightness, contrast and saturation, recorded per view "
+                                   "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).")
 
     def view_recipe(self, image_size: int, seed: int):
         from .views import ViewRecipe

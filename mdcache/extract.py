@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .claims import Claims, Renewer, new_owner
-from .commands import ViewOptions, opt, storage_options_opt
+from .commands import ViewOptions, model_args_opt, opt, storage_options_opt
 from .devices import resolve_device, resolve_precision
 from .errors import CacheError, CacheNotFound
 from .teachers import Teacher, load_teacher, run_teacher
@@ -37,6 +37,7 @@ class ExtractConfig(ViewOptions):
                           "image folder.")
     teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config "
                                    ".json), timm:MODEL.")
+    teacher_args: dict = model_args_opt("--teacher-arg", "teacher (timm teachers; recorded in the fingerprint)")
     cache: str = opt("./cache", "Cache root (local path or fsspec URL); the cache lands in <root>/<cache-id>/.")
     codec: str = opt("int8", "Target codec: int8 (per-channel calibrated, per-token scale) or fp16 (reference).")
     tap: str = opt("final", "Teacher feature: final (last block, before ln_post), ln_post, or proj (ln_post + CLIP "
@@ -79,6 +80,7 @@ class Batch:
     skipped: list[dict] = field(default_factory=list)   # undecodable samples: {key, error}
     images: torch.Tensor | None = None                  # [n*K, 3, S, S], normalized
     views: np.ndarray | None = None                     # [n, K, len(VIEW_FIELDS)] int32
+    labels: list[int] = field(default_factory=list)      # class labels of the source's samples, when it has them
     last: bool = True
     error: str | None = None
     skip: str | None = None
@@ -96,13 +98,13 @@ def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> 
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, std, batch_size: int,
                   storage_options: dict | None = None) -> Iterator[Batch]:
     """Batches of one shard, in order. The last one has last=True (and error= if the shard broke)."""
-    keys, imgs, params, skipped = [], [], [], []
+    keys, imgs, params, skipped, labels = [], [], [], [], []
 
     def batch(last: bool, error: str | None = None) -> Batch:
-        out = Batch(shard.name, keys=list(keys), skipped=list(skipped), last=last, error=error)
+        out = Batch(shard.name, keys=list(keys), skipped=list(skipped), labels=list(labels), last=last, error=error)
         if keys:
             out.images, out.views = torch.cat(imgs), np.stack(params)
-        keys.clear(), imgs.clear(), params.clear(), skipped.clear()
+        keys.clear(), imgs.clear(), params.clear(), skipped.clear(), labels.clear()
         return out
 
     try:
@@ -116,6 +118,8 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, st
                 skipped.append({"key": sample.key, "error": f"{type(e).__name__}: {e}"})
                 continue
             keys.append(sample.key), imgs.append(x), params.append(p)
+            if sample.label is not None:
+                labels.append(sample.label)
             if len(keys) == batch_size:
                 yield batch(False)
     except sources.SourceError as e:
@@ -169,7 +173,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     precision = resolve_precision(cfg.precision, device)
     teacher = load_teacher(cfg.teacher, weights=mfs.fetch(cfg.weights, so) if cfg.weights else None,
                            random_init=cfg.random_init, tap=cfg.tap, image_size=cfg.image_size, device=device,
-                           seed=cfg.seed)
+                           seed=cfg.seed, model_args=cfg.teacher_args)
     if cfg.random_init:
         console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos "
                       "only")
@@ -241,6 +245,7 @@ class ShardBuffer:
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.views: list[np.ndarray] = []
         self.skipped: list[dict] = []
+        self.labels: list[int] = []
         self.meter = codecs.FidelityMeter()
         self.started = time.time()
         self.overhead = 0.0  # coordination cost: claim + commit record + release
@@ -262,9 +267,46 @@ class ShardBuffer:
         return out, np.ascontiguousarray(views_.swapaxes(0, 1))
 
 
+LABEL_MIXING_WARN = 0.6
+
+
+def entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def label_mixing(shards: dict[str, list[int]]) -> dict[str, float]:
+    """Per shard: its label entropy over the entropy of all these shards' labels together (capped by what its
+    sample count allows). About 1 for shuffled shards; near 0 when each shard holds one or two classes, so that
+    every training batch (cut from one shard through a shuffle buffer) would too."""
+    width = max((len(c) for c in shards.values()), default=0)
+    counts = {name: np.pad(np.asarray(c, np.float64), (0, width - len(c))) for name, c in shards.items()}
+    total = sum(counts.values(), np.zeros(width))
+    out = {}
+    for name, c in counts.items():
+        best = min(entropy(total), np.log(c.sum()))
+        if best > 0:
+            out[name] = entropy(c) / best
+    return out
+
+
+def warn_unmixed(summary: dict) -> None:
+    """Shards whose labels are badly mixed: say so, with the fix (shuffle before sharding)."""
+    mix = label_mixing(summary["labels"])
+    bad = {n: round(m, 3) for n, m in sorted(mix.items()) if m < LABEL_MIXING_WARN}
+    summary["unmixed"] = bad
+    if bad:
+        names = ", ".join(list(bad)[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        console.print(f"[yellow]warning:[/] {len(bad)} of {len(mix)} shard(s) hold few of the source's classes "
+                      f"(label entropy below {LABEL_MIXING_WARN:.0%} of the whole source's: {names}). Training "
+                      "batches are cut from one shard at a time, so each would see one or two classes: shuffle "
+                      "the samples across shards before extracting (docs/quickstart.md).")
+
+
 def new_summary(cache_url: str, reused: int) -> dict:
     return {"cache": cache_url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0,
-            "images": 0, "seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0, "shard_seconds": 0.0}
+            "images": 0, "seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0, "shard_seconds": 0.0, "labels": {},
+            "unmixed": {}}
 
 
 class ShardWriter:
@@ -296,6 +338,7 @@ class ShardWriter:
         buf = self.buffers.setdefault(b.shard, ShardBuffer())
         buf.overhead += b.claim_seconds
         buf.skipped += b.skipped
+        buf.labels += b.labels
         if feats is not None:
             encoded = self.codec.encode(feats, self.calib)
             if reference is not None:
@@ -309,6 +352,8 @@ class ShardWriter:
     def finish(self, b: Batch) -> None:
         buf = self.buffers.pop(b.shard)
         self.summary["skipped"] += len(buf.skipped)
+        if buf.labels:
+            self.summary["labels"][b.shard] = np.bincount(np.asarray(buf.labels)).tolist()
         if b.error:
             self.summary["failed"][b.shard] = b.error
             if self.claims:
@@ -390,6 +435,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
             time.sleep(min(max(cfg.claim_ttl / 4, 0.5), 30.0))
     finally:
         renewer.stop()
+    warn_unmixed(summary)
     return cache.url, summary
 
 

@@ -172,12 +172,12 @@ def _load_open_clip(model: nn.Module, state: dict, path: str) -> None:
 
 
 def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str | None, random_init: bool,
-          tap: str, image_size: int | None) -> TeacherParts:
+          tap: str, image_size: int | None, model_args: dict) -> TeacherParts:
     import sys
 
     import timm
 
-    kw = {"num_classes": 0}
+    kw = {**model_args, "num_classes": 0}
     if image_size:
         kw["img_size"] = image_size
     try:
@@ -212,7 +212,8 @@ FAMILIES = {"open_clip": _open_clip, "timm": _timm}
 
 
 def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = False, tap: str = "final",
-                 image_size: int | None = None, device: str | torch.device = "cpu", seed: int = 0) -> Teacher:
+                 image_size: int | None = None, device: str | torch.device = "cpu", seed: int = 0,
+                 model_args: dict | None = None) -> Teacher:
     """Build a frozen teacher. A weights file (a local path) is read with `weights.read_state_dict`, never
     handed to a library loader, so nothing is unpickled. Random init is seeded (so `verify` can rebuild it)
     and loudly recorded."""
@@ -224,7 +225,11 @@ def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = F
     state = read_state_dict(weights) if weights else None
     if random_init:
         torch.manual_seed(seed)
-    parts = FAMILIES[family](spec, arch, tag, state, weights, random_init, tap, image_size)
+    if model_args and family != "timm":
+        raise TeacherError(f"teacher {spec!r}: model arguments are for timm teachers (open_clip takes a model config "
+                           f".json as ARCH)")
+    parts = FAMILIES[family](spec, arch, tag, state, weights, random_init, tap, image_size,
+                             **({"model_args": dict(model_args or {})} if family == "timm" else {}))
     parts.model.eval().requires_grad_(False).to(device)
     source = ("random-init" if random_init else
               "file:" + os.path.basename(weights) if weights else f"pretrained:{tag or 'timm'}")
@@ -233,6 +238,8 @@ def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = F
                 "mean": list(parts.mean), "std": list(parts.std)}
     if random_init:
         identity["init_seed"] = seed
+    if model_args:  # only when given, so the ids of existing caches do not change
+        identity["model_args"] = dict(sorted(model_args.items()))
     return Teacher(spec=spec, model=parts.model, features=parts.features, mean=parts.mean, std=parts.std,
                    image_size=parts.image_size, patch_grid=parts.patch_grid, dim=parts.dim, identity=identity)
 
@@ -250,7 +257,7 @@ def load_cache_teacher(cache, spec: str | None = None, weights: str | None = Non
         random_init = ident["weights"] == "random-init"
     teacher = load_teacher(spec or cache.teacher_spec, weights=weights, random_init=random_init,
                            tap=ident["tap"], image_size=ident["image_size"], device=device,
-                           seed=int(ident.get("init_seed", 0)))
+                           seed=int(ident.get("init_seed", 0)), model_args=ident.get("model_args"))
     if teacher.identity["weights_sha256"] != ident["weights_sha256"]:
         raise TeacherError(f"cache {cache.url} was made by another teacher: weights digest "
                            f"{ident['weights_sha256'][:12]} in the manifest, {teacher.identity['weights_sha256'][:12]} "

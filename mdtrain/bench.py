@@ -33,7 +33,7 @@ from mdcache.devices import resolve_device, resolve_precision
 from mdcache.errors import ConfigError
 
 from . import data
-from .pretrain import PretrainConfig, build_optimizer, make_stream, setup_data, student_loss
+from .pretrain import PretrainConfig, build_optimizer, make_stream, resolve, setup_data, student_loss
 from .runtime import configure_threads
 from .student import build_student
 
@@ -64,11 +64,11 @@ class BenchConfig:
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
     def pretrain_config(self, online: bool) -> PretrainConfig:
-        return PretrainConfig(cache=self.cache, source=self.source, student=self.student, batch_size=self.batch_size,
-                              epochs=1000, workers=self.workers, seed=self.seed, device=self.device,
-                              precision=self.precision, warmup_epochs=0, lr=1e-4, drop_path=0.0,
-                              teacher=self.teacher if online else None, teacher_weights=self.teacher_weights,
-                              random_init=self.random_init, storage_options=dict(self.storage_options))
+        return resolve(PretrainConfig(
+            cache=self.cache, source=self.source, student=self.student, batch_size=self.batch_size, epochs=1000,
+            workers=self.workers, seed=self.seed, device=self.device, precision=self.precision, warmup_epochs=0,
+            lr=1e-4, drop_path=0.0, teacher=self.teacher if online else None, teacher_weights=self.teacher_weights,
+            random_init=self.random_init, storage_options=dict(self.storage_options)))
 
 
 def stream_batches(setup, workers: int, n: int) -> Iterator[dict]:

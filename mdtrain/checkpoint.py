@@ -107,6 +107,9 @@ def save_weights(path: str, state_dict: dict[str, torch.Tensor], metadata: dict[
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp,
               metadata={k: str(v) for k, v in metadata.items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; teammates on a shared disk must read weights too
     os.replace(tmp, path)
 
 

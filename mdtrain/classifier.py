@@ -55,7 +55,7 @@ def build_model(name: str, num_classes: int, image_size: int, drop_path: float =
 def layer_scale_of(path: str) -> float | None:
     """Weights pretrained with LayerScale (`mdtrain pretrain --layer-scale`) need a model that has it;
     the value itself is overwritten by the loaded gammas."""
-    return 1e-5 if any(k.endswith(".ls1.gamma") for k in read_state_dict(path)) else None
+    return 1e-5 if any(k.endswith((".ls1.gamma", ".gamma_1")) for k in read_state_dict(path)) else None  # ViT, BEiT
 
 
 def describe_weights(path: str, model: str | None = None, image_size: int | None = None,
@@ -77,6 +77,17 @@ def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
     cls = getattr(model, "pretrained_cfg", {}).get("classifier", "head")
     names = cls if isinstance(cls, (list, tuple)) else (cls,)
     return tuple(f"{n}." for n in names)
+
+
+@torch.no_grad()
+def scale_head(model: torch.nn.Module, scale: float) -> list[str]:
+    """Multiply the classifier's parameters by `scale` (BEiT v2 `init_scale`, 0.001): a new head starts
+    with near-zero logits, so its first gradients do not disturb the pretrained backbone. Returns their names."""
+    heads = classifier_prefixes(model)
+    params = {n: p for n, p in model.named_parameters() if n.startswith(heads)}
+    for p in params.values():
+        p.mul_(scale)
+    return list(params)
 
 
 def load_backbone(model: torch.nn.Module, path: str) -> dict:

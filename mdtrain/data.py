@@ -66,6 +66,7 @@ class StreamConfig:
     world: int = 1
     lanes: int = 1                          # = max(1, loader workers); fixed for exact resume
     with_targets: bool = True
+    fresh_crops: bool = False               # online without a cache: a new crop per (epoch, key), not K replayed
     storage_options: dict | None = field(default=None, hash=False)
 
 
@@ -157,6 +158,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                  cache: store.Cache | None = None, recipe: views.ViewRecipe | None = None):
         if cache is None and recipe is None:
             raise ValueError("a stream needs a cache (stored views) or a view recipe (online mode)")
+        if cfg.fresh_crops and recipe is not None:  # one view per image and epoch, from its own seed
+            recipe = replace(recipe, views=1, seed=int(views.key_rng(recipe.seed, f"fresh/{epoch}").integers(2**31)))
         self.shards, self.cfg, self.epoch, self.cache, self.recipe = shards, cfg, epoch, cache, recipe
         self.lanes = lane_shards(shards, cfg, epoch)
         counts = lane_batch_counts(shards, cfg, epoch)

@@ -64,7 +64,8 @@ class KnnConfig:
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
     image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
-    global_pool: Optional[str] = opt(None, "Feature pooling: None = model default (CLS token for ViTs), 'avg'.")
+    global_pool: Optional[str] = opt(None, "Feature pooling: None = from the weights (avg for a pretrained student, "
+                                           "whose CLS token is never trained), else the model default; avg, token.")
     crop_pct: Optional[float] = opt(None, "Center-crop fraction for both sets; None = from the weights' metadata, "
                                           "else 0.875.")
     k: int = opt(20, "Neighbours that vote.")
@@ -163,6 +164,8 @@ def frozen_features(cfg: "KnnConfig | LinprobeConfig") -> tuple[dict, dict, dict
     if not cfg.weights or not cfg.train or not cfg.val:
         raise ConfigError("--weights, --train and --val are all required")
     w = describe_weights(cfg.weights, cfg.model, cfg.image_size, cfg.global_pool, cfg.model_args)
+    if w["global_pool"] is None and w["meta"].get("kind") == "pretrain-student":
+        w["global_pool"] = "avg"  # MaskDistill trains patch tokens, never the CLS token: pool the patches
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = build_model(w["model"], 0, w["image_size"], global_pool=w["global_pool"],
@@ -201,7 +204,8 @@ class LinprobeConfig:
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
     image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
-    global_pool: Optional[str] = opt(None, "Feature pooling: None = model default (CLS token for ViTs), 'avg'.")
+    global_pool: Optional[str] = opt(None, "Feature pooling: None = from the weights (avg for a pretrained student, "
+                                           "whose CLS token is never trained), else the model default; avg, token.")
     crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.")
     epochs: int = opt(100, "Epochs over the (precomputed) training features.")
     warmup_epochs: int = opt(10, "Linear warmup epochs.")

@@ -32,7 +32,7 @@ from mdcache.fs import fetch
 
 from . import labelled
 from .checkpoint import CKPT_NAME, check_resumable, load_trainer_state, resolve_resume, save_trainer_state, save_weights
-from .classifier import build_model, evaluate_batches, layer_scale_of, load_backbone
+from .classifier import build_model, evaluate_batches, layer_scale_of, load_backbone, scale_head
 from .outputs import MetricsLog, OutputDir, plot_curves
 from .runtime import Dist, all_ranks, all_reduce_sum, init_distributed, seed_all, seed_for, unwrap
 
@@ -55,20 +55,24 @@ class FinetuneConfig:
     num_classes: Optional[int] = opt(None, "Number of classes; None = inferred from --train (class folders, or max "
                                            ".cls + 1).")
     image_size: int = opt(224, "Image side in pixels (ViTs get it as img_size; a pretrained pos-embed is resampled).")
-    global_pool: Optional[str] = opt(None, "timm global_pool: None = the model's default ('token' for ViTs), "
-                                           "'avg' = mean pooling.")
+    global_pool: str = opt("avg", "timm global_pool: avg = mean of the patch tokens (BEiT v2's recipe: MaskDistill "
+                                  "never trains the CLS token), token = the CLS token.")
     norm: str = opt("imagenet", "Input mean/std: imagenet (what mdtrain pretrain feeds the student) or model "
                                 "(timm's config).")
     epochs: int = opt(100, "Training epochs.")
-    warmup_epochs: float = opt(20.0, "Linear warmup epochs (the lr is updated every step).")
+    warmup_epochs: float = opt(20.0, "Linear warmup epochs up to the peak lr, where the cosine starts (the lr is "
+                                     "updated every step); less than --epochs.")
     batch_size: int = opt(128, "Batch size per process (effective batch = batch-size x processes).")
-    blr: float = opt(5e-4, "Base learning rate for an effective batch of 256: lr = blr x batch / 256.")
+    blr: float = opt(1.25e-4, "Base learning rate per 256 images: lr = blr x effective batch / 256: 5e-4 at batch "
+                              "1024, BEiT v2's value.")
     lr: Optional[float] = opt(None, "Absolute peak learning rate; overrides --blr when given.")
     min_lr: float = opt(1e-6, "Learning rate at the end of the cosine schedule.")
     warmup_lr: float = opt(1e-6, "Learning rate at the start of warmup.")
     weight_decay: float = opt(0.05, "AdamW weight decay (not applied to norms, biases, tokens, pos-embed).")
     layer_decay: float = opt(0.65, "Layer-wise lr decay (BEiT); 1.0 = off.")
     drop_path: float = opt(0.1, "Stochastic depth rate.")
+    head_init_scale: float = opt(0.001, "Multiply the new classifier's initial weight and bias by this (BEiT v2 "
+                                        "init_scale: near-zero logits at the start); 1 = timm's init.")
     clip_grad: Optional[float] = opt(None, "Clip the gradient norm to this value; None = off.")
     smoothing: float = opt(0.1, "Label smoothing.")
     mixup: float = opt(0.8, "Mixup alpha; 0 = off.")
@@ -130,18 +134,30 @@ class Recipe:
     lr: float
 
 
+def resolve_lr(cfg: FinetuneConfig, world: int) -> float:
+    """Peak lr: --lr as given, else linear in the effective batch (BEiT v2's 5e-4 is absolute at batch 1024,
+    so the default blr is 5e-4 / 4)."""
+    return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * world / 256
+
+
 def build_recipe(cfg: FinetuneConfig, net: torch.nn.Module, num_classes: int, world: int) -> Recipe:
-    """AdamW with layer decay, per-step cosine schedule with warmup, mixup/cutmix and the matching loss."""
+    """AdamW with layer decay, per-step cosine schedule with warmup, mixup/cutmix and the matching loss.
+
+    As BEiT v2's schedule: warmup reaches the peak lr, then the cosine starts from the peak (warmup_prefix)
+    and spans the epochs left, ending at --min-lr on the last step."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    lr = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * world / 256
+    lr = resolve_lr(cfg, world)
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} must be less than --epochs {cfg.epochs}")
     optimizer = create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
-                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs - cfg.warmup_epochs, lr_min=cfg.min_lr,
+                                  warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, warmup_prefix=True,
+                                  t_in_epochs=True)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         if cfg.batch_size % 2:
@@ -244,6 +260,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     layer_scale = layer_scale_of(init) if init else None
     model = build_model(cfg.model, num_classes, cfg.image_size, cfg.drop_path, cfg.global_pool, layer_scale,
                         cfg.model_args)
+    if state is None:  # a fresh head (a resume loads its trained one); a head in --init overwrites it
+        scale_head(model, cfg.head_init_scale)
     if init and state is None:
         report = load_backbone(model, init)
         if dist.main:

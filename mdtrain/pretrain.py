@@ -14,14 +14,14 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import torch
 from rich.console import Console
 
 from mdcache import store, views
-from mdcache.commands import ViewOptions, opt, public_config, storage_options_opt
+from mdcache.commands import ViewOptions, model_args_opt, opt, public_config, storage_options_opt
 from mdcache.devices import autocast, resolve_device, resolve_precision
 from mdcache.errors import ConfigError
 
@@ -54,6 +54,7 @@ class PretrainConfig(ViewOptions):
     source: Optional[str] = opt(None, "Source shards: overrides where the cache's images are; required online "
                                       "without --cache.")
     student: str = opt("vit_base_patch16_224", "timm model name of the student (vit_*, deit_*, beitv2_*, ...).")
+    student_args: dict = model_args_opt("--student-arg", "student")
     out: str = opt("runs/pretrain", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every "
                                     "checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
     epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).")
@@ -65,10 +66,13 @@ class PretrainConfig(ViewOptions):
     min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.")
     warmup_epochs: int = opt(10, "Linear warmup epochs.")
     weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, position/cls/mask tokens).")
-    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas B1 B2.")
+    betas: Optional[tuple[float, float]] = opt(None, "AdamW betas B1 B2 (default: BEiT v2's rule, 0.9 0.98 for runs "
+                                                     "up to 300 epochs, 0.9 0.999 for longer ones).")
     clip_grad: float = opt(3.0, "Gradient norm clipping (0 disables).")
-    drop_path: float = opt(0.1, "Stochastic depth rate of the student.")
-    layer_scale: float = opt(0.0, "Layer-scale init value passed to timm as init_values (0: the model's default).")
+    drop_path: Optional[float] = opt(None, "Stochastic depth rate of the student (default: BEiT v2's rule, 0.0 for "
+                                           "runs up to 300 epochs, 0.1 for longer ones).")
+    layer_scale: Optional[float] = opt(None, "LayerScale init value (timm init_values; default: 0.1, or 1e-5 for "
+                                             "large/huge/giant students; 0: no LayerScale).")
     mask_ratio: float = opt(DEFAULT_MASK_RATIO, "Fraction of patches masked (exactly round(ratio x patches)); "
                                                 "75/196 by default.")
     min_mask_patches: int = opt(DEFAULT_MIN_PATCHES, "Smallest mask block on a 196-patch grid (scaled to the "
@@ -92,6 +96,10 @@ class PretrainConfig(ViewOptions):
     teacher: Optional[str] = opt(None, "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
                                        "timm:NAME).")
     teacher_weights: Optional[str] = opt(None, "Online mode: local teacher weights file.")
+    teacher_args: dict = model_args_opt("--teacher-arg", "online teacher (timm teachers)")
+    fresh_crops: bool = opt(False, "Online mode without a cache: draw a NEW crop (and jitter) of every image every "
+                                   "epoch, a pure function of (seed, epoch, key) - the paper's recipe, the reference "
+                                   "a cached run is compared with. Without it, online mode replays --views views.")
     random_init: bool = opt(False, "Online mode: randomly initialised teacher (tests/benchmarks only).")
     tap: str = opt("final", "Online mode without a cache: teacher feature tap (final, ln_post, proj).")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for cache and source (repeatable).")
@@ -102,10 +110,28 @@ class PretrainConfig(ViewOptions):
 
 def check_config(cfg: PretrainConfig) -> None:
     objective.check(cfg.target_norm, cfg.loss)
-    for name in ("accum_iter", "log_every", "save_every", "stop_after"):
+    for name in ("accum_iter", "log_every", "save_every"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if cfg.stop_after is not None and cfg.stop_after < 0:
+        raise ConfigError(f"--stop-after {cfg.stop_after}: must be 0 (save the initial state) or more")
+    if cfg.fresh_crops and (cfg.cache or not cfg.teacher):
+        raise ConfigError("--fresh-crops is online mode without a cache: give --teacher and --source (and the view "
+                          "options of the cache you compare with), not --cache")
+
+
+LONG_RUN_EPOCHS = 300  # BEiT v2's rule: up to 300 epochs betas (0.9, 0.98) and no drop path; longer: 0.999 and 0.1
+
+
+def resolve(cfg: PretrainConfig) -> PretrainConfig:
+    """Fill the recipe defaults that depend on the run (MaskDistill on BEiT v2): LayerScale 0.1 (1e-5 for
+    large students), and BEiT v2's epoch rule for AdamW betas and drop path. Explicit values win."""
+    big = any(s in cfg.student for s in ("large", "huge", "giant")) or int(cfg.student_args.get("embed_dim", 0)) >= 1024
+    short = cfg.epochs <= LONG_RUN_EPOCHS
+    return replace(cfg, layer_scale=cfg.layer_scale if cfg.layer_scale is not None else (1e-5 if big else 0.1),
+                   betas=tuple(cfg.betas) if cfg.betas is not None else ((0.9, 0.98) if short else (0.9, 0.999)),
+                   drop_path=cfg.drop_path if cfg.drop_path is not None else (0.0 if short else 0.1))
 
 
 # ----------------------------------------------------------------------------- data and targets
@@ -147,7 +173,7 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
                              min_mask_patches=scaled_min_patches(grid[0] * grid[1], cfg.min_mask_patches),
                              shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank, world=dist.world,
                              lanes=max(1, cfg.workers), with_targets=with_targets and teacher is None,
-                             storage_options=so)
+                             fresh_crops=cfg.fresh_crops, storage_options=so)
     return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher,
                  teacher_precision=resolve_precision(cfg.precision, device))
 
@@ -158,7 +184,8 @@ def load_online_teacher(cfg: PretrainConfig, cache: store.Cache | None, device: 
 
     if cache is None:
         return teachers.load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
-                                     image_size=cfg.image_size, device=device, seed=cfg.seed)
+                                     image_size=cfg.image_size, device=device, seed=cfg.seed,
+                                     model_args=cfg.teacher_args)
     return teachers.load_cache_teacher(cache, spec=cfg.teacher, weights=cfg.teacher_weights, device=device,
                                        random_init=cfg.random_init)
 
@@ -247,6 +274,7 @@ class Run:
 def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
     """Train; returns a summary (steps, final loss, paths). Safe to call under torchrun."""
     check_config(cfg)
+    cfg = resolve(cfg)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     dist = init_distributed(device)
@@ -259,7 +287,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
 
     torch.manual_seed(cfg.seed)  # after the (online) teacher drew its init; same on every rank (DDP broadcasts too)
     student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
-                            teacher_dim=setup.dim, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale or None)
+                            teacher_dim=setup.dim, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale or None,
+                            model_args=cfg.student_args)
     student = student.to(device)
     eff_batch = cfg.batch_size * cfg.accum_iter * dist.world
     optimizer, lr = build_optimizer(cfg, student, eff_batch)
@@ -293,6 +322,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
 def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
     """Optimizer steps over one epoch, from batch `skip` on: (batches consumed, stopped early)."""
     cfg, model, opt = r.cfg, r.model, r.optimizer
+    if cfg.stop_after is not None and r.run_steps >= cfg.stop_after:  # --stop-after 0: save the initial state
+        return skip, True
     loader = data.make_loader(make_stream(r.setup, epoch, skip), cfg.workers, pin_memory=r.device.type == "cuda",
                               worker_init_fn=ignore_sigint)
     batches = iter(loader)
@@ -390,6 +421,8 @@ def save_all(r: Run, epoch: int, batch: int) -> None:
             "mean": json.dumps(list(data.STUDENT_MEAN)), "std": json.dumps(list(data.STUDENT_STD)), "step": r.step}
     if cfg.layer_scale:
         meta["layer_scale"] = cfg.layer_scale
+    if cfg.student_args:
+        meta["model_args"] = json.dumps(cfg.student_args)
     if r.setup.cache is not None:
         meta["cache_id"] = r.setup.cache.cache_id
     checkpoint.save_weights(r.outdir.path(checkpoint.WEIGHTS_NAME), student.backbone_state_dict(), meta)

@@ -71,7 +71,7 @@ class Student(nn.Module):
 
 
 def build_student(name: str, *, image_size: int, grid: tuple[int, int], teacher_dim: int,
-                  drop_path: float = 0.0, layer_scale: float | None = None) -> Student:
+                  drop_path: float = 0.0, layer_scale: float | None = None, model_args: dict | None = None) -> Student:
     """A randomly initialised timm backbone (classifier removed) wrapped as a Student.
 
     `grid` and `teacher_dim` come from the cache manifest; a student whose patch grid differs from
@@ -79,7 +79,8 @@ def build_student(name: str, *, image_size: int, grid: tuple[int, int], teacher_
     """
     import timm
 
-    kw = {"pretrained": False, "num_classes": 0, "img_size": image_size, "drop_path_rate": drop_path}
+    kw = {"pretrained": False, "num_classes": 0, "img_size": image_size, "drop_path_rate": drop_path,
+          **{k: v for k, v in (model_args or {}).items() if k != "img_size"}}
     if layer_scale:
         kw["init_values"] = layer_scale
     try:

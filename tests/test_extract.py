@@ -70,7 +70,7 @@ def test_cache_id_changes_with_what_produced_it_and_nothing_else(tmp_path, demo_
         "views": cache_url_for(tmp_path, train_spec, views=3),
         "crop": cache_url_for(tmp_path, train_spec, crop_scale=(0.3, 1.0)),
         "seed": cache_url_for(tmp_path, train_spec, seed=1),
-        "jitter": cache_url_for(tmp_path, train_spec, color_jitter=0.4),
+        "jitter": cache_url_for(tmp_path, train_spec, color_jitter=0.0),  # 0.4 is the default
         "source": cache_url_for(tmp_path, str(demo_data / "train-{000000..000002}.tar")),
     }
     assert base not in changed.values() and len(set(changed.values())) == len(changed), changed
@@ -265,6 +265,8 @@ def test_info_and_ls(tmp_path, train_spec):
     assert as_json["stats"]["samples"] == 60 and as_json["stats"]["bytes_per_view"] > 0
     ls = run_cli("ls", str(tmp_path)).stdout
     assert url.rsplit("/", 1)[-1] in ls and "2/4" in ls
+    narrow = run_cli("ls", str(tmp_path), env={"COLUMNS": "80"}).stdout  # the id is pasted into `info`: never cut
+    assert url.rsplit("/", 1)[-1] in narrow and max(len(line) for line in narrow.splitlines()) <= 80
     assert run_cli("info", str(tmp_path), check=False).returncode == 2
 
 

@@ -10,9 +10,10 @@ import timm
 import torch
 from helpers import mdtrain, read_jsonl
 
+from mdcache.errors import ConfigError
 from mdtrain.checkpoint import CheckpointError, load_trainer_state, save_weights
-from mdtrain.classifier import InitError, build_model, layer_scale_of, load_backbone
-from mdtrain.finetune import FinetuneConfig, finetune
+from mdtrain.classifier import InitError, build_model, layer_scale_of, load_backbone, scale_head
+from mdtrain.finetune import FinetuneConfig, build_recipe, finetune, max_lr, resolve_lr
 from mdtrain.runtime import seed_all
 
 MODEL = "vit_tiny_patch16_224"
@@ -124,6 +125,44 @@ def test_cli_finetune_refuses_incompatible_init(tmp_path, data):
     assert not os.path.exists(tmp_path / "ft" / "last.ckpt")
 
 
+# ----------------------------------------------------------------------------- the recipe's defaults
+
+def test_recipe_defaults_are_beit_v2s(tmp_path, data):
+    """What finetune resolves, without training: lr 5e-4 at an effective batch of 1024 and linear in the
+    batch, mean pooling, a head initialized at 0.001x timm's init, and a cosine that starts at the peak
+    right after warmup (no drop) and reaches --min-lr at the last epoch."""
+    assert resolve_lr(FinetuneConfig(batch_size=1024), world=1) == pytest.approx(5e-4)
+    assert resolve_lr(FinetuneConfig(batch_size=128), world=8) == pytest.approx(5e-4)
+    assert resolve_lr(FinetuneConfig(batch_size=128), world=1) == pytest.approx(5e-4 / 8)
+    assert resolve_lr(FinetuneConfig(batch_size=128, lr=3e-3), world=8) == 3e-3  # --lr is absolute
+
+    out = str(tmp_path / "ft")
+    finetune(cfg(data, out, lr=None, stop_after=0))  # defaults but the tiny model; batch 16, one process
+    resolved = json.load(open(os.path.join(out, "config.json")))["resolved"]
+    assert resolved["lr"] == pytest.approx(5e-4 * 16 / 1024) and resolved["effective_batch"] == 16
+    assert resolved["global_pool"] == "avg"
+    start = load_trainer_state(os.path.join(out, "last.ckpt"), "finetune")["model"]
+    assert "fc_norm.weight" in start and "norm.weight" not in start  # timm's avg pooling layout
+    seed_all(0)
+    timm_head = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10, global_pool="avg",
+                                  drop_path_rate=0.1).head.weight.detach()
+    assert torch.allclose(start["head.weight"], 0.001 * timm_head)
+    assert start["head.weight"].abs().max() < 1e-3 < timm_head.abs().max()
+
+    c = cfg(data, out, epochs=6, warmup_epochs=2)  # peak lr 1e-3
+    r = build_recipe(c, build_model(MODEL, 10, SIZE, global_pool="avg"), 10, world=1)
+    lrs = {}
+    for t in (0, 1.9, 2, 4, 6):
+        r.scheduler.step(t)
+        lrs[t] = max_lr(r.optimizer)  # the head's group: layer decay scales the others down
+    assert lrs[0] == pytest.approx(c.warmup_lr) and lrs[1.9] < lrs[2]
+    assert lrs[2] == pytest.approx(1e-3)  # the peak at the end of warmup, not 0.75x of it
+    assert lrs[4] == pytest.approx(c.min_lr + (1e-3 - c.min_lr) / 2)  # half way through the cosine
+    assert lrs[6] == pytest.approx(c.min_lr)
+    with pytest.raises(ConfigError, match="--warmup-epochs"):
+        build_recipe(cfg(data, out, epochs=2, warmup_epochs=2), build_model(MODEL, 10, SIZE), 10, world=1)
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data, student):
@@ -144,7 +183,7 @@ def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data,
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # Checkpoints: weights timm loads as-is, trainer state without pickled objects.
     best = safetensors.torch.load_file(os.path.join(out, "best.safetensors"))
-    m = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10)
+    m = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=10, global_pool="avg")
     m.load_state_dict(best)
     state = load_trainer_state(os.path.join(out, "last.ckpt"), "finetune")
     assert (state["epoch"], state["batch_in_epoch"], state["step"]) == (6, 0, 42)  # 6 epochs x 7 batches
@@ -155,13 +194,16 @@ def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data,
 
 
 def test_from_scratch_baseline_is_the_same_command_without_init(tmp_path, data):
-    """Without --init the run starts from timm's own init for --seed (nothing loaded) and learns."""
+    """Without --init the run starts from timm's own init for --seed (nothing loaded, the head scaled by
+    --head-init-scale) and learns."""
     out = str(tmp_path / "scratch")
     kw = dict(epochs=2, warmup_epochs=0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, smoothing=0.0)
     r = finetune(cfg(data, out, stop_after=0, **kw))  # a checkpoint of the initial state, no step taken
     assert r["step"] == 0 and json.load(open(os.path.join(out, "config.json")))["init"] is None
     seed_all(0)
-    fresh = build_model(MODEL, 10, SIZE, drop_path=0.1).state_dict()
+    fresh_model = build_model(MODEL, 10, SIZE, drop_path=0.1, global_pool="avg")
+    assert scale_head(fresh_model, 0.001) == ["head.weight", "head.bias"]
+    fresh = fresh_model.state_dict()
     start = load_trainer_state(os.path.join(out, "last.ckpt"), "finetune")["model"]
     assert start.keys() == fresh.keys() and all(torch.equal(start[k], fresh[k]) for k in fresh)
     finetune(cfg(data, out, resume="auto", **kw))

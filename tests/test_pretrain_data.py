@@ -10,6 +10,7 @@ import torch
 from helpers import make_cache, shared_cache
 
 from mdcache import open_cache, store, views
+from mdcache.extract import ExtractConfig
 from mdcache.sources import list_source
 from mdtrain import data
 
@@ -95,7 +96,7 @@ def test_online_stream_replays_the_cached_views(cache, train_spec):
     plan_c = data.plan_from_cache(cache)
     plan_s = data.plan_from_source(train_spec)
     assert [(p.name, p.samples) for p in plan_s] == [(p.name, p.samples) for p in plan_c]
-    recipe = views.ViewRecipe(image_size=64, views=2, seed=0)
+    recipe = ExtractConfig(views=2, seed=0).view_recipe(64, 0)  # the extractor's defaults (jitter 0.4)
     a = list(data.ShardStream(plan_c, scfg(lanes=1, with_targets=False), 1, cache=cache))
     b = list(data.ShardStream(plan_s, scfg(lanes=1), 1, recipe=recipe))
     assert keys_of(a) == keys_of(b) and "targets" not in a[0] and "targets" not in b[0]
@@ -163,3 +164,31 @@ def test_incomplete_cache_is_refused(tmp_path, train_spec):
     url = make_cache(tmp_path, train_spec, shards="0:2")
     with pytest.raises(data.DataError, match=r"incomplete: 2/4 shards committed; missing train-000002, train-000003"):
         data.plan_from_cache(open_cache(url))
+
+
+def test_fresh_crops_are_new_every_epoch_and_a_pure_function_of_seed_epoch_key(train_spec):
+    """--fresh-crops: the paper's recipe. A new crop (and jitter) per image and epoch; the same on a rerun,
+    on another worker count and after a mid-epoch skip, so a resumed run sees exactly the same pixels."""
+    plan = data.plan_from_source(train_spec)
+    recipe = ExtractConfig(views=2, seed=0).view_recipe(64, 0)
+    cfg = scfg(fresh_crops=True, with_targets=False)
+
+    def pixels(epoch, skip=0, workers=0):
+        stream = data.ShardStream(plan, cfg, epoch, skip, recipe=recipe)
+        batches = data.make_loader(stream, workers) if workers else stream
+        return {k: img for b in batches for k, img in zip(b["keys"], b["images"])}
+
+    e0, e1 = pixels(0), pixels(1)
+    assert set(e0) == set(e1) and len(e0) >= 100
+    same = sum(torch.equal(e0[k], e1[k]) for k in e0)
+    assert same == 0, f"{same} images got the same crop in two epochs"
+    again, workers = pixels(1), pixels(1, workers=2)
+    assert all(torch.equal(e1[k], again[k]) and torch.equal(e1[k], workers[k]) for k in e1)
+    full = keys_of(data.ShardStream(plan, cfg, 1, recipe=recipe))
+    tail = pixels(1, skip=5)
+    assert list(tail) == [k for ks in full[5:] for k in ks]
+    assert all(torch.equal(tail[k], e1[k]) for k in tail)
+    # Replayed K views (no --fresh-crops) repeat: epochs 0 and 2 of K=2 use the same set of crops.
+    replay = [data.ShardStream(plan, scfg(with_targets=False), e, recipe=recipe) for e in (0, 1, 2, 3)]
+    crops = [{k: img for b in s for k, img in zip(b["keys"], b["images"])} for s in replay]
+    assert all(any(torch.equal(crops[e][k], crops[f][k]) for f in (0, 1)) for e in (2, 3) for k in crops[e])

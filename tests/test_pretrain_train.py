@@ -55,19 +55,19 @@ def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_ur
     meta = weights_metadata(str(out / "student.safetensors"))
     assert (meta["model"], meta["image_size"], meta["kind"], meta["step"]) == (STUDENT, "64", "pretrain-student", "42")
     assert json.loads(meta["mean"]) == [0.485, 0.456, 0.406] and json.loads(meta["std"]) == [0.229, 0.224, 0.225]
-    assert meta["cache_id"] == cache_url.rstrip("/").rsplit("/", 1)[-1] and "layer_scale" not in meta
+    assert meta["cache_id"] == cache_url.rstrip("/").rsplit("/", 1)[-1] and meta["layer_scale"] == "0.1"
 
     import timm
     from safetensors.torch import load_file
 
     weights = load_file(out / "student.safetensors")
-    model = timm.create_model(STUDENT, img_size=64)
+    model = timm.create_model(STUDENT, img_size=64, init_values=0.1)  # LayerScale 0.1: the recipe's default
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert sorted(missing) == ["head.bias", "head.weight"] and unexpected == []
     assert torch.equal(model.blocks[0].attn.qkv.weight, ckpt["model"]["backbone.blocks.0.attn.qkv.weight"])
     # The usual timm path (pretrained file + a new classifier + position embeddings resampled to 224 px).
     ft = timm.create_model(STUDENT, pretrained=True, pretrained_cfg_overlay={"file": str(out / "student.safetensors")},
-                           num_classes=10)
+                           num_classes=10, init_values=0.1)
     assert torch.equal(ft.blocks[0].mlp.fc1.weight, weights["blocks.0.mlp.fc1.weight"]) and ft.pos_embed.shape[1] == 197
 
 

@@ -6,7 +6,12 @@
 #   GPUS=8 bash pipelines/imagenet/run.sh
 #
 # Defaults follow docs/method.md: 300 epochs, batch 2048 (lr 1.5e-3), 75/196 block masking,
-# Smooth-L1, LayerNorm targets from the last block (tap final); finetune 100 epochs, layer decay 0.65.
+# Smooth-L1, LayerNorm targets from the last block (tap final), ColorJitter 0.4 stored per view;
+# a BEiT v2 student (relative position bias, LayerScale 0.1), AdamW betas 0.9/0.98, no drop path;
+# finetune 100 epochs, lr 5e-4 at batch 1024, layer decay 0.65, mean pooling.
+# The tap is an open question: settle it first with the study's tap ablation on an ImageNet subset,
+#   python pipelines/study/run.py --data IMAGENET100_SHARDS --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
+#       --taps final,ln_post,proj --image-size 224 --model vit_base_patch16_224 --model-args ""
 set -euo pipefail
 IMAGENET=${IMAGENET:?set IMAGENET to the folder/bucket holding train-{000000..001023}.tar and val-{000000..000063}.tar}
 CACHE_ROOT=${CACHE_ROOT:?set CACHE_ROOT, e.g. s3://team-bucket/mdcache}
@@ -25,13 +30,13 @@ CACHE=$(python -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" -
 python -m mdcache verify "$CACHE" --teacher-check 256 --weights "$CLIP_WEIGHTS"
 
 # 2. Pretrain (2048 = 8 GPUs x 256).
-torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student vit_base_patch16_224 \
-    --epochs 300 --batch-size $((2048 / GPUS)) --warmup-epochs 10 --drop-path 0.1 --layer-scale 0.1 \
+torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student beitv2_base_patch16_224 \
+    --epochs 300 --batch-size $((2048 / GPUS)) --warmup-epochs 10 \
     --workers 10 --local-cache /tmp/mdcache-local --out "$OUT/pretrain"
 
 # 3. Quick signal, then finetune (BEiT v2 recipe) and evaluate.
 python -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --train "$TRAIN" --val "$VAL"
 torchrun --nproc-per-node "$GPUS" -m mdtrain finetune --init "$OUT/pretrain/student.safetensors" \
-    --model vit_base_patch16_224 --train "$TRAIN" --val "$VAL" --epochs 100 --warmup-epochs 20 \
-    --batch-size $((1024 / GPUS)) --blr 5e-4 --layer-decay 0.65 --drop-path 0.1 --out "$OUT/finetune"
+    --model beitv2_base_patch16_224 --train "$TRAIN" --val "$VAL" --epochs 100 --warmup-epochs 20 \
+    --batch-size $((1024 / GPUS)) --layer-decay 0.65 --drop-path 0.1 --out "$OUT/finetune"
 torchrun --nproc-per-node "$GPUS" -m mdtrain eval --weights "$OUT/finetune/best.safetensors" --val "$VAL"

@@ -1,0 +1,158 @@
+"""The MaskDistill recipe as the commands resolve it, and the pieces of the cache-vs-fresh-crops study:
+recipe defaults, badly mixed sources, the linear probe, the held-out distillation loss, a BEiT student,
+and the study's quick form end to end."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+from helpers import ROOT, TINY_TEACHER, TRAIN_FLAGS, extract_cfg, mdtrain, shared_cache
+
+from mdcache.extract import ExtractConfig, extract, label_mixing
+from mdtrain.evaluate import train_probe
+from mdtrain.pretrain import PretrainConfig, resolve
+
+
+def test_pretrain_recipe_defaults_follow_beit_v2():
+    """LayerScale 0.1 (1e-5 for large students); betas (0.9, 0.98) and no drop path up to 300 epochs,
+    (0.9, 0.999) and 0.1 beyond (BEiT v2's rule); explicit values win; jitter 0.4 stored per view."""
+    base = resolve(PretrainConfig(student="vit_base_patch16_224", epochs=300))
+    assert (base.layer_scale, tuple(base.betas), base.drop_path) == (0.1, (0.9, 0.98), 0.0)
+    long = resolve(PretrainConfig(student="vit_base_patch16_224", epochs=800))
+    assert (tuple(long.betas), long.drop_path) == ((0.9, 0.999), 0.1)
+    assert resolve(PretrainConfig(student="vit_large_patch16_224")).layer_scale == 1e-5
+    assert resolve(PretrainConfig(student="vit_tiny_patch16_224", student_args={"embed_dim": 1024})).layer_scale == 1e-5
+    mine = resolve(PretrainConfig(layer_scale=0.0, betas=(0.9, 0.95), drop_path=0.2))
+    assert (mine.layer_scale, tuple(mine.betas), mine.drop_path) == (0.0, (0.9, 0.95), 0.2)
+    assert ExtractConfig().color_jitter == PretrainConfig().color_jitter == 0.4
+
+
+def test_resolved_recipe_reaches_the_model_and_config(tmp_path_factory, tmp_path, train_spec):
+    """The resolved values are what trains: config.json records them, the student has LayerScale 0.1."""
+    out = tmp_path / "pt"
+    mdtrain("pretrain", "--cache", shared_cache(tmp_path_factory, train_spec), "--out", str(out), "--epochs", "1",
+            "--stop-after", "0", *TRAIN_FLAGS)
+    cfg = json.load(open(out / "config.json"))["config"]
+    assert (cfg["layer_scale"], cfg["betas"], cfg["drop_path"]) == (0.1, [0.9, 0.98], 0.0)
+    ckpt = torch.load(out / "last.ckpt", weights_only=True)
+    gammas = [v for k, v in ckpt["model"].items() if k.endswith("ls1.gamma")]
+    assert gammas and all(torch.allclose(g, torch.full_like(g, 0.1)) for g in gammas)
+    assert ckpt["step"] == 0  # --stop-after 0: the initial state, e.g. the random-init floor of a study
+
+
+def test_label_mixing_measures_class_sorted_shards():
+    shuffled = {f"s{i}": [3] * 10 for i in range(4)}  # 10 classes, 3 of each per shard
+    assert all(m > 0.95 for m in label_mixing(shuffled).values())
+    by_class = {f"s{i}": [0] * (3 * i) + [12, 12, 6] + [0] * (7 - 3 * i) for i in range(3)}  # ~3 classes each
+    assert all(m < 0.6 for m in label_mixing(by_class).values())
+    assert label_mixing({"one": [5]}) == {}  # one sample: nothing to say
+
+
+def sorted_shards(demo_data, out):
+    """The demo's training images rewritten as 4 shards sorted by class (what an unshuffled export gives)."""
+    samples = []
+    for i in range(4):
+        with tarfile.open(demo_data / f"train-00000{i}.tar") as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+        for name, raw in members.items():
+            if name.endswith(".jpg"):
+                key = name[:-4]
+                samples.append((int(members[f"{key}.cls"]), key, raw))
+    samples.sort()
+    for s in range(4):
+        with tarfile.open(out / f"sorted-{s:06d}.tar", "w") as tf:
+            for label, key, raw in samples[s * 30:(s + 1) * 30]:
+                for ext, blob in (("jpg", raw), ("cls", str(label).encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(blob)
+                    tf.addfile(info, io.BytesIO(blob))
+    return str(out / "sorted-{000000..000003}.tar")
+
+
+def test_extract_warns_about_a_class_sorted_source(tmp_path, demo_data, train_spec, capsys):
+    _, summary = extract(extract_cfg(sorted_shards(demo_data, tmp_path), str(tmp_path / "c1")), progress=False)
+    assert len(summary["unmixed"]) == 4 and "hold few of the source's classes" in capsys.readouterr().err
+    _, summary = extract(extract_cfg(train_spec, str(tmp_path / "c2")), progress=False)
+    assert summary["unmixed"] == {} and len(summary["labels"]) == 4  # the demo's shuffled shards
+
+
+def test_linear_probe_learns_separable_features_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(5, 32, generator=g) * 3
+    y = torch.arange(500) % 5
+    x = centers[y] + torch.randn(500, 32, generator=g)
+    probe = train_probe(x[:400], y[:400], 5, epochs=30, warmup_epochs=3, batch_size=64, lr=0.1, weight_decay=0.0,
+                        seed=0)
+    assert (probe(x[400:]).argmax(1) == y[400:]).float().mean() > 0.95
+    noise = torch.randint(0, 5, (500,), generator=g)
+    probe = train_probe(x[:400], noise[:400], 5, epochs=30, warmup_epochs=3, batch_size=64, lr=0.1,
+                        weight_decay=0.0, seed=0)
+    assert (probe(x[400:]).argmax(1) == noise[400:]).float().mean() < 0.45  # chance is 0.2
+
+
+def test_distill_loss_and_linprobe_of_a_pretrained_beit_student(tmp_path_factory, tmp_path, train_spec, demo_data):
+    """A BEiT v2 student (relative position bias + LayerScale, as the ImageNet recipe uses) pretrains from
+    the cache; knn/linprobe load it from its own metadata; the held-out loss on fresh crops of unseen
+    images falls with training and is a pure function of the seed."""
+    beit = ["--student", "beitv2_base_patch16_224", "--student-arg", "embed_dim=64", "--student-arg", "depth=2",
+            "--student-arg", "num_heads=2"]
+    flags = [f for f in TRAIN_FLAGS if f not in ("--student", "vit_tiny_patch16_224")]
+    cache = shared_cache(tmp_path_factory, train_spec)
+    for name, extra in (("init", ["--stop-after", "0"]), ("trained", ["--epochs", "3"])):
+        mdtrain("pretrain", "--cache", cache, "--out", str(tmp_path / name), *beit, *flags, "--lr", "2e-3",
+                *extra)
+    val = f"{demo_data}/val-000000.tar"
+    teacher = ["--teacher", TINY_TEACHER, "--random-init", "--source", val, "--image-size", "64",
+               "--batch-size", "8", "--workers", "0"]
+
+    def heldout(name, *extra):
+        r = mdtrain("distill-loss", "--ckpt", str(tmp_path / name / "last.ckpt"), *teacher, *extra)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    init, trained = heldout("init"), heldout("trained")
+    assert init["images"] == trained["images"] == 40
+    assert trained["loss"] < init["loss"]
+    assert heldout("trained")["loss"] == trained["loss"]
+    assert heldout("trained", "--seed", "7")["loss"] != trained["loss"]
+    r = mdtrain("linprobe", "--weights", str(tmp_path / "trained" / "student.safetensors"), "--train", train_spec,
+                "--val", val, "--epochs", "5", "--workers", "0")
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["model"], got["image_size"], got["n"], got["train_n"]) == ("beitv2_base_patch16_224", 64, 40, 120)
+    assert not got["ignored"] and 0 <= got["top1"] <= 100 and got["train_top1"] > 10  # fits its training set
+
+
+@pytest.mark.slow
+def test_study_quick_form_produces_every_output(tmp_path):
+    """pipelines/study/run.py --quick: every stage runs through the real commands and writes its outputs;
+    the trained teacher beats chance (10 classes) and the raw-pixel anchor is far above it."""
+    if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
+        pytest.fail("the study needs Debian's dataset-fashion-mnist package (scripts/apt-packages.txt installs it)")
+    out = tmp_path / "study"
+    p = subprocess.run([sys.executable, "pipelines/study/run.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    r = json.load(open(out / "results.json"))
+    assert set(r["arms"]) == {"online-fresh", "K=2 int8"}
+    for arm in [*r["arms"].values(), r["floor"]]:
+        assert {"heldout_loss", "knn_top1", "linprobe_top1"} <= set(arm) and len(arm["runs"]) == 1
+    assert r["teacher"]["knn_top1"] > 20 and r["teacher"]["linprobe_top1"] > 20
+    assert r["raw_pixel_knn_top1"] > 50
+    assert (out / "study.png").stat().st_size > 10_000 and (out / "results.md").exists()
+
+
+def test_weights_files_respect_the_umask(tmp_path):
+    """safetensors writes 0600 by itself: a teammate on a shared disk could not read the weights."""
+    from mdtrain.checkpoint import save_weights
+
+    old = os.umask(0o022)
+    try:
+        save_weights(str(tmp_path / "w.safetensors"), {"a": torch.zeros(2)}, {"model": "x"})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
