@@ -107,3 +107,11 @@ def test_objective_uses_masked_tokens_only():
         objective.check("layernorm", "l3")
     with pytest.raises(ConfigError, match="--target-norm"):
         objective.check("batchnorm", "mse")
+
+
+def test_student_normalization_is_timms_imagenet_default():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from mdtrain import data
+
+    assert data.STUDENT_MEAN == tuple(IMAGENET_DEFAULT_MEAN) and data.STUDENT_STD == tuple(IMAGENET_DEFAULT_STD)
