@@ -118,9 +118,17 @@ def to_tensor(view: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (so truncation fails here, not later) as RGB."""
+    """Decode image bytes fully (so truncation fails here, not later) as RGB. 16-bit and 32-bit images are
+    scaled to 8 bits by their type's range: Pillow's own convert("RGB") clips them, so a 16-bit PNG would
+    come out almost all white."""
     import io
 
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            full = 65535.0 if im.mode.startswith("I;16") or np.asarray(im).max() > 255 else 255.0
+            scaled = np.clip(np.asarray(im, dtype=np.float64) * (255.0 / full) + 0.5, 0, 255).astype(np.uint8)
+            return Image.fromarray(scaled, mode="L").convert("RGB")
+        if im.mode == "F":
+            return Image.fromarray(np.clip(np.asarray(im) + 0.5, 0, 255).astype(np.uint8), mode="L").convert("RGB")
         return im.convert("RGB")

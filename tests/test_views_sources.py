@@ -83,3 +83,20 @@ def test_source_specs_brace_alternatives_and_comma_lists(demo_data):
     assert names(f"{d}/train-00000[23].tar") == ["train-000002", "train-000003"]
     with pytest.raises(SourceError, match="2 source shards do not exist: .*train-000008.tar.*train-000009.tar"):
         list_source(f"{d}/train-{{000008..000009}}.tar")
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_not_clipped():
+    """Pillow's I;16 -> RGB clips at 255: a 16-bit PNG came out almost all white in every stage."""
+    import io
+
+    import numpy as np
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # really a 16-bit PNG
+    rgb = np.asarray(views.decode_image(buf.getvalue()))
+    assert rgb.shape == (64, 64, 3) and (rgb[..., 0] == rgb[..., 1]).all()
+    expected = np.round(ramp / 65535.0 * 255.0).astype(np.uint8)
+    assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
+    assert (rgb[..., 0] == 255).mean() < 0.01  # not "almost all white"
