@@ -87,7 +87,8 @@ def verify(cfg: VerifyConfig) -> dict:
     so = cfg.storage_options
     cache = store.open_cache(cfg.cache, so)
     report = {"cache": cache.url, "shards_done": len(cache.commits), "shards_total": len(cache.source_shards),
-              "problems": check_checksums(cache)}
+              "problems": check_checksums(cache), "source_shards": cache.source_shards,
+              "committed": sorted(cache.commits)}
     if cfg.teacher_check:
         weights = mfs.fetch(cfg.weights, so) if cfg.weights else None
         tc = teacher_check(cache, cfg.teacher_check, weights, cfg.source, cfg.device, so)
@@ -110,7 +111,11 @@ def run_cli(cfg: VerifyConfig) -> None:
                       f"worst {tc['min_cosine']:.6f}, rel-L2 mean {tc['mean_rel_l2']:.5f} worst {tc['max_rel_l2']:.5f}")
     for p in report["problems"]:
         console.print(f"[red]problem:[/] {p}")
-    print("OK" if not report["problems"] else "FAILED")
-    if report["problems"]:
+    missing = [n["name"] for n in report["source_shards"] if n["name"] not in report["committed"]]
+    if missing:
+        console.print(f"[yellow]incomplete:[/] {len(missing)} shard(s) not committed: {', '.join(missing[:8])}"
+                      + (" ..." if len(missing) > 8 else "") + " (finish with the same `mdcache extract` command)")
+    print("FAILED" if report["problems"] else "INCOMPLETE" if missing else "OK")
+    if report["problems"] or missing:  # what was checked may be fine, but a trainer would refuse this cache
         raise SystemExit(1)
 

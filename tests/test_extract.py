@@ -263,6 +263,8 @@ def test_info_and_ls(tmp_path, train_spec):
     assert "2/4 shards" in info and "int8" in info and "random-init" in info and "cos 0.99" in info
     as_json = json.loads(run_cli("info", url, "--json").stdout)
     assert as_json["stats"]["samples"] == 60 and as_json["stats"]["bytes_per_view"] > 0
+    partial = run_cli("verify", url, check=False)  # checksums fine, but a trainer would refuse it
+    assert partial.returncode == 1 and partial.stdout.strip() == "INCOMPLETE" and "train-000002" in partial.stderr
     ls = run_cli("ls", str(tmp_path)).stdout
     assert url.rsplit("/", 1)[-1] in ls and "2/4" in ls
     narrow = run_cli("ls", str(tmp_path), env={"COLUMNS": "80"}).stdout  # the id is pasted into `info`: never cut
