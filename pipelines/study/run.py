@@ -106,8 +106,13 @@ def main() -> None:
         run(PY, "pipelines/study/make_data.py", "--out", data, "--train-size", str(a.train_size),
             "--test-size", str(a.test_size), "--shard-size", str(max(100, a.train_size // 8)), log=f"{logs}/data.log")
     train, test = shards(data, "train"), shards(data, "test")
-    results["raw_pixel_knn_top1"] = raw_pixel_knn(*load_pixels(train), *load_pixels(test))
-    if not a.data and not a.quick:  # the sanity anchor on the whole dataset, as published (about 85%)
+    anchor = os.path.join(out, "anchor.json")
+    if os.path.exists(anchor):
+        with open(anchor) as f:
+            results.update(json.load(f))
+    else:
+        results["raw_pixel_knn_top1"] = raw_pixel_knn(*load_pixels(train), *load_pixels(test))
+    if "raw_pixel_knn_top1_full" not in results and not a.data and not a.quick:  # as published (about 85%)
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("make_data", os.path.join(ROOT, "pipelines/study/make_data.py"))
@@ -115,6 +120,8 @@ def main() -> None:
         spec.loader.exec_module(md)
         (xt, yt), (xv, yv) = md.load_split(md.PACKAGE_DIR, "train"), md.load_split(md.PACKAGE_DIR, "test")
         results["raw_pixel_knn_top1_full"] = raw_pixel_knn(*tensors(xt, yt), *tensors(xv, yv))
+    with open(anchor, "w") as f:
+        json.dump({k: v for k, v in results.items() if k.startswith("raw_pixel")}, f)
 
     # 2. teacher
     if a.teacher:
@@ -151,6 +158,12 @@ def main() -> None:
         arms += [(f"K={kc.split(':')[0]} {kc.split(':')[1]}" + tap_suffix(tap, a), int(kc.split(":")[0]),
                   kc.split(":")[1], tap) for kc in a.equal_budget.split(",") if kc]
     seeds = [int(s) for s in a.seeds.split(",")]
+    floor, tap0 = [], a.taps.split(",")[0]
+    for seed in seeds:  # the same students before any step (--stop-after 0)
+        rdir = os.path.join(out, "students", "random-init", f"seed{seed}")
+        pretrain(a, rdir, seed, [*online_flags(a, teacher_flags, tweights, tap0, train), "--stop-after", "0"], logs)
+        floor.append({"seed": seed, **evaluate_student(a, rdir, teacher_flags, tweights, tap0, train, test, logs)})
+    results["floor"] = {"runs": floor, **summarize(floor)}
     for name, k, codec, tap in arms:
         cache = None
         if k is not None:
@@ -166,12 +179,6 @@ def main() -> None:
             runs.append({"seed": seed, **evaluate_student(a, sdir, teacher_flags, tweights, tap, train, test, logs)})
         results["arms"][name] = {"k": k, "codec": codec, "tap": tap, "cache": cache, "runs": runs,
                                  **summarize(runs)}
-    floor, tap0 = [], a.taps.split(",")[0]
-    for seed in seeds:  # the same students before any step (--stop-after 0)
-        rdir = os.path.join(out, "students", "random-init", f"seed{seed}")
-        pretrain(a, rdir, seed, [*online_flags(a, teacher_flags, tweights, tap0, train), "--stop-after", "0"], logs)
-        floor.append({"seed": seed, **evaluate_student(a, rdir, teacher_flags, tweights, tap0, train, test, logs)})
-    results["floor"] = {"runs": floor, **summarize(floor)}
     results["wall_seconds"] = round(time.time() - t_start, 1)
 
     with open(os.path.join(out, "results.json"), "w") as f:
@@ -192,12 +199,16 @@ def online_flags(a: argparse.Namespace, teacher_flags: list[str], tweights: str,
 
 
 def pretrain(a: argparse.Namespace, sdir: str, seed: int, source_flags: list[str], logs: str) -> None:
-    """One student: same architecture, schedule and seed handling in every arm; skipped when already done."""
-    if os.path.exists(os.path.join(sdir, "student.safetensors")):
+    """One student: same architecture, schedule and seed handling in every arm. An interrupted student
+    resumes from its last checkpoint; a finished one (SDIR/done) is skipped."""
+    done = os.path.join(sdir, "done")
+    if os.path.exists(done):
         return
     run(PY, "-m", "mdtrain", "pretrain", *source_flags, "--student", a.model, *model_flags(a, "--student-arg"),
         "--epochs", str(a.epochs), "--warmup-epochs", "1", "--batch-size", str(a.batch_size), "--blr", str(a.blr),
-        "--seed", str(seed), "--workers", str(a.workers), "--out", sdir, "--no-progress", log=f"{logs}/pretrain.log")
+        "--seed", str(seed), "--workers", str(a.workers), "--out", sdir, "--no-progress", "--resume", "auto",
+        log=f"{logs}/pretrain.log")
+    open(done, "w").close()
 
 
 def tap_suffix(tap: str, a: argparse.Namespace) -> str:
