@@ -37,6 +37,15 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None,
     return p
 
 
+def verify_partial(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`mdcache verify` on a cache extracted only in part: what was committed checks out, but the
+    cache is INCOMPLETE (exit 1), which is what a trainer would be told."""
+    p = run_cli("verify", *args, check=False, env=env)
+    assert p.returncode == 1 and p.stdout.strip() == "INCOMPLETE", (p.stdout, p.stderr)
+    assert "checksums OK" in p.stderr and "problem" not in p.stderr, p.stderr
+    return p
+
+
 STUDENT = "vit_tiny_patch16_224"
 # Small, fast, deterministic training flags shared by the CLI tests.
 TRAIN_FLAGS = ["--student", STUDENT, "--batch-size", "8", "--warmup-epochs", "0", "--lr", "1e-3",
