@@ -125,19 +125,23 @@ def gc(cfg: GcConfig) -> list[tuple[str, str]]:
 
 def rm(cfg: RmConfig) -> list[tuple[str, str]]:
     so = cfg.storage_options
+    if not cfg.shard:  # the listing alone: a cache whose manifest is damaged can still be removed
+        fs, path = mfs.url_to_fs(cfg.cache, so)
+        if not fs.exists(mfs.join(path, store.MANIFEST)):
+            raise store.CacheNotFound(f"{cfg.cache}: no {store.MANIFEST} here; not a cache directory")
+        items = [(p, w) for p, w in [(mfs.join(path, "commits"), "commit records"), (path, "the whole cache")]
+                 if fs.exists(p)]
+        _delete(fs, items, cfg.yes)
+        return items
     cache = store.open_cache(cfg.cache, so)
     fs, path = mfs.url_to_fs(cache.url, so)
-    if cfg.shard:
-        unknown = [s for s in cfg.shard if s not in cache.commits]
-        if unknown:
-            raise store.CacheError(f"{cache.url}: shard(s) not committed: {', '.join(unknown)}")
-        items = []
-        for s in cfg.shard:  # the record first: from then on no reader trusts the data
-            items += [(mfs.join(path, "commits", f"{s}.json"), "commit record"),
-                      (mfs.join(path, cache.commits[s]["path"]), "shard data")]
-    else:
-        items = [(mfs.join(path, "commits"), "commit records"), (path, "the whole cache")]
-        items = [(p, w) for p, w in items if fs.exists(p)]
+    unknown = [s for s in cfg.shard if s not in cache.commits]
+    if unknown:
+        raise store.CacheError(f"{cache.url}: shard(s) not committed: {', '.join(unknown)}")
+    items = []
+    for s in cfg.shard:  # the record first: from then on no reader trusts the data
+        items += [(mfs.join(path, "commits", f"{s}.json"), "commit record"),
+                  (mfs.join(path, cache.commits[s]["path"]), "shard data")]
     _delete(fs, items, cfg.yes)
     return items
 

@@ -410,6 +410,14 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
     cache = open_or_create(cfg, p)
     rank, world = rank_world()
     selected = sources.select(p.shards, cfg.shards)[rank::world]
+    broken = sorted(set(cache.missing_data()) & {s.name for s in selected})
+    if broken:  # a committed shard whose data was deleted must not be "reused" forever
+        check_writable(cache.url, p.storage_options)
+        for name in broken:
+            console.print(f"[yellow]warning:[/] shard {name} is committed but its data "
+                          f"{cache.commits[name]['path']} is missing: withdrawing its commit and computing it again")
+            store.drop_commit(cache.url, name, p.storage_options)
+        cache.refresh()
     todo = [s for s in selected if s.name not in cache.commits]
     reused = len(selected) - len(todo)
     if reused:

@@ -16,7 +16,7 @@ import uuid
 
 import fsspec
 
-from .errors import ConfigError
+from .errors import CacheError, ConfigError
 
 
 def who() -> str:
@@ -118,7 +118,16 @@ def fetch(url: str, storage_options: dict | None = None) -> str:
 def read_json(fs, path: str) -> dict:
     # cat_file: one plain GET. fs.open() would pin the ETag of a possibly cached listing, and small
     # records (claims) are replaced by other processes: S3 then answers 412 PreconditionFailed.
-    return json.loads(fs.cat_file(path).decode())
+    raw = fs.cat_file(path)
+    try:
+        obj = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = "empty" if not raw else f"{len(raw)} bytes, {e}"
+        raise CacheError(f"{fs.unstrip_protocol(path)}: not valid JSON ({why}); the file is truncated or damaged") \
+            from None
+    if not isinstance(obj, dict):
+        raise CacheError(f"{fs.unstrip_protocol(path)}: a JSON {type(obj).__name__}, not an object: damaged")
+    return obj
 
 
 def write_json(fs, path: str, obj: dict, exclusive: bool = False) -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,10 @@ def array_digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).data).hexdigest()
 
 
+def json_digest(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
 def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
@@ -65,7 +70,8 @@ def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, cali
 
     codec = codecs.get_codec(fp["codec"]["name"])
     return {"format_version": FORMAT_VERSION, "cache_id": cache_id(fp), "fingerprint": fp,
-            "codec": {"name": codec.name, "calibration": calibration, "arrays": codec.arrays},
+            "codec": {"name": codec.name, "calibration": calibration, "calibration_sha256": json_digest(calibration),
+                      "arrays": codec.arrays},
             "teacher": {"spec": teacher.spec, "dim": teacher.dim, "patch_grid": list(teacher.patch_grid),
                         "tokens": teacher.num_patches, "mean": list(teacher.mean), "std": list(teacher.std)},
             "views": recipe.views, "image_size": recipe.image_size, "view_fields": list(VIEW_FIELDS),
@@ -95,6 +101,12 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
                              "(cache made by another teacher/recipe/codec under the same id?)")
         return existing
     return manifest
+
+
+def drop_commit(cache_url: str, shard: str, storage_options: dict | None = None) -> None:
+    """Withdraw a shard's commit record (its data is gone), so that the shard is computed again."""
+    fs, path = url_to_fs(cache_url, storage_options)
+    fs.rm(join(path, "commits", f"{shard}.json"))
 
 
 def commit_shard(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
@@ -227,11 +239,23 @@ class Cache:
                              f"({len(self.commits)}/{len(self.source_shards)} shards committed)")
         fs, path = url_to_fs(self.url, self.storage_options)
         rel = self.commits[shard]["path"]
-        if is_local(fs):
-            return zarr.open_group(join(path, rel), mode="r")
-        if self.local_cache:
-            return zarr.open_group(self._local_copy(fs, join(path, rel), rel), mode="r")
-        return zarr.open_group(join(self.url, rel), mode="r", storage_options=self.storage_options)
+        try:
+            if is_local(fs):
+                return zarr.open_group(join(path, rel), mode="r")
+            if self.local_cache:
+                return zarr.open_group(self._local_copy(fs, join(path, rel), rel), mode="r")
+            return zarr.open_group(join(self.url, rel), mode="r", storage_options=self.storage_options)
+        except FileNotFoundError:
+            raise CacheError(f"{self.url}: shard {shard} is committed but its data {rel} is missing (deleted?); "
+                             "re-run the same `mdcache extract` to recompute it") from None
+
+    def missing_data(self) -> list[str]:
+        """Committed shards whose data directory is gone, from one listing of shards/ (not a request per shard)."""
+        fs, path = url_to_fs(self.url, self.storage_options)
+        sdir = join(path, "shards")
+        fs.invalidate_cache(sdir)
+        present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(sdir, detail=False)} if fs.exists(sdir) else set()
+        return sorted(name for name, rec in self.commits.items() if rec["path"].rsplit("/", 1)[-1] not in present)
 
     def _local_copy(self, fs, remote: str, rel: str) -> str:
         """Download a committed shard once per machine. Committed attempt directories never change,
@@ -334,8 +358,33 @@ def open_cache(url: str, storage_options: dict | None = None, local_cache: str |
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not supported "
                          f"(this mdcache reads format {FORMAT_VERSION})")
+    check_manifest(manifest, f"{url.rstrip('/')}/{MANIFEST}")
     return Cache(url=url.rstrip("/"), manifest=manifest, storage_options=storage_options,
                  local_cache=local_cache, local_cache_bytes=local_cache_bytes).refresh()
+
+
+def check_manifest(manifest: dict, where: str) -> None:
+    """Every byte a decoder depends on is checked before a target is read: the id must be the hash of the
+    fingerprint (what produced the targets) and the codec calibration must match its checksum. An edited
+    or damaged manifest would otherwise decode every target wrongly and train on it with exit 0."""
+    try:
+        fp, codec = manifest["fingerprint"], manifest["codec"]
+        expected = cache_id(fp)
+    except (KeyError, TypeError) as e:
+        raise CacheError(f"{where}: not a complete cache manifest (missing {e}); the file is damaged") from None
+    if manifest.get("cache_id") != expected:
+        raise CacheError(f"{where}: cache id {manifest.get('cache_id')} is not the hash of its fingerprint "
+                         f"({expected}): the manifest was edited or damaged; its targets cannot be trusted")
+    if codec.get("name") != fp.get("codec", {}).get("name"):
+        raise CacheError(f"{where}: codec {codec.get('name')!r} differs from the fingerprint's "
+                         f"{fp.get('codec', {}).get('name')!r}: the manifest was edited or damaged")
+    if "calibration_sha256" not in codec:  # written by every mdcache since the checksum exists
+        print(f"warning: {where}: made by an older mdcache: its codec calibration is not covered by a checksum",
+              file=sys.stderr)
+    elif json_digest(codec.get("calibration")) != codec["calibration_sha256"]:
+        raise CacheError(f"{where}: the codec calibration does not match its checksum: the manifest was edited or "
+                         "damaged, and every target would decode wrongly. Re-extract the cache (a new cache root, or "
+                         "`mdcache rm` this one first)")
 
 
 def list_caches(root: str, storage_options: dict | None = None) -> list[Cache]:
@@ -346,5 +395,8 @@ def list_caches(root: str, storage_options: dict | None = None) -> list[Cache]:
     out = []
     for p in sorted(fs.ls(path, detail=False)):
         if fs.exists(join(p, MANIFEST)):
-            out.append(open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options))
+            try:
+                out.append(open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options))
+            except CacheError as e:  # one damaged cache must not hide the others
+                print(f"warning: skipped: {e}", file=sys.stderr)
     return out

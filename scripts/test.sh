@@ -11,4 +11,4 @@ if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
   exit 1
 fi
 .venv/bin/ruff check mdcache mdtrain tests scripts pipelines
-exec .venv/bin/python -m pytest -q -ra "$@"
+exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"

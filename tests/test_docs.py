@@ -1,8 +1,10 @@
 """The docs promise what the code does: the CLI reference is generated, the README's commands exist."""
+import os
 import re
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 
@@ -25,3 +27,23 @@ def test_every_doc_link_resolves():
     for md in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
         for target in re.findall(r"\]\(([^)#:]+\.md)\)", md.read_text()):
             assert (md.parent / target).exists(), f"{md.name} links to missing {target}"
+
+
+@pytest.mark.slow
+def test_demo_pipeline_ends_with_the_three_numbers(tmp_path):
+    """The README's first command, at toy sizes: every stage runs (teacher training, extract, verify,
+    pretrain, knn, finetune, eval) and the closing table puts random-init, distilled and teacher side by side."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PY": sys.executable, "OUT": str(tmp_path / "demo"),
+           "TRAIN_SIZE": "400", "TEST_SIZE": "200", "TEACHER_EPOCHS": "1", "PT_EPOCHS": "1", "FT_EPOCHS": "1"}
+    p = subprocess.run(["bash", "pipelines/demo/run.sh"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = dict(re.findall(r"^(k-NN, [\w -]+?|finetuned distilled student|teacher as a classifier)\s+([\d.]+)$",
+                            p.stdout, flags=re.M))
+    assert set(table) == {"k-NN, random-init student", "k-NN, distilled student", "k-NN, teacher",
+                          "finetuned distilled student", "teacher as a classifier"}, p.stdout[-2000:]
+    assert all(0 <= float(v) <= 100 for v in table.values())
+    assert float(table["k-NN, teacher"]) > 15  # 10 classes: the trained teacher's features beat chance
+    for f in ("random-init/student.safetensors", "pretrain/student.safetensors",
+              "finetune/best.safetensors"):
+        assert (tmp_path / "demo" / f).exists(), f
+    assert (tmp_path / "demo" / "teacher-400-e1" / "best.safetensors").exists()

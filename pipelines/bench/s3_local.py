@@ -1,6 +1,6 @@
 """Issue-5 benchmarks against a real S3 server on this machine (SeaweedFS, as the tests use):
 
-    python pipelines/bench/s3_local.py [--data runs/demo/data]
+    python pipelines/bench/s3_local.py [--data runs/photos]
 
 1. `mdcache bench --cache s3://...`: extraction into the bucket; prints the share of shard time spent
    on claims and commit records (target < 2%).
@@ -23,7 +23,7 @@ import s3_server  # noqa: E402  (the test suite's SeaweedFS launcher)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="runs/demo/data",
+    p.add_argument("--data", default="runs/photos",
                    help="folder with train-00000N.tar (pipelines/demo/make_data.py)")
     p.add_argument("--teacher", default="clip-b16")
     p.add_argument("--image-size", default="224")

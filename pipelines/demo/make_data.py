@@ -1,4 +1,5 @@
-"""Build the demo dataset offline from photos bundled with scikit-image (and scikit-learn if present).
+"""A small photo set built offline from photos bundled with scikit-image: the test suite's and the
+benchmarks' data (the demo itself runs on Fashion-MNIST, pipelines/study/make_data.py).
 
 Each photo is a class; train/val images are different random crops of it (real pixels, no downloads),
 written as WebDataset shards with .jpg + .cls members:

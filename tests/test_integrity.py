@@ -1,0 +1,114 @@
+"""Nothing wrong is read: an edited or damaged manifest or commit record is refused with the file's name,
+before a single target is decoded, and a damaged cache can still be listed around and removed."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import TRAIN_FLAGS, extract_cfg, run_cli
+
+from mdcache import open_cache, store
+from mdcache.extract import extract
+
+
+@pytest.fixture()
+def int8_cache(tmp_path, train_spec) -> str:
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "root"), codec="int8", shards="0:1"), progress=False)
+    return url
+
+
+def edit_manifest(url: str, change) -> Path:
+    path = Path(url) / store.MANIFEST
+    m = json.loads(path.read_text())
+    change(m)
+    path.write_text(json.dumps(m))
+    return path
+
+
+def test_an_edited_calibration_is_refused_by_every_reader(int8_cache):
+    """One channel's int8 mean edited: without a checksum every target would decode wrongly, and
+    verify, info and pretrain would all succeed (exit 0)."""
+    before = open_cache(int8_cache).read("train-000000", 0)[1]
+    assert open_cache(int8_cache).manifest["codec"]["calibration_sha256"]
+
+    def bump(m):
+        m["codec"]["calibration"]["mean"][3] += 0.5
+    path = edit_manifest(int8_cache, bump)
+    with pytest.raises(store.CacheError, match="calibration does not match its checksum") as e:
+        open_cache(int8_cache)
+    assert str(path) in str(e.value)
+    for args in (("verify", int8_cache), ("info", int8_cache)):
+        p = run_cli(*args, check=False)
+        assert p.returncode == 2 and "calibration does not match" in p.stderr and "Traceback" not in p.stderr
+    out = str(path.parent.parent / "pt")
+    p = run_cli("pretrain", "--cache", int8_cache, *TRAIN_FLAGS, "--epochs", "1", "--out", out, module="mdtrain",
+                check=False)
+    assert p.returncode == 2 and "calibration does not match" in p.stderr
+    edit_manifest(int8_cache, lambda m: m["codec"]["calibration"]["mean"].__setitem__(
+        3, m["codec"]["calibration"]["mean"][3] - 0.5))  # put back: the same targets as before
+    assert (open_cache(int8_cache).read("train-000000", 0)[1] == before).all()
+
+
+def test_a_fingerprint_that_is_not_the_id_is_refused(int8_cache):
+    def widen(m):
+        m["fingerprint"]["views"]["crop_scale"] = [0.5, 1.0]  # the targets were made with another recipe
+    edit_manifest(int8_cache, widen)
+    with pytest.raises(store.CacheError, match="is not the hash of its fingerprint"):
+        open_cache(int8_cache)
+
+    def swap_codec(m):
+        m["fingerprint"]["codec"]["name"] = "fp16"
+        m["cache_id"] = store.cache_id(m["fingerprint"])  # a consistent id, but the codec record disagrees
+    edit_manifest(int8_cache, swap_codec)
+    with pytest.raises(store.CacheError, match="differs from the fingerprint"):
+        open_cache(int8_cache)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "list"])
+def test_damaged_manifest_or_commit_record_names_the_file(int8_cache, damage):
+    for name in (store.MANIFEST, "commits/train-000000.json"):
+        path = Path(int8_cache) / name
+        good = path.read_bytes()
+        path.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "list": b"[1, 2]"}[damage])
+        with pytest.raises(store.CacheError) as e:
+            open_cache(int8_cache)
+        assert str(path) in str(e.value) and "damaged" in str(e.value)
+        p = run_cli("info", int8_cache, check=False)
+        assert p.returncode == 2 and name.rsplit("/", 1)[-1] in p.stderr and "Traceback" not in p.stderr
+        path.write_bytes(good)
+    assert open_cache(int8_cache).commits  # restored: readable again
+
+
+def test_a_damaged_cache_is_listed_around_and_can_be_removed(int8_cache, tmp_path, train_spec):
+    other, _ = extract(extract_cfg(train_spec, str(tmp_path / "root"), codec="fp16", shards="0:1"), progress=False)
+    edit_manifest(int8_cache, lambda m: m["codec"]["calibration"]["std"].reverse())
+    ls = run_cli("ls", str(tmp_path / "root"))
+    assert other.rsplit("/", 1)[-1] in ls.stdout and int8_cache.rsplit("/", 1)[-1] not in ls.stdout
+    assert "skipped" in ls.stderr and int8_cache.rsplit("/", 1)[-1] in ls.stderr
+    run_cli("rm", int8_cache, "--yes")
+    assert not Path(int8_cache).exists() and Path(other).exists()
+
+
+def test_deleted_shard_data_is_reported_with_every_bad_shard_and_recomputed(tmp_path, train_spec):
+    """A committed shard whose data directory was deleted: verify names it (and every other bad shard, not
+    only the first), readers name it, and re-running the same extract recomputes it instead of reusing it."""
+    cfg = extract_cfg(train_spec, str(tmp_path / "root"), shards="0:3")
+    url, _ = extract(cfg, progress=False)
+    cache = open_cache(url)
+    gone, damaged = cache.commits["train-000000"]["path"], cache.commits["train-000002"]["path"]
+    shutil.rmtree(Path(url) / gone)
+    chunk = Path(url) / damaged / "targets" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    assert open_cache(url).missing_data() == ["train-000000"]
+    with pytest.raises(store.CacheError, match="train-000000 is committed but its data .* is missing"):
+        open_cache(url).read("train-000000", 0)
+    bad = run_cli("verify", url, check=False)
+    assert bad.returncode == 1 and bad.stdout.strip() == "FAILED" and "checksums BAD" in bad.stderr
+    assert "train-000000" in bad.stderr and "train-000002" in bad.stderr and "Traceback" not in bad.stderr
+    url2, summary = extract(cfg, progress=False)
+    assert url2 == url and summary["reused"] == 2 and summary["committed"] == ["train-000000"]
+    fresh = open_cache(url)
+    assert fresh.commits["train-000000"]["path"] != gone and not fresh.missing_data()
+    assert len(fresh.read("train-000000", 1)[0]) == fresh.commits["train-000000"]["samples"]
