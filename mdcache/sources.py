@@ -164,13 +164,19 @@ def iter_samples(shard: SourceShard, storage_options: dict | None = None) -> Ite
 def _iter_folder(shard: SourceShard, storage_options: dict | None) -> Iterator[Sample]:
     fs, root = _fs(shard.url, storage_options)
     index = {c: i for i, c in enumerate(shard.classes)}
+    seen: set[str] = set()
     for rel in shard.files:
+        key = rel.rsplit(".", 1)[0]
+        if key in seen:
+            raise SourceError(f"{shard.url}/{rel}: key {key!r} appears twice in source shard {shard.name} (two images "
+                              "with the same name and different extensions?); keys must be unique")
+        seen.add(key)
         try:
             data = fs.cat_file(f"{root.rstrip('/')}/{rel}")
         except OSError as e:
             raise SourceError(f"{shard.url}/{rel}: unreadable: {e}") from e
         label = index.get(rel.split("/")[0]) if "/" in rel else None
-        yield Sample(key=rel.rsplit(".", 1)[0], data=data, label=label)
+        yield Sample(key=key, data=data, label=label)
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -199,7 +205,7 @@ def _make_sample(key: str, members: dict[str, bytes]) -> Sample:
 
 def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Sample]:
     fs, path = _fs(shard.url, storage_options)
-    key, members, last = None, {}, None
+    key, members, last, seen = None, {}, None, set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
             for m in tf:
@@ -209,8 +215,18 @@ def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Samp
                 if k != key and key is not None:
                     yield _make_sample(key, members)
                     last, members = key, {}
+                if (k != key and k in seen) or ext in members:  # one reading for extract, verify and training
+                    raise SourceError(f"source shard {shard.url!r}: key {k!r} appears twice (member {m.name!r}); "
+                                      "keys must be unique within a shard")
                 key = k
+                seen.add(k)
                 members[ext] = tf.extractfile(m).read()
+            size = getattr(f, "size", None) or fs.size(path)  # now, not when the shard was listed
+            if getattr(tf.fileobj, "comptype", "tar") == "tar" and size < tf.offset + 2 * tarfile.BLOCKSIZE:
+                # A tar cut at (or inside) a member header reads as a shorter, valid archive: only the
+                # missing end-of-archive blocks tell. (Compressed streams fail on their own checksums.)
+                raise SourceError(f"source shard {shard.url!r} is truncated: it ends at byte {size}, before the "
+                                  f"end-of-archive marker (after sample {key!r}); samples after it are lost")
     except FileNotFoundError:
         raise SourceError(f"source shard {shard.url!r} does not exist") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:

@@ -2,15 +2,19 @@
 before a single target is decoded, and a damaged cache can still be listed around and removed."""
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
 from helpers import TRAIN_FLAGS, extract_cfg, run_cli
 
 from mdcache import open_cache, store
+from mdcache.errors import SourceError
 from mdcache.extract import extract
+from mdcache.sources import iter_samples, list_source
 
 
 @pytest.fixture()
@@ -112,3 +116,58 @@ def test_deleted_shard_data_is_reported_with_every_bad_shard_and_recomputed(tmp_
     fresh = open_cache(url)
     assert fresh.commits["train-000000"]["path"] != gone and not fresh.missing_data()
     assert len(fresh.read("train-000000", 1)[0]) == fresh.commits["train-000000"]["samples"]
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> tuple[bytes, list[int]]:
+    """A tar of (name, data) members, and the byte offset of each member's header."""
+    buf, offsets = io.BytesIO(), []
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            offsets.append(buf.tell())
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue(), offsets
+
+
+@pytest.fixture()
+def photos(demo_data) -> list[tuple[str, bytes]]:
+    return [(s.key, s.data) for s in iter_samples(list_source(str(demo_data / "train-000000.tar"))[0])][:6]
+
+
+@pytest.mark.parametrize("cut", ["at a header", "inside a header", "in the end blocks"])
+def test_a_tar_cut_at_a_member_boundary_is_a_truncated_shard(tmp_path, photos, cut):
+    """tarfile reads such a cut as a shorter, valid archive: half the samples would vanish silently."""
+    full, offsets = tar_bytes([(f"{k}.jpg", d) for k, d in photos])
+    end = offsets[-1] + 512 + -(-len(photos[-1][1]) // 512) * 512  # after the last member's data
+    at = {"at a header": offsets[4], "inside a header": offsets[4] + 100, "in the end blocks": end + 512}[cut]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "cut-000000.tar").write_bytes(full[:at])
+    (tmp_path / "src" / "cut-000001.tar").write_bytes(full)
+    shards = list_source(str(tmp_path / "src" / "cut-{000000..000001}.tar"))
+    with pytest.raises(SourceError, match="cut-000000.tar' is truncated: it ends at byte"):
+        list(iter_samples(shards[0]))
+    assert len(list(iter_samples(shards[1]))) == 6  # the intact archive reads whole
+    url, summary = extract(extract_cfg(str(tmp_path / "src" / "cut-{000000..000001}.tar"), str(tmp_path / "c")),
+                           progress=False)
+    assert set(summary["failed"]) == {"cut-000000"} and "truncated" in summary["failed"]["cut-000000"]
+    assert open_cache(url).shard_names == ["cut-000001"]
+
+
+def test_a_repeated_key_is_one_error_for_every_reader(tmp_path, photos):
+    """The same key twice in a shard, the first copy undecodable: extract used to skip the first and keep the
+    second, and training then failed with a misleading 'source changed'. Now every reader stops on it."""
+    (tmp_path / "src").mkdir()
+    k = photos[1][0]
+    twice = [(f"{photos[0][0]}.jpg", photos[0][1]), (f"{k}.jpg", b"not an image"),
+             *[(f"{kk}.jpg", d) for kk, d in photos[2:4]], (f"{k}.jpg", photos[1][1])]
+    (tmp_path / "src" / "dup-000000.tar").write_bytes(tar_bytes(twice)[0])
+    adjacent = [(f"{k}.jpg", photos[1][1]), (f"{k}.jpg", photos[1][1])]
+    (tmp_path / "src" / "dup-000001.tar").write_bytes(tar_bytes(adjacent)[0])
+    for shard in list_source(str(tmp_path / "src" / "dup-{000000..000001}.tar")):
+        with pytest.raises(SourceError, match=f"key '{k}' appears twice"):
+            list(iter_samples(shard))
+    _, summary = extract(extract_cfg(str(tmp_path / "src" / "dup-{000000..000001}.tar"), str(tmp_path / "c")),
+                         progress=False)
+    assert set(summary["failed"]) == {"dup-000000", "dup-000001"}
+    assert all("appears twice" in why for why in summary["failed"].values())
