@@ -272,28 +272,54 @@ class Cache:
     def keys(self, shard: str) -> list[str]:
         return list(self._group(shard).attrs["keys"])
 
+    def _local_copy_path(self, shard: str) -> str | None:
+        """Where this machine's copy of a remote shard lives (with local_cache), else None."""
+        if not self.local_cache or is_local(url_to_fs(self.url, self.storage_options)[0]):
+            return None
+        return os.path.join(self.local_cache, self.manifest["cache_id"], self.commits[shard]["path"])
+
     def read_encoded(self, shard: str, view: int, check: bool = True,
                      targets: bool = True) -> tuple[list[str], dict[str, np.ndarray], np.ndarray]:
         """(keys, encoded arrays for that view [N, ...], view params int32 [N, 11]): one sequential read each.
-        targets=False reads only keys and view params (an images-only loader)."""
-        group = self._group(shard)
+        targets=False reads only keys and view params (an images-only loader).
+
+        A local copy (local_cache) that fails its checks is dropped and fetched again once: a bad copy on
+        this machine must not be reported as a corrupt shard of the shared cache."""
+        if shard in self.commits and not 0 <= view < self.commits[shard]["views"]:
+            raise CacheError(f"{self.url}: shard {shard!r} has {self.commits[shard]['views']} views, "
+                             f"asked for view {view}")
+        local = self._local_copy_path(shard) if shard in self.commits else None
+        if local is None or not os.path.isdir(local):
+            return self._read_view(shard, view, check, targets, self.url)
+        try:
+            return self._read_view(shard, view, check, targets, f"{local} (local copy of {self.url})")
+        except Exception as e:  # a damaged copy can fail anywhere: zarr metadata, chunks, checksums
+            print(f"warning: {e}; fetching the shard again", file=sys.stderr)
+            shutil.rmtree(local, ignore_errors=True)
+        return self._read_view(shard, view, check, targets, f"{self.url} (a fresh copy)")
+
+    def _read_view(self, shard: str, view: int, check: bool, targets: bool, where: str):
+        try:
+            group = self._group(shard)
+            keys = list(group.attrs["keys"])
+        except CacheError:
+            raise
+        except Exception as e:  # a damaged zarr.json
+            raise CacheError(f"{where}: shard {shard!r} is unreadable: {e}") from e
         rec = self.commits[shard]
-        if not 0 <= view < rec["views"]:
-            raise CacheError(f"{self.url}: shard {shard!r} has {rec['views']} views, asked for view {view}")
-        keys = list(group.attrs["keys"])
         out = {}
         for name in (list(codecs.CODECS[self.codec].arrays) if targets else []) + ["views"]:
             try:
                 a = group[name][view]
             except Exception as e:  # undecodable chunk, missing file
-                raise CacheError(f"{self.url}: shard {shard!r} array {name!r} view {view} is unreadable: {e}") from e
+                raise CacheError(f"{where}: shard {shard!r} array {name!r} view {view} is unreadable: {e}") from e
             if check and array_digest(a) != rec["checksums"][name][view]:
-                raise CacheError(f"{self.url}: shard {shard!r} array {name!r} view {view}: checksum mismatch "
+                raise CacheError(f"{where}: shard {shard!r} array {name!r} view {view}: checksum mismatch "
                                  "(corrupt cache shard; re-extract it with `mdcache extract` after `mdcache rm "
                                  "--shard`)")
             out[name] = a
         if check and keys_digest(keys) != rec["keys_sha256"]:
-            raise CacheError(f"{self.url}: shard {shard!r}: sample keys do not match the commit record")
+            raise CacheError(f"{where}: shard {shard!r}: sample keys do not match the commit record")
         return keys, out, out.pop("views")
 
     def decode(self, arrays: dict[str, Any]) -> torch.Tensor:

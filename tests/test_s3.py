@@ -233,6 +233,29 @@ def test_local_read_through_cache_is_bounded(s3, bucket_data, tmp_path):
     assert len(kept) <= 2 and "train-000002" in kept  # least recently used copies were evicted
 
 
+def test_a_bad_local_copy_is_fetched_again_and_named(s3, bucket_data, tmp_path, capfd):
+    """A local copy that fails its checksum is this machine's problem, not the team bucket's: it is dropped and
+    fetched once more, and the warning names the copy. Only a bad fresh copy is reported against the bucket."""
+    p = run_cli(*extract_args(bucket_data, "s3://team/badcopy", "--shards", "0:2"), env=s3.env())
+    url = p.stdout.strip().splitlines()[-1]
+    local = tmp_path / "local"
+    cache = open_cache(url, s3.options(), local_cache=str(local))
+    good = cache.read_encoded("train-000001", 1)
+    copy = local / cache.manifest["cache_id"] / cache.commits["train-000001"]["path"]
+    chunk = copy / "targets" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    capfd.readouterr()
+    again = cache.read_encoded("train-000001", 1)
+    assert all(np.array_equal(good[1][k], again[1][k]) for k in good[1])
+    warning = capfd.readouterr().err
+    assert str(copy) in warning and "local copy of s3://" in warning and "fetching the shard again" in warning
+    remote = url[len("s3://"):] + "/" + cache.commits["train-000001"]["path"] + "/targets/c/1/0/0/0"
+    s3.fs().pipe_file(remote, s3.fs().cat_file(remote)[::-1])  # now the bucket's shard itself is bad
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    with pytest.raises(store.CacheError, match=r"\(a fresh copy\): shard 'train-000001' array 'targets' view 1"):
+        cache.read_encoded("train-000001", 1)
+
+
 def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_data, demo_data, tmp_path):
     from mdtrain import bench_storage
 
