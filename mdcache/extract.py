@@ -181,23 +181,33 @@ def prepare(cfg: ExtractConfig) -> Prepared:
 
 
 def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
-    """Codec calibration from the first images of the first source shard: deterministic, so every
-    extractor of this cache (resumed, concurrent, other ranks) derives the same numbers."""
+    """Codec calibration from the first usable images of the source, in shard order: deterministic, so
+    every extractor of this cache (resumed, concurrent, other ranks) derives the same numbers. An
+    unreadable shard is passed over (it fails again, by name, when its turn comes)."""
     codec = codecs.get_codec(cfg.codec)
     if codec.calibrate is None:
         return None
-    feats, n = [], 0
-    for b in shard_batches(p.shards[0], p.recipe, p.teacher.mean, p.teacher.std,
-                           min(cfg.batch_size, cfg.calib_images), p.storage_options):
-        if b.error:
-            raise sources.SourceError(b.error)
-        if b.keys:
-            feats.append(run_teacher(p.teacher, b.images, p.precision).cpu())
-            n += len(b.keys)
-        if n >= cfg.calib_images or b.last:
+    feats, n, passed = [], 0, []
+    for shard in p.shards:
+        try:
+            for b in shard_batches(shard, p.recipe, p.teacher.mean, p.teacher.std,
+                                   min(cfg.batch_size, cfg.calib_images), p.storage_options):
+                if b.error:
+                    raise sources.SourceError(b.error)
+                if b.keys:
+                    feats.append(run_teacher(p.teacher, b.images, p.precision).cpu())
+                    n += len(b.keys)
+                if n >= cfg.calib_images or b.last:
+                    break
+        except sources.SourceError as e:
+            passed.append(f"{shard.name} ({e})")
+        if n >= cfg.calib_images:
             break
+    if passed:
+        console.print(f"[yellow]warning:[/] calibration passed over unreadable shard(s): {'; '.join(passed[:3])}")
     if not feats:
-        raise sources.SourceError(f"{p.shards[0].url}: no decodable image to calibrate the {cfg.codec} codec on")
+        raise sources.SourceError(f"no decodable image in {len(p.shards)} source shard(s) to calibrate the {cfg.codec} "
+                                  f"codec on (first: {p.shards[0].url})")
     return codec.calibrate(torch.cat(feats))
 
 
