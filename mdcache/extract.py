@@ -383,7 +383,14 @@ class ShardWriter:
         so = self.cache.storage_options
         rec = store.write_shard_data(self.cache.url, name, buf.keys, arrays, views_, extra, so)
         t0 = time.perf_counter()
-        won = store.commit_shard(self.cache.url, rec, so)
+        try:
+            won = store.commit_shard(self.cache.url, rec, so)
+        except OSError as e:
+            store.remove_attempt(self.cache.url, rec["path"], so)
+            raise CacheError(f"{self.cache.url}: committing shard {name} failed: {e.strerror or e} "
+                             f"({type(e).__name__}); nothing of it was committed") from e
+        if not won:  # another extractor committed this shard first: our copy is garbage
+            store.remove_attempt(self.cache.url, rec["path"], so)
         if self.claims:
             self.claims.release(name)
         buf.overhead += time.perf_counter() - t0

@@ -103,6 +103,15 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
     return manifest
 
 
+def remove_attempt(cache_url: str, rel: str, storage_options: dict | None = None) -> None:
+    """Best effort: remove an attempt directory this process wrote and will never commit."""
+    fs, path = url_to_fs(cache_url, storage_options)
+    try:
+        fs.rm(join(path, rel), recursive=True)
+    except OSError:  # gone already, or the store is down: `mdcache gc` removes it later
+        pass
+
+
 def drop_commit(cache_url: str, shard: str, storage_options: dict | None = None) -> None:
     """Withdraw a shard's commit record (its data is gone), so that the shard is computed again."""
     fs, path = url_to_fs(cache_url, storage_options)
@@ -127,18 +136,23 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
     group_url = join(cache_url, "shards", attempt)
     if is_local(fs):
         group_url = join(path, "shards", attempt)
-    group = zarr.open_group(group_url, mode="w", zarr_format=3,
-                            storage_options=None if is_local(fs) else storage_options)
     checksums = {}
     n = len(keys)
-    for arr_name, data in list(arrays.items()) + [("views", views)]:
-        chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
-        z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                               compressors=ZstdCodec(level=3), fill_value=0)
-        if data.size:
-            z[...] = data
-        checksums[arr_name] = [array_digest(data[k]) for k in range(data.shape[0])]
-    group.attrs.update({"keys": keys, "shard": name})
+    try:
+        group = zarr.open_group(group_url, mode="w", zarr_format=3,
+                                storage_options=None if is_local(fs) else storage_options)
+        for arr_name, data in list(arrays.items()) + [("views", views)]:
+            chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
+            z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                   compressors=ZstdCodec(level=3), fill_value=0)
+            if data.size:
+                z[...] = data
+            checksums[arr_name] = [array_digest(data[k]) for k in range(data.shape[0])]
+        group.attrs.update({"keys": keys, "shard": name})
+    except OSError as e:  # disk full, file too large, the bucket went away: say where, leave no half-written attempt
+        remove_attempt(cache_url, f"shards/{attempt}", storage_options)
+        raise CacheError(f"{cache_url}: writing shard {name} failed: {e.strerror or e} "
+                         f"({type(e).__name__}); nothing of it was committed") from e
     record = {"shard": name, "path": f"shards/{attempt}", "samples": n, "views": int(views.shape[0]),
               "keys_sha256": keys_digest(keys), "checksums": checksums, "created_by": who(),
               "created_at": now(), "format_version": FORMAT_VERSION, **extra}

@@ -172,3 +172,29 @@ def test_a_repeated_key_is_one_error_for_every_reader(tmp_path, photos):
                          progress=False)
     assert set(summary["failed"]) == {"dup-000000", "dup-000001"}
     assert all("appears twice" in why for why in summary["failed"].values())
+
+
+def test_a_failed_write_is_named_and_leaves_no_attempt_behind(tmp_path, train_spec):
+    """A real write failure (the file-size limit of the process, as a full disk would: EFBIG instead of
+    ENOSPC): one line naming the shard, exit 2, nothing committed, no half-written attempt directory."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import ROOT, TINY_TEACHER
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write(), not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    root = tmp_path / "root"
+    p = subprocess.run([sys.executable, "-m", "mdcache", "extract", "--source", train_spec, "--cache", str(root),
+                        "--teacher", TINY_TEACHER, "--random-init", "--image-size", "64", "--views", "2", "--codec",
+                        "fp16", "--workers", "0", "--shards", "0:1"], cwd=ROOT, capture_output=True, text=True,
+                       preexec_fn=limit_file_size)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "writing shard train-000000 failed: File too large" in p.stderr and "Traceback" not in p.stderr
+    cache = next(root.iterdir())
+    assert (cache / "manifest.json").exists()  # the cache was created; its shard failed
+    assert not list(cache.glob("commits/*.json")) and not list(cache.glob("shards/*"))
