@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, storage_error
 from .fs import parse_storage_options
 
 STORAGE_HELP = "fsspec storage option KEY=VALUE for remote URLs (repeatable), e.g. endpoint_url=http://host:8333."
@@ -81,6 +81,15 @@ def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
     except UserError as e:
         print_error(e)
         raise SystemExit(e.exit_code) from None
+    except Exception as e:
+        values = list(cfg.values()) if isinstance(cfg, dict) else (
+            [getattr(cfg, f.name) for f in dataclasses.fields(cfg)] if dataclasses.is_dataclass(cfg) else [])
+        url = next((v for v in values if isinstance(v, str) and "://" in v), None)
+        known = storage_error(e, url)
+        if known is None:
+            raise
+        print_error(known)
+        raise SystemExit(known.exit_code) from None
     finally:
         import sys
 

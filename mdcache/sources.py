@@ -16,7 +16,7 @@ from typing import Iterator
 import fsspec
 from braceexpand import braceexpand
 
-from .errors import SourceError  # noqa: F401 (part of this module's API)
+from .errors import SourceError, storage_error  # noqa: F401 (part of this module's API)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -86,7 +86,8 @@ def list_source(spec: str, storage_options: dict | None = None, folder_shard_siz
                 missing.append(_unstrip(fs, pat, p))
                 continue
             except OSError as e:
-                raise SourceError(f"source shard {_unstrip(fs, pat, p)!r} is unreadable: {e}") from e
+                where = _unstrip(fs, pat, p)
+                raise storage_error(e, where) or SourceError(f"source shard {where!r} is unreadable: {e}") from e
             name = os.path.basename(p)
             name = re.sub(r"\.(tar|tgz|tar\.gz)$", "", name)
             shards.append(SourceShard(name=name, url=_unstrip(fs, pat, p), size=int(info.get("size") or 0)))

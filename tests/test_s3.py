@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import s3_server
-from helpers import ROOT, TINY_CLIP, TINY_TEACHER, run_cli, verify_partial
+from helpers import ROOT, TINY_CLIP, TINY_TEACHER, TRAIN_FLAGS, run_cli, verify_partial
 
 from mdcache import open_cache, store
 from mdcache.sources import iter_samples, list_source
@@ -324,3 +324,20 @@ def test_trainer_outputs_and_weights_in_the_bucket(s3, bucket_data, tmp_path):
     ev = run_cli("eval", "--weights", "s3://team/runs/ft/best.safetensors", "--val", f"{data}/train-000000.tar",
                  "--workers", "1", module="mdtrain", env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m4")})
     assert json.loads(ev.stdout.strip().splitlines()[-1])["n"] == 30
+
+
+def test_storage_failures_are_one_named_line_on_every_command(s3, bucket_data, tmp_path):
+    """Server down, credentials missing, credentials refused: the URL and what to check, exit 2, no traceback."""
+    url = run_cli(*extract_args(bucket_data, "s3://team/fail", "--shards", "0:1"), env=s3.env()).stdout.split()[-1]
+    down = {**s3.env(), "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    nobody = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+              "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL": s3.endpoint}
+    wrong = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    cases = [(("pretrain", "--cache", url, *TRAIN_FLAGS, "--out", str(tmp_path / "pt")), down,
+              f"cannot reach the storage ({url})"),
+             (("verify", url), nobody, f"no credentials for the storage ({url})"),
+             (("info", url), wrong, f"the storage refused these credentials ({url})"),
+             (extract_args(bucket_data, "s3://team/fail"), wrong, "refused these credentials")]
+    for args, env, expected in cases:
+        p = run_cli(*args, env=env, check=False, module="mdtrain" if args[0] == "pretrain" else "mdcache")
+        assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-1500:])
