@@ -101,6 +101,8 @@ class Claims:
         fs.invalidate_cache(cdir)
         out = []
         for p in (fs.ls(cdir, detail=False) if fs.exists(cdir) else []):
+            if not p.endswith(".json"):
+                continue
             try:
                 rec = mfs.read_json(fs, p)
             except FileNotFoundError:

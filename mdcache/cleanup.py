@@ -70,9 +70,14 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
             if now - _mtime(fs, p) > grace:
                 out.append((p, "stale write probe"))
             continue
+        if not name.endswith(".json"):  # an object store's directory marker
+            continue
         try:
             rec = mfs.read_json(fs, p)
-        except (FileNotFoundError, ValueError):
+        except FileNotFoundError:
+            continue
+        except CacheError:  # damaged: no owner can be renewing it
+            out.append((p, "damaged claim"))
             continue
         if rec.get("expires", 0) < now or owner_is_dead(rec.get("owner", "")) or rec.get("shard") in cache.commits:
             out.append((p, f"expired claim of {rec.get('owner')}"))

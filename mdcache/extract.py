@@ -441,6 +441,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
         console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
     summary = new_summary(cache.url, reused)
     if not todo:
+        if cache.unindexed:  # records read one by one: compact them for the next reader
+            cache.write_index()
         return cache.url, summary
     check_writable(cache.url, p.storage_options)
     claims = Claims(cache.url, new_owner(), cfg.claim_ttl, p.storage_options)
@@ -460,6 +462,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
             time.sleep(min(max(cfg.claim_ttl / 4, 0.5), 30.0))
     finally:
         renewer.stop()
+    if cache.refresh().unindexed:
+        cache.write_index()
     warn_unmixed(summary)
     return cache.url, summary
 

@@ -115,19 +115,39 @@ def fetch(url: str, storage_options: dict | None = None) -> str:
     return dst
 
 
-def read_json(fs, path: str) -> dict:
-    # cat_file: one plain GET. fs.open() would pin the ETag of a possibly cached listing, and small
-    # records (claims) are replaced by other processes: S3 then answers 412 PreconditionFailed.
-    raw = fs.cat_file(path)
+def parse_json(raw: bytes, where: str) -> dict:
+    """A small JSON record; a damaged one is a CacheError naming the file."""
     try:
         obj = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         why = "empty" if not raw else f"{len(raw)} bytes, {e}"
-        raise CacheError(f"{fs.unstrip_protocol(path)}: not valid JSON ({why}); the file is truncated or damaged") \
-            from None
+        raise CacheError(f"{where}: not valid JSON ({why}); the file is truncated or damaged") from None
     if not isinstance(obj, dict):
-        raise CacheError(f"{fs.unstrip_protocol(path)}: a JSON {type(obj).__name__}, not an object: damaged")
+        raise CacheError(f"{where}: a JSON {type(obj).__name__}, not an object: damaged")
     return obj
+
+
+def read_json_many(fs, paths: list[str]) -> dict[str, dict]:
+    """Many small records at once: one batch of concurrent GETs on object stores (fsspec's cat of a list),
+    not a round trip each. Files deleted since they were listed are left out."""
+    if not paths:
+        return {}
+    got = fs.cat(paths, on_error="return")
+    out = {}
+    for p in paths:
+        raw = got.get(p, got.get(fs._strip_protocol(p)))
+        if isinstance(raw, FileNotFoundError) or raw is None:
+            continue
+        if isinstance(raw, Exception):
+            raise raw
+        out[p] = parse_json(raw, fs.unstrip_protocol(p))
+    return out
+
+
+def read_json(fs, path: str) -> dict:
+    # cat_file: one plain GET. fs.open() would pin the ETag of a possibly cached listing, and small
+    # records (claims) are replaced by other processes: S3 then answers 412 PreconditionFailed.
+    return parse_json(fs.cat_file(path), fs.unstrip_protocol(path))
 
 
 def write_json(fs, path: str, obj: dict, exclusive: bool = False) -> bool:

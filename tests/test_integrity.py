@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import TRAIN_FLAGS, extract_cfg, run_cli
 
@@ -198,3 +200,29 @@ def test_a_failed_write_is_named_and_leaves_no_attempt_behind(tmp_path, train_sp
     cache = next(root.iterdir())
     assert (cache / "manifest.json").exists()  # the cache was created; its shard failed
     assert not list(cache.glob("commits/*.json")) and not list(cache.glob("shards/*"))
+
+
+def test_opening_a_cache_reads_the_compacted_index_and_trusts_only_the_listing(tmp_path, train_spec):
+    """extract leaves commit-index.json, so a reader needs a listing and one file, not a GET per shard. The
+    listing stays the truth: a withdrawn record is not resurrected from the index, a replaced one is re-read."""
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "root"), shards="0:3"), progress=False)
+    index = json.loads((Path(url) / store.COMMIT_INDEX).read_text())
+    assert set(index["records"]) == {"train-000000", "train-000001", "train-000002"}
+    cache = open_cache(url)
+    assert cache.unindexed == 0 and cache.shard_names == ["train-000000", "train-000001", "train-000002"]
+    run_cli("rm", url, "--shard", "train-000001", "--yes")
+    assert open_cache(url).shard_names == ["train-000000", "train-000002"]  # the index still lists it
+    old = cache.commits["train-000002"]
+    per_view = [cache.read_encoded("train-000002", v) for v in range(cache.views)]
+    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
+    rec = store.write_shard_data(url, "train-000002", per_view[0][0], arrays,
+                                 np.stack([p for _, _, p in per_view]), {})
+    os.unlink(Path(url) / "commits" / "train-000002.json")
+    assert store.commit_shard(url, rec)  # a new record under the same name: the index's copy is stale
+    fresh = open_cache(url)
+    assert fresh.commits["train-000002"]["path"] == rec["path"] != old["path"] and fresh.unindexed == 1
+    (Path(url) / store.COMMIT_INDEX).write_text("{trunc")
+    assert open_cache(url).shard_names == ["train-000000", "train-000002"]  # a damaged index is only a shortcut
+    _, summary = extract(extract_cfg(train_spec, str(tmp_path / "root"), shards="0:3"), progress=False)
+    assert summary["committed"] == ["train-000001"]
+    assert open_cache(url).unindexed == 0  # the writer compacted the records again

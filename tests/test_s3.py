@@ -49,6 +49,8 @@ def test_teammate_reuses_the_shared_cache(s3, bucket_data):
     ls = run_cli("ls", root, env=s3.env()).stdout
     assert url.rsplit("/", 1)[-1] in ls and "4/4" in ls and "int8" in ls
     cache = open_cache(url, s3.options())
+    assert cache.unindexed == 0 and len(cache.commits) == 4  # a listing and the compacted index: no GET per shard
+    assert s3.fs().exists(url[len("s3://"):] + "/commit-index.json")
     keys, targets, params = cache.read("train-000003", 1)
     assert len(keys) == 30 and targets.shape == (30, 16, 64) and params.shape == (30, 11)
 
