@@ -47,3 +47,28 @@ def test_demo_pipeline_ends_with_the_three_numbers(tmp_path):
               "finetune/best.safetensors"):
         assert (tmp_path / "demo" / f).exists(), f
     assert (tmp_path / "demo" / "teacher-400-e1" / "best.safetensors").exists()
+
+
+def test_the_plain_zarr_reader_in_the_format_doc_decodes_like_mdcache(tmp_path, train_spec):
+    """docs/cache-format.md promises a cache is readable with zarr + numpy alone: run its snippet in a
+    process where `import mdcache` fails, and compare with mdcache's own reader, for both codecs."""
+    import numpy as np
+    from helpers import extract_cfg
+
+    from mdcache import open_cache
+    from mdcache.extract import extract
+
+    doc = (ROOT / "docs" / "cache-format.md").read_text()
+    snippet = doc.split("## Reading a cache without mdcache")[1].split("```python")[1].split("```")[0]
+    for codec in ("fp16", "int8"):
+        url, _ = extract(extract_cfg(train_spec, str(tmp_path / codec), codec=codec, shards="0:1"), progress=False)
+        out = tmp_path / f"{codec}.npz"
+        code = ("import sys\nsys.modules['mdcache'] = None  # the snippet must not need the package\n" + snippet
+                + f"\nkeys, t, v = read_view({url!r}, 'train-000000', 1)\n"
+                  f"import numpy\nnumpy.savez({str(out)!r}, t=t, v=v, keys=numpy.array(keys))\n")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr[-2000:]
+        keys, targets, params = open_cache(url).read("train-000000", 1)
+        got = np.load(out)
+        assert list(got["keys"]) == keys and np.array_equal(got["v"], params)
+        np.testing.assert_allclose(got["t"], targets, rtol=0, atol=1e-6)
