@@ -88,8 +88,7 @@ def list_source(spec: str, storage_options: dict | None = None, folder_shard_siz
             except OSError as e:
                 where = _unstrip(fs, pat, p)
                 raise storage_error(e, where) or SourceError(f"source shard {where!r} is unreadable: {e}") from e
-            name = os.path.basename(p)
-            name = re.sub(r"\.(tar|tgz|tar\.gz)$", "", name)
+            name = shard_name(p)
             shards.append(SourceShard(name=name, url=_unstrip(fs, pat, p), size=int(info.get("size") or 0)))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -100,6 +99,11 @@ def list_source(spec: str, storage_options: dict | None = None, folder_shard_siz
         dup = sorted({n for n in names if names.count(n) > 1})
         raise SourceError(f"source shard names must be unique; repeated: {', '.join(dup[:5])}")
     return shards
+
+
+def shard_name(url: str) -> str:
+    """A tar shard's name, as caches and webdataset's __url__ know it: the file name without .tar/.tgz/.tar.gz."""
+    return re.sub(r"\.(tar|tgz|tar\.gz)$", "", os.path.basename(url.rstrip("/")))
 
 
 def _split_top_level(spec: str) -> list[str]:

@@ -45,6 +45,12 @@ def key_rng(seed: int, key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
+def view_for(seed: int, shard: str, epoch: int, k: int) -> int:
+    """Which stored view a shard uses in an epoch (mdtrain and `mdcache.wds` alike): each block of K epochs
+    is a permutation of the K views, so every view is used once per K epochs."""
+    return int(key_rng(seed, f"views/{shard}/{epoch // k}").permutation(k)[epoch % k])
+
+
 def sample_crop(rng: np.random.Generator, height: int, width: int,
                 scale: tuple[float, float], ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     """RandomResizedCrop's box sampler (torchvision's algorithm, numpy RNG): (top, left, h, w)."""

@@ -125,11 +125,6 @@ def steps_per_epoch(shards: list[ShardPlan], cfg: StreamConfig, epochs: int) -> 
     return n
 
 
-def view_for(seed: int, shard: str, epoch: int, k: int) -> int:
-    """Which stored view a shard uses this epoch: each block of K epochs is a permutation of the K views."""
-    return int(views.key_rng(seed, f"views/{shard}/{epoch // k}").permutation(k)[epoch % k])
-
-
 def resume_layout(counts: list[int], consumed: int) -> tuple[list[int], int]:
     """Round-robin over lanes (skipping exhausted ones), `consumed` batches in: (batches each lane has
     delivered, lane the next batch comes from). Restarting the loader with lanes rotated to start at
@@ -204,7 +199,7 @@ class ShardStream(torch.utils.data.IterableDataset):
     def shard_items(self, plan: ShardPlan) -> Iterator[tuple]:
         """(plan, index in cache shard, sample, view params or None, encoded targets or None, view), shuffled."""
         k = self.cache.views if self.cache is not None else self.recipe.views
-        view = view_for(self.cfg.seed, plan.name, self.epoch, k)
+        view = views.view_for(self.cfg.seed, plan.name, self.epoch, k)
         keys, arrays, params = (self.cache.read_encoded(plan.name, view, targets=self.cfg.with_targets)
                                 if self.cache is not None else (None, None, None))
         rng = views.key_rng(self.cfg.seed, f"shuffle/{self.epoch}/{plan.name}")
