@@ -10,5 +10,5 @@ if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
        "pkg-config); the FFCV tests cannot run" >&2
   exit 1
 fi
-.venv/bin/ruff check mdcache mdtrain tests scripts pipelines
+.venv/bin/ruff check mdcache mdtrain tests scripts pipelines docs/examples
 exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"
