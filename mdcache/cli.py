@@ -12,7 +12,7 @@ from rich.table import Column, Table
 from . import bench, cleanup, extract, store, verify
 from .commands import opt, storage_options_opt, typer_command
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline teacher-feature cache for MaskDistill: extract once, train many times, share.")
 console = Console()
 

@@ -26,10 +26,12 @@ from .fs import parse_storage_options
 STORAGE_HELP = "fsspec storage option KEY=VALUE for remote URLs (repeatable), e.g. endpoint_url=http://host:8333."
 
 
-def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Callable] | None = None) -> Any:
+def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Callable] | None = None,
+        required: bool = False, shown: str | None = None) -> Any:
     """A config field: default + help (+ an explicit --flag name, + a (CLI type, parser) pair when the
-    shell spelling differs from the API value)."""
-    meta: dict[str, Any] = {"help": help}
+    shell spelling differs from the API value; required: the command line must give it; shown: how
+    --help writes the default, e.g. '75/196' rather than 0.3826530612244898)."""
+    meta: dict[str, Any] = {"help": help, "required": required, "shown": shown}
     if param:
         meta["param"] = param
     if cli:
@@ -117,7 +119,8 @@ def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], na
             info = typer.Argument(... if default is None else default, help=f.metadata.get("help", ""),
                                   show_default=default is not None)
         else:
-            info = typer.Option(default, *decls, help=f.metadata.get("help", ""), show_default=True)
+            info = typer.Option(... if f.metadata.get("required") else default, *decls,
+                                help=f.metadata.get("help", ""), show_default=f.metadata.get("shown") or True)
         annotations[f.name] = hint
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint))
 
@@ -141,7 +144,8 @@ class ViewOptions:
     views: int = opt(2, "Views (augmented crops) per image.")
     image_size: int = opt(224, "Teacher/student input size in pixels.")
     crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.")
-    crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.")
+    crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.",
+                                          shown="3/4 4/3")
     flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
     color_jitter: float = opt(0.4, "ColorJitter strength for brightness, contrast and saturation, recorded per view "
                                    "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).")

@@ -34,7 +34,7 @@ class ExtractConfig(ViewOptions):
     """Run a frozen teacher once over K augmented views per image and cache its patch features."""
 
     source: str = opt("", "Source: WebDataset tars (brace pattern, glob, comma list; local or fsspec URL) or an "
-                          "image folder.")
+                          "image folder.", required=True)
     teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config "
                                    ".json), timm:MODEL.")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher (timm teachers; recorded in the fingerprint)")

@@ -26,9 +26,10 @@ from .student import build_student
 class DistillLossConfig(ViewOptions):
     """Held-out masked-feature loss of a pretrained student against its teacher, on fresh crops."""
 
-    ckpt: str = opt("", "Pretraining checkpoint (OUT/last.ckpt of `mdtrain pretrain`): student, head, loss settings.")
-    source: str = opt("", "Held-out images: tar shards (brace pattern, glob, list) or an image folder.")
-    teacher: str = opt("", "The student's teacher (clip-b16, open_clip:ARCH[:TAG], timm:NAME).")
+    ckpt: str = opt("", "Pretraining checkpoint (OUT/last.ckpt of `mdtrain pretrain`): student, head, loss settings.",
+                    required=True)
+    source: str = opt("", "Held-out images: tar shards (brace pattern, glob, list) or an image folder.", required=True)
+    teacher: str = opt("", "The student's teacher (clip-b16, open_clip:ARCH[:TAG], timm:NAME).", required=True)
     teacher_weights: Optional[str] = opt(None, "Teacher weights file (.safetensors or weights-only .pth).")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher")
     random_init: bool = opt(False, "Randomly initialised teacher with --teacher-seed (tests only).")

@@ -37,8 +37,9 @@ class EvalConfig:
     """Top-1/top-5 accuracy of a classifier (e.g. runs/ft/best.safetensors) on a labelled set."""
 
     weights: str = opt("", "Classifier weights (path or fsspec URL): .safetensors from `mdtrain finetune` (model and "
-                           "size read from its metadata).")
-    val: str = opt("", "Labelled data: tar shards with .cls, a class folder, or with --loader ffcv a .beton.")
+                           "size read from its metadata).", required=True)
+    val: str = opt("", "Labelled data: tar shards with .cls, a class folder, or with --loader ffcv a .beton.",
+                   required=True)
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
     num_classes: Optional[int] = opt(None, "Classes; None = from the classifier's shape in the weights.")
@@ -58,9 +59,10 @@ class KnnConfig:
     """k-NN classification (k=20, cosine, temperature-weighted votes as in DINO) on frozen features."""
 
     weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any finetune .safetensors: "
-                           "the classifier is ignored).")
-    train: str = opt("", "Labelled reference set (the k-NN memory): tar shards with .cls or a class folder.")
-    val: str = opt("", "Labelled query set.")
+                           "the classifier is ignored).", required=True)
+    train: str = opt("", "Labelled reference set (the k-NN memory): tar shards with .cls or a class folder.",
+                     required=True)
+    val: str = opt("", "Labelled query set.", required=True)
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
     image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
@@ -198,9 +200,9 @@ class LinprobeConfig:
     """Linear probe on frozen features (MAE protocol: BatchNorm without affine + one linear layer)."""
 
     weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any .safetensors in timm "
-                           "naming: a classifier in it is ignored).")
-    train: str = opt("", "Labelled training set for the probe: tar shards with .cls or a class folder.")
-    val: str = opt("", "Labelled evaluation set.")
+                           "naming: a classifier in it is ignored).", required=True)
+    train: str = opt("", "Labelled training set for the probe: tar shards with .cls or a class folder.", required=True)
+    val: str = opt("", "Labelled evaluation set.", required=True)
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
     image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")

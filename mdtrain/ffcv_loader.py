@@ -44,7 +44,7 @@ class FfcvBuildConfig:
     """Write an FFCV .beton (image + label) from WebDataset shards with .cls or a class folder."""
 
     source: str = opt("", "Labelled source: tar shards with .cls (brace pattern, glob, list) or a class folder.")
-    out: str = opt("", "Output .beton path (a sidecar OUT.json records source, samples and classes).")
+    out: str = opt("", "Output .beton path (a sidecar OUT.json records source, samples and classes).", required=True)
     max_resolution: int = opt(256, "Longest side stored (images are downscaled, never upscaled); 0 = keep.")
     write_mode: str = opt("jpg", "FFCV image storage: jpg (compact), raw (fastest decode), smart.")
     jpeg_quality: int = opt(90, "JPEG quality when write-mode is jpg/smart.")

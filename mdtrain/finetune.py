@@ -44,8 +44,8 @@ class FinetuneConfig:
     """Finetune a timm classifier from a pretrained student backbone (BEiT v2 recipe defaults)."""
 
     train: str = opt("", "Labelled training data: WebDataset tars with .cls (brace pattern, glob, list), an image "
-                         "folder with one sub-folder per class, or with --loader ffcv a .beton file.")
-    val: str = opt("", "Labelled validation data (same forms as --train).")
+                         "folder with one sub-folder per class, or with --loader ffcv a .beton file.", required=True)
+    val: str = opt("", "Labelled validation data (same forms as --train).", required=True)
     model: str = opt("vit_base_patch16_224", "timm model name.")
     model_args: dict = model_args_opt("--model-arg", "model")
     init: Optional[str] = opt(None, "Pretrained backbone (safetensors in timm naming, e.g. "

@@ -74,7 +74,7 @@ class PretrainConfig(ViewOptions):
     layer_scale: Optional[float] = opt(None, "LayerScale init value (timm init_values; default: 0.1, or 1e-5 for "
                                              "large/huge/giant students; 0: no LayerScale).")
     mask_ratio: float = opt(DEFAULT_MASK_RATIO, "Fraction of patches masked (exactly round(ratio x patches)); "
-                                                "75/196 by default.")
+                                                "75/196 by default.", shown="75/196")
     min_mask_patches: int = opt(DEFAULT_MIN_PATCHES, "Smallest mask block on a 196-patch grid (scaled to the "
                                                      "cache's grid).")
     target_norm: str = opt("layernorm", "Target normalization: layernorm (per token, no affine) or none.")

@@ -27,7 +27,11 @@ def render() -> str:
                 else:
                     flag = " / ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
                 default = p.default
-                if isinstance(default, (list, tuple)):
+                if getattr(p, "required", False):
+                    default = "(required)"
+                elif isinstance(getattr(p, "show_default", None), str):  # how --help writes it, e.g. 75/196
+                    default = p.show_default
+                elif isinstance(default, (list, tuple)):
                     default = ",".join(map(str, default)) if default else "(none)"
                 elif default is None or default == "":
                     default = "(none)"

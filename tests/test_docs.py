@@ -72,3 +72,25 @@ def test_the_plain_zarr_reader_in_the_format_doc_decodes_like_mdcache(tmp_path, 
         got = np.load(out)
         assert list(got["keys"]) == keys and np.array_equal(got["v"], params)
         np.testing.assert_allclose(got["t"], targets, rtol=0, atol=1e-6)
+
+
+def test_every_help_reads_at_80_columns():
+    """--help at 80 columns: no line wider than the terminal, required options marked, defaults written as a
+    person would (75/196, not 0.3826530612244898)."""
+    import typer
+    from typer.testing import CliRunner
+
+    from mdcache.cli import app as mdcache_app
+    from mdtrain.cli import app as mdtrain_app
+
+    runner = CliRunner()
+    for app in (mdcache_app, mdtrain_app):
+        for name in typer.main.get_command(app).commands:
+            r = runner.invoke(app, [name, "--help"], env={"COLUMNS": "80"})
+            assert r.exit_code == 0, r.output
+            assert max(len(line) for line in r.output.splitlines()) <= 80, (name, r.output)
+            assert not re.search(r"\d\.\d{8,}", r.output), (name, r.output)
+    knn = runner.invoke(mdtrain_app, ["knn", "--help"], env={"COLUMNS": "80"}).output
+    assert knn.count("[required]") == 3
+    pretrain = " ".join(runner.invoke(mdtrain_app, ["pretrain", "--help"], env={"COLUMNS": "80"}).output.split())
+    assert "[default: (75/196)]" in pretrain and "[default: (3/4 4/3)]" in pretrain
