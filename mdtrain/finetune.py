@@ -33,7 +33,7 @@ from mdcache.fs import fetch
 from . import labelled
 from .checkpoint import CKPT_NAME, check_resumable, load_trainer_state, resolve_resume, save_trainer_state, save_weights
 from .classifier import build_model, evaluate_batches, layer_scale_of, load_backbone, scale_head
-from .outputs import MetricsLog, OutputDir, plot_curves
+from .outputs import MetricsLog, OutputDir, check_trackers, plot_curves
 from .runtime import Dist, all_ranks, all_reduce_sum, init_distributed, seed_all, seed_for, unwrap
 
 console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
@@ -103,6 +103,8 @@ class FinetuneConfig:
                                           "continues from exactly there). None = run to --epochs.")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N.")
     log_every: int = opt(20, "Print a progress line every N steps (rank 0); 0 = off.")
+    log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline unless "
+                        "WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for remote sources (repeatable).")
 
 
@@ -245,6 +247,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     if not cfg.train or not cfg.val:
         raise ConfigError("--train and --val are both required")
+    check_trackers(cfg.log)
     device = resolve_device(cfg.device)
     dist = init_distributed(device)
     precision = resolve_precision(cfg.precision, device)
@@ -282,7 +285,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     layout.update(num_classes=num_classes, world=dist.world)
     pos = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "partial": [0.0, 0.0, 0.0],
            "best": {"val_top1": -1.0, "epoch": -1}}
-    log = MetricsLog(outdir.path("metrics.jsonl"))
+    log = MetricsLog(outdir.path("metrics.jsonl"), tuple(cfg.log) if dist.main else (),
+                     os.path.basename(cfg.out.rstrip("/")), public_config(cfg))
     if state is not None:
         mid_epoch = state["batch_in_epoch"] > 0  # the skipped batches are this world's: it must not change
         check_resumable(state["layout"], {k: v for k, v in layout.items() if k != "world" or mid_epoch}, resume)

@@ -13,6 +13,7 @@ import os
 from typing import Callable
 
 from mdcache import fs as mfs
+from mdcache.errors import ConfigError
 
 
 class OutputDir:
@@ -58,13 +59,42 @@ class OutputDir:
         return sent
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+def check_trackers(kinds: list[str]) -> None:
+    """Fail before training if a tracker is unknown or its package is missing (not after an epoch)."""
+    import importlib.util
+
+    for kind in kinds:
+        if kind not in TRACKERS:
+            raise ConfigError(f"--log {kind!r}: choose from {', '.join(TRACKERS)} (metrics.jsonl is always written)")
+        if importlib.util.find_spec(kind) is None:
+            raise ConfigError(f"--log {kind} needs the {kind} package: pip install {kind}")
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON object per line, appended as training goes. On resume, `truncate`
-    keeps exactly the rows the checkpoint covers (a crash after a checkpoint may have logged more)."""
+    keeps exactly the rows the checkpoint covers (a crash after a checkpoint may have logged more).
+    With trackers, every numeric value of a row also goes to TensorBoard event files (OUT/tensorboard/)
+    and/or a Weights & Biases run (offline unless WANDB_MODE says otherwise), at the row's step."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, trackers: tuple[str, ...] = (), run_name: str = "", config: dict | None = None):
         self.path = path
         self._f = None
+        self._sinks = []
+        out = os.path.dirname(path)
+        if "tensorboard" in trackers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(out, "tensorboard"))
+            self._sinks.append((lambda k, v, step: writer.add_scalar(k, v, step), writer.close))
+        if "wandb" in trackers:
+            import wandb
+
+            run = wandb.init(dir=out, name=run_name or None, config=config or {},
+                             mode=os.environ.get("WANDB_MODE", "offline"))
+            self._sinks.append((lambda k, v, step: run.log({k: v}, step=step), run.finish))
 
     def rows(self) -> list[dict]:
         if not os.path.exists(self.path):
@@ -86,11 +116,19 @@ class MetricsLog:
             self._f = open(self.path, "a")
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        step = int(row.get("step", 0))
+        for add, _ in self._sinks:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    add(k, v, step)
 
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
+        for _, close in self._sinks:
+            close()
+        self._sinks = []
 
 
 def _pyplot():

@@ -27,7 +27,7 @@ from mdcache.errors import ConfigError
 
 from . import checkpoint, data, objective
 from .masking import DEFAULT_MASK_RATIO, DEFAULT_MIN_PATCHES, scaled_min_patches
-from .outputs import MetricsLog, OutputDir, plot_loss
+from .outputs import MetricsLog, OutputDir, check_trackers, plot_loss
 from .runtime import (
     Dist,
     StopFlag,
@@ -89,6 +89,8 @@ class PretrainConfig(ViewOptions):
     save_every: Optional[int] = opt(None, "Also checkpoint every N optimizer steps (default: at the end of each "
                                           "epoch only).")
     log_every: int = opt(1, "Log every N optimizer steps.")
+    log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline unless "
+                        "WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     stop_after: Optional[int] = opt(None, "Stop after N optimizer steps in this process, with a checkpoint "
                                           "(default: run to the end).")
     log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).")
@@ -110,6 +112,7 @@ class PretrainConfig(ViewOptions):
 
 def check_config(cfg: PretrainConfig) -> None:
     objective.check(cfg.target_norm, cfg.loss)
+    check_trackers(cfg.log)
     for name in ("accum_iter", "log_every", "save_every"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
@@ -395,7 +398,8 @@ def open_logs(r: Run, resumed: str | None, epoch: int, batch: int, lr: float, ef
                               cfg.epochs * (r.steps // cfg.accum_iter), r.step)
     if not main:
         return
-    r.metrics = MetricsLog(r.outdir.path("metrics.jsonl"))
+    r.metrics = MetricsLog(r.outdir.path("metrics.jsonl"), tuple(cfg.log), os.path.basename(cfg.out.rstrip("/")),
+                           public_config(cfg))
     r.metrics.truncate(lambda row: bool(resumed) and row["step"] <= r.step)
     online = r.setup.teacher is not None
     with open(r.outdir.path("config.json"), "w") as f:

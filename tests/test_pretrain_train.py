@@ -34,7 +34,8 @@ PROBE = ("import atexit, json, sys\n"
 def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_url, tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-c", PROBE, "pretrain", "--cache", cache_url, "--out", str(out),
-                        "--epochs", "3", "--drop-path", "0", *TRAIN_FLAGS], capture_output=True, text=True, cwd=ROOT,
+                        "--epochs", "3", "--drop-path", "0", "--log", "tensorboard", *TRAIN_FLAGS],
+                       capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert p.returncode == 0, p.stderr
     modules = json.loads(p.stdout.split("MODULES=")[1].splitlines()[0])
@@ -47,6 +48,17 @@ def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_ur
     assert last < 0.8 * first, (first, last)
     assert rows[0]["lr"] > rows[-1]["lr"] and math.isclose(rows[-1]["lr"], 1e-5, rel_tol=1e-6)  # cosine to min_lr
     assert (out / "loss.png").stat().st_size > 1000
+    # --log tensorboard: the same rows, read back with TensorBoard's own reader
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert {"loss", "lr", "images_per_s"} <= set(events.Tags()["scalars"])
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == list(range(1, 43))
+    assert all(math.isclose(e.value, r["loss"], rel_tol=1e-6) for e, r in zip(loss, rows))
+    bad = mdtrain("pretrain", "--cache", cache_url, "--out", str(tmp_path / "bad"), "--log", "mlflow", *TRAIN_FLAGS,
+                  check=False)
+    assert bad.returncode == 2 and "--log 'mlflow': choose from tensorboard, wandb" in bad.stderr
 
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=True)
     assert (ckpt["kind"], ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]) == ("pretrain", 3, 0, 42)
