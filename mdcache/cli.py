@@ -1,4 +1,4 @@
-"""The `mdcache` command: extract, info, ls, verify, bench."""
+"""The `mdcache` command: extract, info, ls, verify, show, bench, gc, rm."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from . import bench, cleanup, extract, store, verify
+from . import bench, cleanup, extract, show, store, verify
 from .commands import opt, storage_options_opt, typer_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -96,6 +96,7 @@ typer_command(app, extract.ExtractConfig, extract.run_cli, "extract")
 typer_command(app, InfoConfig, info, "info", arguments=("cache",))
 typer_command(app, LsConfig, ls, "ls", arguments=("root",))
 typer_command(app, verify.VerifyConfig, verify.run_cli, "verify", arguments=("cache",))
+typer_command(app, show.ShowConfig, show.run_cli, "show", arguments=("cache",))
 typer_command(app, bench.BenchConfig, bench.run_cli, "bench")
 typer_command(app, cleanup.GcConfig, cleanup.run_gc, "gc", arguments=("root",))
 typer_command(app, cleanup.RmConfig, cleanup.run_rm, "rm", arguments=("cache",))

@@ -47,6 +47,7 @@ def test_demo_pipeline_ends_with_the_three_numbers(tmp_path):
               "finetune/best.safetensors"):
         assert (tmp_path / "demo" / f).exists(), f
     assert (tmp_path / "demo" / "teacher-400-e1" / "best.safetensors").exists()
+    assert (tmp_path / "demo" / "views.png").stat().st_size > 10_000
 
 
 def test_the_plain_zarr_reader_in_the_format_doc_decodes_like_mdcache(tmp_path, train_spec):

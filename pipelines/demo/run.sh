@@ -4,7 +4,8 @@
 #   1. shuffled WebDataset shards of a train and a test subset
 #   2. a teacher: a small ViT (7x7 patches of 4 px, width 128, depth 4) trained supervised with
 #      `mdtrain finetune` from scratch; no weights are downloaded anywhere
-#   3. mdcache extract: the teacher runs ONCE over VIEWS augmented views per image; info + verify
+#   3. mdcache extract: the teacher runs ONCE over VIEWS augmented views per image; info, verify, and
+#      show (a picture of the stored views, masks, targets and their fidelity: OUT/views.png)
 #   4. mdtrain pretrain: a student of the same shape distils the cached targets (no teacher in memory);
 #      the same student before any step (--stop-after 0) is the random-init floor
 #   5. mdtrain knn on the frozen random-init student, distilled student and teacher; a short finetune
@@ -56,6 +57,7 @@ CACHE=$($PY -m mdcache extract --teacher "timm:$MODEL" "${TEACHER_ARGS[@]}" --we
 echo "cache: $CACHE"
 $PY -m mdcache info "$CACHE"
 $PY -m mdcache verify "$CACHE" --teacher-check 8 --weights "$TEACHER_W"
+$PY -m mdcache show "$CACHE" --out "$OUT/views.png" --n 4 --weights "$TEACHER_W"  # views, masks, targets, fidelity
 
 echo "== 4/5 mdtrain pretrain: the student distils the cached targets (no teacher in memory)"
 PRETRAIN=(--cache "$CACHE" --student "$MODEL" "${STUDENT_ARGS[@]}" --batch-size 64 --blr 1.5e-3
@@ -81,4 +83,5 @@ TEACHER_TOP1=$($PY -m mdtrain eval --weights "$TEACHER_W" --val "$TEST" --worker
 printf '\n%-34s %s\n' "Fashion-MNIST test split" "top-1 %"
 printf '%-34s %6.2f\n' "k-NN, random-init student" "$KNN_RANDOM" "k-NN, distilled student" "$KNN_STUDENT" \
     "k-NN, teacher" "$KNN_TEACHER" "finetuned distilled student" "$FT" "teacher as a classifier" "$TEACHER_TOP1"
-echo "demo done: cache $CACHE, student $OUT/pretrain/student.safetensors, finetuned $OUT/finetune/best.safetensors"
+echo "demo done: cache $CACHE (pictured in $OUT/views.png), student $OUT/pretrain/student.safetensors," \
+     "finetuned $OUT/finetune/best.safetensors"
