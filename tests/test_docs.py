@@ -95,3 +95,47 @@ def test_every_help_reads_at_80_columns():
     assert knn.count("[required]") == 3
     pretrain = " ".join(runner.invoke(mdtrain_app, ["pretrain", "--help"], env={"COLUMNS": "80"}).output.split())
     assert "[default: (75/196)]" in pretrain and "[default: (3/4 4/3)]" in pretrain
+
+
+def test_cluster_scripts_dry_run_commands_that_the_clis_accept(tmp_path):
+    """pipelines/imagenet/{run,slurm_extract,slurm_pretrain}.sh --dry-run: the batch scripts are valid bash, the
+    array and node counts are the asked ones, and every mdcache/mdtrain command in them parses with the real
+    CLI (an option renamed in the code would fail here, not on a cluster)."""
+    import shlex
+
+    import typer
+
+    from mdcache.cli import app as mdcache_app
+    from mdtrain.cli import app as mdtrain_app
+
+    env = {**os.environ, "IMAGENET": "s3://bucket/imagenet", "CACHE_ROOT": "s3://bucket/mdcache",
+           "CLIP_WEIGHTS": "s3://bucket/ViT-B-16.safetensors", "CACHE": "s3://bucket/mdcache/0123456789abcdef",
+           "TASKS": "6", "NODES": "2", "GPUS_PER_NODE": "8", "VENV": str(tmp_path / "venv")}
+    apps = {"mdcache": typer.main.get_command(mdcache_app), "mdtrain": typer.main.get_command(mdtrain_app)}
+    seen = []
+    for script in ("run.sh", "slurm_extract.sh", "slurm_pretrain.sh"):
+        p = subprocess.run(["bash", f"pipelines/imagenet/{script}", "--dry-run"], cwd=ROOT, capture_output=True,
+                           text=True, env=env)
+        assert p.returncode == 0, p.stderr
+        (tmp_path / "job.sh").write_text(p.stdout)
+        assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")]).returncode == 0
+        for line in p.stdout.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "-m" not in words or words[words.index("-m") + 1] not in apps:
+                continue
+            i = words.index("-m")
+            prog, name, args = words[i + 1], words[i + 2], words[i + 3:]
+            apps[prog].commands[name].make_context(name, args)  # raises on an unknown option or a bad value
+            seen.append(f"{prog} {name}")
+    assert {"mdcache extract", "mdcache verify", "mdtrain pretrain", "mdtrain knn", "mdtrain finetune",
+            "mdtrain eval"} <= set(seen)
+    extract = subprocess.run(["bash", "pipelines/imagenet/slurm_extract.sh", "--dry-run"], cwd=ROOT, env=env,
+                             capture_output=True, text=True).stdout
+    assert "#SBATCH --array=0-5" in extract and "--cache s3://bucket/mdcache" in extract.replace('"', "")
+    pretrain = subprocess.run(["bash", "pipelines/imagenet/slurm_pretrain.sh", "--dry-run"], cwd=ROOT, env=env,
+                              capture_output=True, text=True).stdout
+    assert "#SBATCH --nodes=2" in pretrain and "--nnodes 2 --nproc-per-node 8" in pretrain
+    assert "--batch-size 128" in pretrain  # 2048 over 16 ranks
+    bad = subprocess.run(["bash", "pipelines/imagenet/slurm_pretrain.sh", "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, env={**env, "NODES": "3"})
+    assert bad.returncode == 2 and "not a multiple" in bad.stderr

@@ -3,7 +3,10 @@
 # Not run in CI (needs GPUs, ImageNet in WebDataset shards, and the OpenAI CLIP weights).
 #
 #   IMAGENET=s3://bucket/imagenet CACHE_ROOT=s3://bucket/mdcache CLIP_WEIGHTS=/path/ViT-B-16.safetensors \
-#   GPUS=8 bash pipelines/imagenet/run.sh
+#   GPUS=8 bash pipelines/imagenet/run.sh [--dry-run]
+#
+# --dry-run prints every command instead of running it. On SLURM: slurm_extract.sh (an array job of
+# cooperating extractors) and slurm_pretrain.sh (multi-node torchrun), both with --dry-run too.
 #
 # Defaults follow docs/method.md: 300 epochs, batch 2048 (lr 1.5e-3), 75/196 block masking,
 # Smooth-L1, LayerNorm targets from the last block (tap final), ColorJitter 0.4 stored per view;
@@ -13,7 +16,9 @@
 #   python pipelines/study/run.py --data IMAGENET100_SHARDS --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
 #       --taps final,ln_post,proj --image-size 224 --model vit_base_patch16_224 --model-args ""
 set -euo pipefail
-IMAGENET=${IMAGENET:?set IMAGENET to the folder/bucket holding train-{000000..001023}.tar and val-{000000..000063}.tar}
+DRY_RUN=0; [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+run() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else "$@"; fi; }
+IMAGENET=${IMAGENET:?set IMAGENET to the folder or bucket holding train-000000.tar ... train-001023.tar and val-000000.tar ... val-000063.tar}
 CACHE_ROOT=${CACHE_ROOT:?set CACHE_ROOT, e.g. s3://team-bucket/mdcache}
 CLIP_WEIGHTS=${CLIP_WEIGHTS:?set CLIP_WEIGHTS to a local or fsspec path of the OpenAI ViT-B-16 open_clip weights}
 GPUS=${GPUS:-8}
@@ -23,20 +28,24 @@ TRAIN="$IMAGENET/train-{000000..001023}.tar"
 VAL="$IMAGENET/val-{000000..000063}.tar"
 
 # 1. Teacher targets, once for the whole team (resumable; run it on several machines at once if you like).
-torchrun --nproc-per-node "$GPUS" -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
+run torchrun --nproc-per-node "$GPUS" -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
     --source "$TRAIN" --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 --batch-size 128 --workers 8
-CACHE=$(python -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" --source "$TRAIN" \
-    --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 | tail -n 1)   # all shards committed: prints the URL
-python -m mdcache verify "$CACHE" --teacher-check 256 --weights "$CLIP_WEIGHTS"
+if [ "$DRY_RUN" = 1 ]; then
+  CACHE="$CACHE_ROOT/<cache-id>"
+else  # all shards committed: the same command prints the cache URL at once
+  CACHE=$(python -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" --source "$TRAIN" \
+      --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 | tail -n 1)
+fi
+run python -m mdcache verify "$CACHE" --teacher-check 256 --weights "$CLIP_WEIGHTS"
 
 # 2. Pretrain (2048 = 8 GPUs x 256).
-torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student beitv2_base_patch16_224 \
+run torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student beitv2_base_patch16_224 \
     --epochs 300 --batch-size $((2048 / GPUS)) --warmup-epochs 10 \
     --workers 10 --local-cache /tmp/mdcache-local --out "$OUT/pretrain"
 
 # 3. Quick signal, then finetune (BEiT v2 recipe) and evaluate.
-python -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --train "$TRAIN" --val "$VAL"
-torchrun --nproc-per-node "$GPUS" -m mdtrain finetune --init "$OUT/pretrain/student.safetensors" \
+run python -m mdtrain knn --weights "$OUT/pretrain/student.safetensors" --train "$TRAIN" --val "$VAL"
+run torchrun --nproc-per-node "$GPUS" -m mdtrain finetune --init "$OUT/pretrain/student.safetensors" \
     --model beitv2_base_patch16_224 --train "$TRAIN" --val "$VAL" --epochs 100 --warmup-epochs 20 \
     --batch-size $((1024 / GPUS)) --layer-decay 0.65 --drop-path 0.1 --out "$OUT/finetune"
-torchrun --nproc-per-node "$GPUS" -m mdtrain eval --weights "$OUT/finetune/best.safetensors" --val "$VAL"
+run torchrun --nproc-per-node "$GPUS" -m mdtrain eval --weights "$OUT/finetune/best.safetensors" --val "$VAL"
