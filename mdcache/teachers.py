@@ -10,6 +10,7 @@ Taps: `final` (last block output, patch tokens, before ln_post; MaskDistill defa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -68,12 +69,54 @@ def weights_digest(model: nn.Module) -> str:
     return h.hexdigest()[:32]
 
 
+def hub_offline() -> bool:
+    """True when the Hugging Face Hub cannot answer: offline mode is set, or its host refuses a connection
+    within 3 s. Then offline mode is switched on, so weights already in the local cache still load and
+    missing ones fail at once instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not offline and not any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY")):
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), 3).close()
+        except OSError:
+            offline = True
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            import huggingface_hub.constants
+
+            huggingface_hub.constants.HF_HUB_OFFLINE = True  # read at import time: set it where it is used
+        except ImportError:
+            pass
+    return offline
+
+
+@contextlib.contextmanager
+def quiet_hub():
+    """The hub's and open_clip's own warnings repeat what the one error below says: keep them out."""
+    import logging
+
+    old = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(old)
+
+
 def _missing_weights(spec: str, what: str, err: Exception) -> TeacherError:
+    where = (f"the Hugging Face Hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable or "
+             "offline mode is set, and they are not in the local cache (HF_HOME)") if hub_offline() else \
+        f"{type(err).__name__}: {str(err)[:300]}"
     return TeacherError(
-        f"teacher {spec!r}: could not load {what} ({type(err).__name__}: {err}).\n"
+        f"teacher {spec!r}: could not load {what} ({where}).\n"
         "Provide the weights one of these ways:\n"
         "  --weights PATH   a local checkpoint (.safetensors, .bin or .pt state dict) for this architecture\n"
         "  a populated Hugging Face cache (HF_HOME) copied from a machine with access, used offline\n"
+        "(docs/quickstart.md, 'Teacher weights': one command turns open_clip's weights into a --weights file.)\n"
         "Use --random-init only for tests and demos (recorded in the cache fingerprint).")
 
 
@@ -117,8 +160,11 @@ def _open_clip(spec: str, arch: str, tag: str | None, state: dict | None, path: 
     if state is None and not random_init and not tag:
         raise TeacherError(f"teacher {spec!r} names no weights: pass --weights PATH or --random-init")
     pretrained = tag if state is None and not random_init else None  # a named tag: open_clip's own (hub) loader
+    if pretrained:
+        hub_offline()
     try:
-        model = open_clip.create_model(arch, pretrained=pretrained, **kw)
+        with quiet_hub():
+            model = open_clip.create_model(arch, pretrained=pretrained, **kw)
     except Exception as e:
         raise _missing_weights(spec, f"weights {pretrained!r}", e) from e
     if state is not None:
@@ -180,8 +226,11 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
     kw = {**model_args, "num_classes": 0}
     if image_size:
         kw["img_size"] = image_size
+    if not random_init and state is None:
+        hub_offline()
     try:
-        model = timm.create_model(name, pretrained=not random_init and state is None, **kw)
+        with quiet_hub():
+            model = timm.create_model(name, pretrained=not random_init and state is None, **kw)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise TeacherError(f"timm has no model {name!r}") from e

@@ -276,7 +276,13 @@ def test_missing_weights_say_how_to_provide_them(tmp_path, train_spec):
     p = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path), "--teacher", "clip-b16", check=False,
                 env={"HF_HUB_OFFLINE": "1"})
     assert p.returncode == 2 and "--weights PATH" in p.stderr and "--random-init" in p.stderr
-    assert "Traceback" not in p.stderr
+    assert "Traceback" not in p.stderr and "unreachable or offline mode is set" in p.stderr
+    # No offline flag, a hub that refuses connections: the same message at once, not a minute of retries
+    # (whose warnings used to be printed twice before it)
+    dead = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path), "--teacher", "clip-b16", check=False,
+                   env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
+    assert dead.returncode == 2 and "Hub (http://127.0.0.1:9) is unreachable" in dead.stderr
+    assert "Connection refused" not in dead.stderr and "WARNING" not in dead.stderr
 
 
 def test_bench_prints_both_rates_and_ratio(train_spec):
