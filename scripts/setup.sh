@@ -14,8 +14,12 @@ if [ -n "$APT_PKGS" ] && command -v apt-get >/dev/null 2>&1; then
   if [ -n "$missing" ]; then
     echo "setup: installing system packages:$missing"
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    # Without root or a package mirror, carry on: only FFCV (and the demo's Fashion-MNIST) need these;
+    # scripts/test.sh still refuses to run without FFCV.
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+           $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; }; then
+      echo "setup: warning: could not install$missing; FFCV and the demo's dataset need them, the rest works" >&2
+    fi
   fi
 fi
 
