@@ -1,9 +1,14 @@
 """`mdcache bench`: full extraction vs teacher-forward-only throughput, measured in one run on the
 same batches. The ratio says how much of the teacher's speed the pipeline (decode, crop, encode,
 write, commit) keeps; the target is >= 0.85.
+
+`--no-teacher` measures the CPU side alone, before renting GPUs: the same pipeline with a teacher that
+returns zeros of the real teacher's shape (so encoding and writing move the real number of bytes), in
+images/s and images/s per core.
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -15,7 +20,7 @@ from . import sources
 from .commands import opt
 from .errors import ConfigError
 from .extract import ExtractConfig, extract, prepare, shard_batches
-from .teachers import run_teacher
+from .teachers import Teacher, run_teacher
 
 console = Console()
 
@@ -26,6 +31,25 @@ class BenchConfig(ExtractConfig):
 
     cache: str = opt("", "Cache root for the benchmark's extraction (default: a temporary directory, removed after).")
     repeats: int = opt(1, "Teacher-only passes over the batches (the best is reported).")
+    no_teacher: bool = opt(False, "Measure the CPU pipeline alone (decode, views, encode, write): the teacher returns "
+                                  "zeros of its real shape; reports images/s per core.")
+
+
+def null_teacher(t: Teacher) -> Teacher:
+    """The teacher's shape and identity, none of its compute: zeros [B, P, D]."""
+    return replace(t, features=lambda x: torch.zeros(x.shape[0], t.num_patches, t.dim, device=x.device),
+                   identity={**t.identity, "weights": "none (mdcache bench --no-teacher)"})
+
+
+def cpu_bench(cfg: BenchConfig) -> dict:
+    p = prepare(replace(cfg, random_init=True, weights=None))  # the architecture gives the shape; weights unused
+    p = replace(p, teacher=null_teacher(p.teacher))
+    with tempfile.TemporaryDirectory(prefix="mdcache-bench-") as tmp:
+        url, summary = extract(replace(cfg, cache=tmp), progress=False, prepared=p)
+    ips = summary["images"] / summary["seconds"]
+    cores = min(max(1, cfg.workers) + 1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                else os.cpu_count() or 1)  # the workers decode and crop; the main process encodes and writes
+    return {"images": summary["images"], "views": cfg.views, "ips": ips, "cores": cores, "ips_per_core": ips / cores}
 
 
 def bench(cfg: BenchConfig) -> dict:
@@ -58,6 +82,13 @@ def bench(cfg: BenchConfig) -> dict:
 
 
 def run_cli(cfg: BenchConfig) -> None:
+    if cfg.no_teacher:
+        r = cpu_bench(cfg)
+        console.print(f"images: {r['images']} x {r['views']} views, {cfg.teacher}'s output shape, codec {cfg.codec}, "
+                      f"{cfg.workers} worker(s)")
+        console.print(f"CPU pipeline, no teacher: {r['ips']:8.2f} images/s on {r['cores']} cores = "
+                      f"{r['ips_per_core']:.2f} images/s per core")
+        return
     r = bench(cfg)
     console.print(f"images: {r['images']} x {r['views']} views ({r['extract_images']} extracted), "
                   f"teacher {cfg.teacher}, codec {cfg.codec}")

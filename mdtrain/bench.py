@@ -210,7 +210,8 @@ def run_cli(cfg: BenchConfig) -> None:
     console.print(f"student {r['student']}, {r['image_size']}px, {r['tokens']} tokens x {r['teacher_dim']} dims "
                   f"({r['codec']} cache), batch {r['batch_size']}, {r['batches']} timed batches, "
                   f"{r['workers']} workers")
-    console.print(f"loader, images + targets : {r['loader_targets_ips']:9.1f} images/s")
+    console.print(f"loader, images + targets : {r['loader_targets_ips']:9.1f} images/s "
+                  f"({r['loader_targets_ips'] / max(1, r['workers']):.1f} per worker)")
     console.print(f"loader, images only      : {r['loader_images_ips']:9.1f} images/s")
     console.print(f"student step only (synth): {r['student_only_ips']:9.1f} images/s")
     console.print(f"cached step              : {r['cached_step_ips']:9.1f} images/s")

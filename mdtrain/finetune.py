@@ -103,8 +103,8 @@ class FinetuneConfig:
                                           "continues from exactly there). None = run to --epochs.")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N.")
     log_every: int = opt(20, "Print a progress line every N steps (rank 0); 0 = off.")
-    log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline unless "
-                        "WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
+    log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
+                             "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for remote sources (repeatable).")
 
 

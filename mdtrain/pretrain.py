@@ -89,8 +89,8 @@ class PretrainConfig(ViewOptions):
     save_every: Optional[int] = opt(None, "Also checkpoint every N optimizer steps (default: at the end of each "
                                           "epoch only).")
     log_every: int = opt(1, "Log every N optimizer steps.")
-    log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline unless "
-                        "WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
+    log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
+                             "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     stop_after: Optional[int] = opt(None, "Stop after N optimizer steps in this process, with a checkpoint "
                                           "(default: run to the end).")
     log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).")
