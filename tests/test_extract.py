@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -295,6 +296,15 @@ def test_bench_prints_both_rates_and_ratio(train_spec):
     assert math.isfinite(ratio) and ratio > 0
     share = float(out.split("claims + commit records:")[1].split("%")[0]) / 100
     assert 0 < share < 1  # a share of the shard time, measured
+
+
+def test_bench_without_teacher_measures_the_cpu_side_per_core(train_spec):
+    p = run_cli("bench", "--no-teacher", "--source", train_spec, "--teacher", TINY_TEACHER, "--image-size", "64",
+                "--shards", "0:2", "--workers", "1", "--calib-images", "8")
+    assert "images: 60 x 2 views" in p.stdout and "teacher forward only" not in p.stdout
+    total, cores, per_core = re.search(r"no teacher: +([\d.]+) images/s on (\d+) cores = ([\d.]+) images/s per core",
+                                       p.stdout).groups()
+    assert float(total) > 0 and math.isclose(float(total) / int(cores), float(per_core), rel_tol=0.01)
 
 
 def test_color_jitter_views_are_replayed_exactly(tmp_path, train_spec):
