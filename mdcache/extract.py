@@ -421,6 +421,15 @@ class ShardWriter:
 
 # ----------------------------------------------------------------------------- the loop
 
+def poll_delays(ttl: float) -> Iterator[float]:
+    """Seconds between looks at other extractors' claims: half a second first (short shards finish, dead
+    owners on this host are taken over at once), then 1.5x longer each idle look, up to ttl/4 or 30 s."""
+    delay, cap = 0.5, max(0.5, min(ttl / 4, 30.0))
+    while True:
+        yield min(delay, cap)
+        delay *= 1.5
+
+
 def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
     """Run an extraction; returns (cache URL, summary). Raises on setup errors, reports shard errors."""
     p = prepared or prepare(cfg)
@@ -448,18 +457,22 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
     claims = Claims(cache.url, new_owner(), cfg.claim_ttl, p.storage_options)
     renewer = Renewer(claims)
     renewer.start()
+    delays = poll_delays(cfg.claim_ttl)
     try:
         while todo:
             summary["elsewhere"] = {}
             run_pass(cfg, p, cache, todo, summary, progress, claims)
             cache.refresh()
+            before = len(todo)
             todo = [s for s in todo if s.name not in cache.commits and s.name not in summary["failed"]]
             if not todo or not cfg.wait:
                 break
+            if len(todo) < before:  # others are committing: look again soon
+                delays = poll_delays(cfg.claim_ttl)
             owners = sorted(set(summary["elsewhere"].values()))
             console.print(f"waiting for {len(todo)} shard(s) claimed by {', '.join(owners) or 'others'} "
                           f"(taken over if their claims expire; --no-wait to stop instead)")
-            time.sleep(min(max(cfg.claim_ttl / 4, 0.5), 30.0))
+            time.sleep(next(delays))
     finally:
         renewer.stop()
     if cache.refresh().unindexed:

@@ -31,8 +31,25 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def storage_options_for(url: str, storage_options: dict | None = None) -> dict:
+    """The options a URL is opened with. S3 gets timeouts and bounded retries unless the user set them: a
+    hung server must fail with a message, not stall for minutes (botocore's defaults are 60 s per attempt,
+    and s3fs retries on top). MDCACHE_STORAGE_TIMEOUT (seconds, default 30) sets the read timeout."""
+    so = dict(storage_options or {})
+    if url.startswith(("s3://", "s3a://")) and "config_kwargs" not in so:
+        import s3fs
+
+        timeout = float(os.environ.get("MDCACHE_STORAGE_TIMEOUT", "30"))
+        # s3fs retries timeouts itself (5 times by default, with backoff): one botocore attempt per s3fs try,
+        # and 3 tries, so a hung server fails in about 3 x timeout per request.
+        so["config_kwargs"] = {"connect_timeout": min(5.0, timeout), "read_timeout": timeout,
+                               "retries": {"max_attempts": 1, "mode": "standard"}}
+        s3fs.S3FileSystem.retries = min(s3fs.S3FileSystem.retries, 3)
+    return so
+
+
 def url_to_fs(url: str, storage_options: dict | None = None):
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, storage_options))
     return fs, path.rstrip("/")
 
 

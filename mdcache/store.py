@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from . import codecs
+from . import fs as mfs
 from .errors import CacheError, CacheNotFound
 from .fs import download_tree, is_local, join, now, read_json, read_json_many, url_to_fs, who, write_json
 
@@ -146,8 +147,8 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
     checksums = {}
     n = len(keys)
     try:
-        group = zarr.open_group(group_url, mode="w", zarr_format=3,
-                                storage_options=None if is_local(fs) else storage_options)
+        so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
+        group = zarr.open_group(group_url, mode="w", zarr_format=3, storage_options=so)
         for arr_name, data in list(arrays.items()) + [("views", views)]:
             chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
             z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
@@ -303,7 +304,8 @@ class Cache:
                 return zarr.open_group(join(path, rel), mode="r")
             if self.local_cache:
                 return zarr.open_group(self._local_copy(fs, join(path, rel), rel), mode="r")
-            return zarr.open_group(join(self.url, rel), mode="r", storage_options=self.storage_options)
+            return zarr.open_group(join(self.url, rel), mode="r",
+                                   storage_options=mfs.storage_options_for(self.url, self.storage_options))
         except FileNotFoundError:
             raise CacheError(f"{self.url}: shard {shard} is committed but its data {rel} is missing (deleted?); "
                              "re-run the same `mdcache extract` to recompute it") from None

@@ -226,3 +226,31 @@ def test_opening_a_cache_reads_the_compacted_index_and_trusts_only_the_listing(t
     _, summary = extract(extract_cfg(train_spec, str(tmp_path / "root"), shards="0:3"), progress=False)
     assert summary["committed"] == ["train-000001"]
     assert open_cache(url).unindexed == 0  # the writer compacted the records again
+
+
+def test_a_hung_storage_server_times_out_with_a_message(tmp_path):
+    """A server that accepts connections and never answers: timeouts and a bounded number of retries, then one
+    line naming the URL, instead of botocore's minutes of silent waiting."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(1000)], daemon=True).start()
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "MDCACHE_STORAGE_TIMEOUT": "1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}"}
+    p = run_cli("ls", "s3://team/hung", env=env, check=False)
+    server.close()
+    assert p.returncode == 2 and "cannot reach the storage (s3://team/hung)" in p.stderr
+    assert "timeout" in p.stderr.lower() and "Traceback" not in p.stderr
+
+
+def test_waiting_extractors_poll_adaptively():
+    """A waiting extractor used to sleep ttl/4 (30 s) between looks: two extractors on a 4.5 s job took 40 s."""
+    from itertools import islice
+
+    from mdcache.extract import poll_delays
+
+    first = list(islice(poll_delays(600), 12))
+    assert first[0] == 0.5 and all(b >= a for a, b in zip(first, first[1:])) and max(first) == 30.0
+    assert max(islice(poll_delays(8), 10)) == 2.0  # never longer than a quarter of the claim's life
