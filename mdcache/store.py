@@ -481,11 +481,17 @@ def list_caches(root: str, storage_options: dict | None = None) -> list[Cache]:
     fs.invalidate_cache(path)
     if not fs.exists(path):
         raise CacheError(f"{root}: no such cache root")
-    out = []
-    for p in sorted(fs.ls(path, detail=False)):
-        if fs.exists(join(p, MANIFEST)):
-            try:
-                out.append(open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options))
-            except CacheError as e:  # one damaged cache must not hide the others
-                print(f"warning: skipped: {e}", file=sys.stderr)
-    return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: str) -> Cache | None:
+        try:
+            return open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options)
+        except CacheNotFound:  # not a cache directory
+            return None
+        except CacheError as e:  # one damaged cache must not hide the others
+            print(f"warning: skipped: {e}", file=sys.stderr)
+            return None
+
+    dirs = sorted(p for p in fs.ls(path, detail=False) if fs.isdir(p) or not is_local(fs))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # a bucket's latency overlaps across caches
+        return [c for c in pool.map(one, dirs) if c is not None]
