@@ -84,9 +84,10 @@ def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
         print_error(e)
         raise SystemExit(e.exit_code) from None
     except Exception as e:
-        values = list(cfg.values()) if isinstance(cfg, dict) else (
-            [getattr(cfg, f.name) for f in dataclasses.fields(cfg)] if dataclasses.is_dataclass(cfg) else [])
-        url = next((v for v in values if isinstance(v, str) and "://" in v), None)
+        fields = dict(cfg) if isinstance(cfg, dict) else (
+            {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else {})
+        ranked = sorted(fields, key=lambda k: k not in ("cache", "root", "out"))  # where a job writes, first
+        url = next((fields[k] for k in ranked if isinstance(fields[k], str) and "://" in fields[k]), None)
         known = storage_error(e, url)
         if known is None:
             raise

@@ -39,7 +39,8 @@ class StorageError(UserError):
 _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ConnectionRefusedError",
                 "ReadTimeoutError", "ServerTimeoutError", "ServerDisconnectedError", "ClientOSError"}
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
-_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "ExpiredToken")
+_REFUSED = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden", "ExpiredToken", "InvalidToken",
+            "Access Denied", "does not exist in our records", "signature we calculated does not match")
 CREDENTIALS_HINT = ("credentials the standard AWS way (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE) or "
                     "--storage-option key=... --storage-option secret=...")
 
@@ -59,6 +60,8 @@ def storage_error(e: BaseException, url: str | None) -> StorageError | None:
                                 "--storage-option endpoint_url=...) and that the server is up")
         if name in _NO_CREDENTIALS:
             return StorageError(f"no credentials for the storage{where}: {x}. Provide {CREDENTIALS_HINT}")
-        if isinstance(x, PermissionError) and any(r in str(x) for r in _REFUSED):
+        response = getattr(x, "response", None)  # botocore's ClientError: the error code, whatever the wording
+        code = response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
+        if (isinstance(x, PermissionError) or code) and any(r in f"{code} {x}" for r in _REFUSED):
             return StorageError(f"the storage refused these credentials{where}: {x}. Check {CREDENTIALS_HINT}")
     return None

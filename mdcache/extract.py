@@ -383,14 +383,7 @@ class ShardWriter:
         so = self.cache.storage_options
         rec = store.write_shard_data(self.cache.url, name, buf.keys, arrays, views_, extra, so)
         t0 = time.perf_counter()
-        try:
-            won = store.commit_shard(self.cache.url, rec, so)
-        except OSError as e:
-            store.remove_attempt(self.cache.url, rec["path"], so)
-            raise CacheError(f"{self.cache.url}: committing shard {name} failed: {e.strerror or e} "
-                             f"({type(e).__name__}); nothing of it was committed") from e
-        if not won:  # another extractor committed this shard first: our copy is garbage
-            store.remove_attempt(self.cache.url, rec["path"], so)
+        won = store.publish(self.cache.url, rec, so)
         if self.claims:
             self.claims.release(name)
         buf.overhead += time.perf_counter() - t0
@@ -422,9 +415,10 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- the loop
 
 def poll_delays(ttl: float) -> Iterator[float]:
-    """Seconds between looks at other extractors' claims: half a second first (short shards finish, dead
-    owners on this host are taken over at once), then 1.5x longer each idle look, up to ttl/4 or 30 s."""
-    delay, cap = 0.5, max(0.5, min(ttl / 4, 30.0))
+    """Seconds between looks at other extractors' claims: one second first (short shards finish, dead
+    owners on this host are taken over at once), then 1.5x longer each idle look, up to ttl/4 or 30 s.
+    A look costs a listing and a GET per record committed since the last one, not a re-read of all."""
+    delay, cap = 1.0, max(1.0, min(ttl / 4, 30.0))
     while True:
         yield min(delay, cap)
         delay *= 1.5
@@ -442,7 +436,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
         for name in broken:
             console.print(f"[yellow]warning:[/] shard {name} is committed but its data "
                           f"{cache.commits[name]['path']} is missing: withdrawing its commit and computing it again")
-            store.drop_commit(cache.url, name, p.storage_options)
+            store.drop_commit(cache.url, name, cache.commits[name]["path"], p.storage_options)
         cache.refresh()
     todo = [s for s in selected if s.name not in cache.commits]
     reused = len(selected) - len(todo)

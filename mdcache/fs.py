@@ -149,11 +149,10 @@ def read_json_many(fs, paths: list[str]) -> dict[str, dict]:
     not a round trip each. Files deleted since they were listed are left out."""
     if not paths:
         return {}
-    got = fs.cat(paths, on_error="return")
+    got = fs.cat_ranges(paths, [None] * len(paths), [None] * len(paths), on_error="return")  # no glob expansion
     out = {}
-    for p in paths:
-        raw = got.get(p, got.get(fs._strip_protocol(p)))
-        if isinstance(raw, FileNotFoundError) or raw is None:
+    for p, raw in zip(paths, got):
+        if isinstance(raw, FileNotFoundError):
             continue
         if isinstance(raw, Exception):
             raise raw

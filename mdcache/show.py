@@ -62,6 +62,10 @@ def show(cfg: ShowConfig) -> str:
             images[sample.key] = views.decode_image(sample.data)
         if len(images) == n:
             break
+    if len(images) < n:
+        gone = sorted(wanted - set(images))
+        raise CacheError(f"{cache.url}: shard {shard}: source {by_name[shard].url} no longer has key(s) "
+                         f"{', '.join(gone[:3])} (the source changed since extraction)")
     replayed = [views.replay(images[k], params[i], cache.image_size) for i, k in enumerate(keys[:n])]
     stored = torch.from_numpy(targets[:n])
     colours = targets_to_rgb(stored, cache.patch_grid)

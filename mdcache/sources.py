@@ -227,7 +227,8 @@ def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Samp
                 seen.add(k)
                 members[ext] = tf.extractfile(m).read()
             size = getattr(f, "size", None) or fs.size(path)  # now, not when the shard was listed
-            if getattr(tf.fileobj, "comptype", "tar") == "tar" and size < tf.offset + 2 * tarfile.BLOCKSIZE:
+            plain = getattr(tf.fileobj, "comptype", "tar") == "tar" and "http" not in str(fs.protocol)
+            if plain and size is not None and size < tf.offset + 2 * tarfile.BLOCKSIZE:
                 # A tar cut at (or inside) a member header reads as a shorter, valid archive: only the
                 # missing end-of-archive blocks tell. (Compressed streams fail on their own checksums.)
                 raise SourceError(f"source shard {shard.url!r} is truncated: it ends at byte {size}, before the "

@@ -106,12 +106,24 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
 
 
 def remove_attempt(cache_url: str, rel: str, storage_options: dict | None = None) -> None:
-    """Best effort: remove an attempt directory this process wrote and will never commit."""
+    """Best effort: remove an attempt directory this process wrote and will never commit. zarr writes a
+    shard's chunks concurrently, and one failed write does not stop the others: look again after a moment."""
+    import time
+
     fs, path = url_to_fs(cache_url, storage_options)
-    try:
-        fs.rm(join(path, rel), recursive=True)
-    except OSError:  # gone already, or the store is down: `mdcache gc` removes it later
-        pass
+    for wait in (0.2, 0.5, 1.0, None):
+        try:
+            fs.rm(join(path, rel), recursive=True)
+        except FileNotFoundError:
+            pass
+        except OSError:  # the store is down: `mdcache gc` removes it later
+            return
+        if wait is None:
+            return
+        time.sleep(wait)
+        fs.invalidate_cache(join(path, rel))
+        if not fs.exists(join(path, rel)):
+            return
 
 
 def _stamp(info: dict) -> str:
@@ -120,10 +132,43 @@ def _stamp(info: dict) -> str:
     return f"{info.get('size')}:{etag.strip(chr(34)) if etag else info.get('mtime') or info.get('LastModified')}"
 
 
-def drop_commit(cache_url: str, shard: str, storage_options: dict | None = None) -> None:
-    """Withdraw a shard's commit record (its data is gone), so that the shard is computed again."""
+def publish(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
+    """Commit a written attempt; True if its record is the one that stands. A refused or failed commit is
+    read back before anything is removed: a retried PUT whose first reply was lost lands and is then
+    refused, and the data it names must stay. Otherwise the attempt is garbage and is removed."""
+    name = record["shard"]
+    try:
+        won = commit_shard(cache_url, record, storage_options)
+    except OSError as e:
+        if committed_path(cache_url, name, storage_options) == record["path"]:
+            return True
+        remove_attempt(cache_url, record["path"], storage_options)
+        raise CacheError(f"{cache_url}: committing shard {name} failed: {e.strerror or e} ({type(e).__name__}); "
+                         "nothing of it was committed") from e
+    if won or committed_path(cache_url, name, storage_options) == record["path"]:
+        return True
+    remove_attempt(cache_url, record["path"], storage_options)  # another extractor committed this shard first
+    return False
+
+
+def committed_path(cache_url: str, shard: str, storage_options: dict | None = None) -> str | None:
+    """The attempt a shard's commit record names now (None: not committed): read back, not listed."""
     fs, path = url_to_fs(cache_url, storage_options)
-    fs.rm(join(path, "commits", f"{shard}.json"))
+    try:
+        return read_json(fs, join(path, "commits", f"{shard}.json")).get("path")
+    except (FileNotFoundError, CacheError):
+        return None
+
+
+def drop_commit(cache_url: str, shard: str, attempt: str, storage_options: dict | None = None) -> None:
+    """Withdraw a shard's commit record whose data (`attempt`) is gone, so that the shard is computed again;
+    only if the record still names that attempt (another extractor may have repaired it already)."""
+    fs, path = url_to_fs(cache_url, storage_options)
+    if committed_path(cache_url, shard, storage_options) == attempt:
+        try:
+            fs.rm(join(path, "commits", f"{shard}.json"))
+        except FileNotFoundError:
+            pass
 
 
 def commit_shard(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
@@ -184,6 +229,7 @@ class Cache:
     local_cache: str | None = None          # read-through copy of remote shards on this machine
     unindexed: int = 0                      # records the last refresh read one by one (not in the index)
     _stamps: dict[str, str] = field(default_factory=dict, repr=False)
+    _in_index: set[str] = field(default_factory=set, repr=False)  # records the on-disk index holds as they are
     local_cache_bytes: int = 100 * 2**30    # bound on that copy (least recently used shards go first)
 
     @property
@@ -255,18 +301,25 @@ class Cache:
             listing = {p["name"]: _stamp(p) for p in fs.ls(cdir, detail=True) if p["name"].endswith(".json")}
         except FileNotFoundError:
             listing = {}
-        indexed = self._read_index(fs, path) if listing else {}
+        first = not self._stamps
+        if first:  # the compacted index; later refreshes (a waiting extractor's polls) reuse what they hold
+            known = self._read_index(fs, path) if listing else {}
+        else:
+            known = {n: {"stamp": self._stamps[n], "record": r} for n, r in self.commits.items() if n in self._stamps}
         commits, stamps, todo = {}, {}, []
         for p, stamp in listing.items():
             name = p.rstrip("/").rsplit("/", 1)[-1][:-len(".json")]
-            hit = indexed.get(name)
+            hit = known.get(name)
             if hit is not None and hit.get("stamp") == stamp:
                 commits[name], stamps[name] = hit["record"], stamp
             else:
                 todo.append(p)
-        for p, rec in read_json_many(fs, todo).items():  # new since the index, or replaced
+        for p, rec in read_json_many(fs, todo).items():  # new since the index (or the last refresh), or replaced
             commits[rec["shard"]], stamps[rec["shard"]] = rec, listing[p]
-        self.commits, self._stamps, self.unindexed = commits, stamps, len(todo)
+        if first:
+            self._in_index = {n for n in commits if n in known and known[n].get("stamp") == stamps[n]}
+        self.commits, self._stamps = commits, stamps
+        self.unindexed = sum(n not in self._in_index for n in commits)  # records the on-disk index lacks
         return self
 
     def _read_index(self, fs, path: str) -> dict:
@@ -289,6 +342,7 @@ class Cache:
             write_json(fs, join(path, COMMIT_INDEX), index)
         except OSError:
             return False
+        self._in_index, self.unindexed = set(self.commits), 0
         return True
 
     def _group(self, shard: str):

@@ -116,7 +116,7 @@ class MetricsLog:
             self._f = open(self.path, "a")
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
-        step = int(row.get("step", 0))
+        step = int(row.get("step", row.get("epoch", 0)))  # finetune logs per epoch
         for add, _ in self._sinks:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):

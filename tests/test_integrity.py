@@ -252,5 +252,70 @@ def test_waiting_extractors_poll_adaptively():
     from mdcache.extract import poll_delays
 
     first = list(islice(poll_delays(600), 12))
-    assert first[0] == 0.5 and all(b >= a for a, b in zip(first, first[1:])) and max(first) == 30.0
+    assert first[0] == 1.0 and all(b >= a for a, b in zip(first, first[1:])) and max(first) == 30.0
     assert max(islice(poll_delays(8), 10)) == 2.0  # never longer than a quarter of the claim's life
+
+
+def test_a_commit_whose_first_reply_was_lost_keeps_its_data(tmp_path, train_spec):
+    """A retried commit is refused because its own first try landed: the data it names must stay (review
+    finding: it was removed as a lost race, leaving a committed shard without data). A real lost race
+    still removes the loser's copy, and a withdrawn record is dropped only if it still names the attempt."""
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "root"), shards="0:1"), progress=False)
+    cache = open_cache(url)
+    per_view = [cache.read_encoded("train-000000", v) for v in range(cache.views)]
+    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
+    params = np.stack([p for _, _, p in per_view])
+    mine = store.write_shard_data(url, "train-000001", per_view[0][0], arrays, params, {})
+    assert store.commit_shard(url, mine)  # the first try landed, its reply was lost
+    assert store.publish(url, mine) is True and (Path(url) / mine["path"]).exists()
+    loser = store.write_shard_data(url, "train-000001", per_view[0][0], arrays, params, {})
+    assert store.publish(url, loser) is False and not (Path(url) / loser["path"]).exists()
+    store.drop_commit(url, "train-000001", loser["path"])  # names another attempt: left alone
+    assert store.committed_path(url, "train-000001") == mine["path"]
+    store.drop_commit(url, "train-000001", mine["path"])
+    store.drop_commit(url, "train-000001", mine["path"])  # twice (two repairing extractors): no error
+    assert store.committed_path(url, "train-000001") is None
+
+
+def test_refused_credentials_are_recognised_by_their_error_code():
+    """AWS words it 'Access Denied', not 'AccessDenied': the code in botocore's ClientError decides."""
+    from botocore.exceptions import ClientError
+
+    from mdcache.errors import storage_error
+
+    for code, message in (("AccessDenied", "Access Denied"), ("InvalidAccessKeyId", "The AWS Access Key Id you "
+                          "provided does not exist in our records."), ("SignatureDoesNotMatch", "no match")):
+        try:
+            try:
+                raise ClientError({"Error": {"Code": code, "Message": message}}, "GetObject")
+            except ClientError as e:
+                raise PermissionError(message) from e  # what s3fs raises
+        except PermissionError as e:
+            err = storage_error(e, "s3://team/x")
+        assert err is not None and "refused these credentials (s3://team/x)" in str(err), code
+    assert storage_error(PermissionError("[Errno 13] Permission denied: '/root/x'"), None) is None
+
+
+def test_records_under_paths_with_glob_characters_are_read(tmp_path):
+    from mdcache.fs import read_json_many, url_to_fs
+
+    d = tmp_path / "team[1]" / "commits"
+    d.mkdir(parents=True)
+    (d / "s.json").write_text('{"shard": "s"}')
+    fs, path = url_to_fs(str(tmp_path / "team[1]"))
+    got = read_json_many(fs, [f"{path}/commits/s.json", f"{path}/commits/gone.json"])
+    assert list(got.values()) == [{"shard": "s"}]
+
+
+def test_per_epoch_rows_reach_tensorboard_at_their_epoch(tmp_path):
+    """finetune's rows have an epoch, no step: they must not all land at step 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mdtrain.outputs import MetricsLog
+
+    log = MetricsLog(str(tmp_path / "metrics.jsonl"), ("tensorboard",))
+    for epoch in range(3):
+        log.write({"epoch": epoch, "val_top1": 10.0 * epoch})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val_top1")] == [(0, 0.0), (1, 10.0), (2, 20.0)]

@@ -17,7 +17,7 @@
 #       --taps final,ln_post,proj --image-size 224 --model vit_base_patch16_224 --model-args ""
 set -euo pipefail
 DRY_RUN=0; [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
-run() { if [ "$DRY_RUN" = 1 ]; then echo "$*"; else "$@"; fi; }
+run() { if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }  # dry run: paste-able
 IMAGENET=${IMAGENET:?set IMAGENET to the folder or bucket holding train-000000.tar ... train-001023.tar and val-000000.tar ... val-000063.tar}
 CACHE_ROOT=${CACHE_ROOT:?set CACHE_ROOT, e.g. s3://team-bucket/mdcache}
 CLIP_WEIGHTS=${CLIP_WEIGHTS:?set CLIP_WEIGHTS to a local or fsspec path of the OpenAI ViT-B-16 open_clip weights}
