@@ -59,14 +59,15 @@ def test_the_plain_zarr_reader_in_the_format_doc_decodes_like_mdcache(tmp_path, 
     from mdcache import open_cache
     from mdcache.extract import extract
 
-    doc = (ROOT / "docs" / "cache-format.md").read_text()
-    snippet = doc.split("## Reading a cache without mdcache")[1].split("```python")[1].split("```")[0]
-    for codec in ("fp16", "int8"):
+    doc = (ROOT / "docs" / "cache-format.md").read_text().split("## Reading a cache without mdcache")[1]
+    readers = {"read_view": doc.split("```python")[1].split("```")[0],  # zarr
+               "read_view_tensorstore": doc.split("```python")[2].split("```")[0]}
+    for (codec, reader) in (("fp16", "read_view"), ("int8", "read_view"), ("int8", "read_view_tensorstore")):
         url, _ = extract(extract_cfg(train_spec, str(tmp_path / codec), codec=codec, shards="0:1"), progress=False)
-        out = tmp_path / f"{codec}.npz"
-        code = ("import sys\nsys.modules['mdcache'] = None  # the snippet must not need the package\n" + snippet
-                + f"\nkeys, t, v = read_view({url!r}, 'train-000000', 1)\n"
-                  f"import numpy\nnumpy.savez({str(out)!r}, t=t, v=v, keys=numpy.array(keys))\n")
+        out = tmp_path / f"{codec}-{reader}.npz"
+        code = ("import sys\nsys.modules['mdcache'] = None  # the snippet must not need the package\n"
+                + readers[reader] + f"\nkeys, t, v = {reader}({url!r}, 'train-000000', 1)\n"
+                f"import numpy\nnumpy.savez({str(out)!r}, t=t, v=v, keys=numpy.array(keys))\n")
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr[-2000:]
         keys, targets, params = open_cache(url).read("train-000000", 1)
