@@ -440,8 +440,9 @@ def close_logs(r: Run, stopped: bool, epoch: int, batch: int) -> None:
         r.metrics.close()
         plot_loss(r.metrics.rows(), r.outdir.path("loss.png"))
         r.outdir.push()
+        loss = f"loss {r.loss:.4f}" if math.isfinite(r.loss) else "before any step"  # --stop-after 0: the initial state
         console.print(f"{'stopped' if stopped else 'done'} at step {r.step} (epoch {epoch}, batch {batch}), "
-                      f"loss {r.loss:.4f}; wrote {r.cfg.out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
+                      f"{loss}; wrote {r.cfg.out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
     if r.dist.world > 1:
         torch.distributed.barrier()
 
