@@ -183,7 +183,7 @@ def bench_loader(cfg: BenchLoaderConfig) -> dict:
     out = {"images": info.samples, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
            "workers": cfg.workers, "loaders": {}}
     for name, (n, secs) in rows.items():
-        out["loaders"][name] = {"images_per_pass": n, "seconds": [round(s, 3) for s in secs],
+        out["loaders"][name] = {"images_per_pass": n, "seconds": [round(s, 4) for s in secs],
                                 "images_per_s": round(n / min(secs), 1)}
     like = out["loaders"]["default (crop + flip)"]["images_per_s"]
     out["ffcv_speedup_vs_default_crop_flip"] = round(out["loaders"]["ffcv (crop + flip)"]["images_per_s"] / like, 2)

@@ -152,7 +152,8 @@ def test_bench_loader_measures_both_loaders_on_the_same_images(data, betons):
     assert (r["images"], r["image_size"], r["workers"]) == (120, 64, 2)
     for v in r["loaders"].values():
         assert v["images_per_pass"] == 120 and len(v["seconds"]) == 2
-        assert v["images_per_s"] == pytest.approx(120 / min(v["seconds"]), rel=0.01)
+        fastest = min(v["seconds"])  # reported to 0.1 ms: a pass of a few ms carries that rounding
+        assert v["images_per_s"] == pytest.approx(120 / fastest, rel=0.01 + 0.00006 / fastest)
     speedup = r["loaders"]["ffcv (crop + flip)"]["images_per_s"] / r["loaders"]["default (crop + flip)"]["images_per_s"]
     assert r["ffcv_speedup_vs_default_crop_flip"] == pytest.approx(speedup, abs=0.01)
 
