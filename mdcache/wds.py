@@ -61,9 +61,6 @@ def with_targets(cache: Cache, epoch: int = 0, view: int | None = None, seed: in
 
 
 def _load(cache: Cache, shard: str, epoch: int, view: int | None, seed: int) -> dict[str, Any]:
-    if shard not in cache.commits:
-        raise CacheError(f"{cache.url}: shard {shard!r} is not committed "
-                         f"({len(cache.commits)}/{len(cache.source_shards)} shards committed)")
     v = view if view is not None else views.view_for(seed, shard, epoch, cache.views)
     keys, arrays, params = cache.read_encoded(shard, v)
     skipped = {s["key"] for s in cache.commits[shard].get("skipped", [])}

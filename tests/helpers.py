@@ -46,6 +46,16 @@ def verify_partial(*args: str, env: dict | None = None) -> subprocess.CompletedP
     return p
 
 
+def shard_contents(cache, name: str):
+    """(keys, encoded arrays [K, N, ...], view params [K, N, 11]) of a committed shard: what
+    `store.write_shard_data` takes, to write the same shard again as a new attempt."""
+    import numpy as np
+
+    per_view = [cache.read_encoded(name, v) for v in range(cache.views)]
+    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
+    return per_view[0][0], arrays, np.stack([p for _, _, p in per_view])
+
+
 STUDENT = "vit_tiny_patch16_224"
 # Small, fast, deterministic training flags shared by the CLI tests.
 TRAIN_FLAGS = ["--student", STUDENT, "--batch-size", "8", "--warmup-epochs", "0", "--lr", "1e-3",

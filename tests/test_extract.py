@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg, run_cli, verify_partial
+from helpers import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg, run_cli, shard_contents, verify_partial
 
 from mdcache import open_cache, store, views
 from mdcache.extract import extract
@@ -213,11 +213,8 @@ def test_verify_teacher_check_catches_views_that_do_not_match(tmp_path, train_sp
     (a new attempt, a new commit record) passes the checksum check and must fail the teacher check."""
     url, _ = extract(extract_cfg(train_spec, str(tmp_path), shards="0:1"), progress=False)
     cache = open_cache(url)
-    name, k = "train-000000", cache.views
-    per_view = [cache.read_encoded(name, v) for v in range(k)]
-    keys = per_view[0][0]
-    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
-    params = np.stack([p for _, _, p in per_view])
+    name = "train-000000"
+    keys, arrays, params = shard_contents(cache, name)
     params[..., 4] = 1 - params[..., 4]  # every view's flip state toggled
     params[..., 0] //= 2  # and its crop box moved up
     rec = store.write_shard_data(url, name, keys, arrays, params, {})

@@ -9,9 +9,8 @@ import shutil
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import TRAIN_FLAGS, extract_cfg, run_cli
+from helpers import TRAIN_FLAGS, extract_cfg, run_cli, shard_contents
 
 from mdcache import open_cache, store
 from mdcache.errors import SourceError
@@ -213,10 +212,7 @@ def test_opening_a_cache_reads_the_compacted_index_and_trusts_only_the_listing(t
     run_cli("rm", url, "--shard", "train-000001", "--yes")
     assert open_cache(url).shard_names == ["train-000000", "train-000002"]  # the index still lists it
     old = cache.commits["train-000002"]
-    per_view = [cache.read_encoded("train-000002", v) for v in range(cache.views)]
-    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
-    rec = store.write_shard_data(url, "train-000002", per_view[0][0], arrays,
-                                 np.stack([p for _, _, p in per_view]), {})
+    rec = store.write_shard_data(url, "train-000002", *shard_contents(cache, "train-000002"), {})
     os.unlink(Path(url) / "commits" / "train-000002.json")
     assert store.commit_shard(url, rec)  # a new record under the same name: the index's copy is stale
     fresh = open_cache(url)
@@ -262,13 +258,11 @@ def test_a_commit_whose_first_reply_was_lost_keeps_its_data(tmp_path, train_spec
     still removes the loser's copy, and a withdrawn record is dropped only if it still names the attempt."""
     url, _ = extract(extract_cfg(train_spec, str(tmp_path / "root"), shards="0:1"), progress=False)
     cache = open_cache(url)
-    per_view = [cache.read_encoded("train-000000", v) for v in range(cache.views)]
-    arrays = {a: np.stack([arrs[a] for _, arrs, _ in per_view]) for a in per_view[0][1]}
-    params = np.stack([p for _, _, p in per_view])
-    mine = store.write_shard_data(url, "train-000001", per_view[0][0], arrays, params, {})
+    contents = shard_contents(cache, "train-000000")
+    mine = store.write_shard_data(url, "train-000001", *contents, {})
     assert store.commit_shard(url, mine)  # the first try landed, its reply was lost
     assert store.publish(url, mine) is True and (Path(url) / mine["path"]).exists()
-    loser = store.write_shard_data(url, "train-000001", per_view[0][0], arrays, params, {})
+    loser = store.write_shard_data(url, "train-000001", *contents, {})
     assert store.publish(url, loser) is False and not (Path(url) / loser["path"]).exists()
     store.drop_commit(url, "train-000001", loser["path"])  # names another attempt: left alone
     assert store.committed_path(url, "train-000001") == mine["path"]

@@ -32,6 +32,9 @@ import s3_server  # noqa: E402  (the test suite's SeaweedFS launcher)
 from mdcache import open_cache, store  # noqa: E402
 from mdcache.fs import read_json, url_to_fs  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from s3_local import local_s3  # noqa: E402  (photo set + SeaweedFS, shared by the S3 benchmarks)
+
 
 class LatencyProxy:
     """TCP proxy to the S3 server that holds each client request back by `latency` seconds."""
@@ -77,14 +80,8 @@ def main() -> None:
     p.add_argument("--ls-shards", type=int, default=256, help="shards of each cache listed by `mdcache ls`")
     p.add_argument("--data", default="runs/photos", help="folder with train-000000.tar (pipelines/demo/make_data.py)")
     a = p.parse_args()
-    if not Path(a.data, "train-000000.tar").exists():
-        subprocess.run([sys.executable, str(ROOT / "pipelines/demo/make_data.py"), "--out", a.data], check=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        server = s3_server.start(Path(tmp))
-        try:
-            run(server, a)
-        finally:
-            s3_server.stop(server)
+    with local_s3(a.data) as server:
+        run(server, a)
 
 
 def run(server, a: argparse.Namespace) -> None:

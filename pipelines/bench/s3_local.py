@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -28,22 +30,29 @@ def main() -> None:
     p.add_argument("--teacher", default="clip-b16")
     p.add_argument("--image-size", default="224")
     a = p.parse_args()
-    if not Path(a.data, "train-000000.tar").exists():
-        subprocess.run([sys.executable, str(ROOT / "pipelines/demo/make_data.py"), "--out", a.data], check=True)
+    with local_s3(a.data) as server:
+        fs = server.fs()
+        for f in sorted(Path(a.data).glob("train-*.tar")):
+            fs.put_file(str(f), f"{s3_server.BUCKET}/data/{f.name}")
+        env = {**os.environ, **server.env()}
+        source = "s3://team/data/train-{000000..000003}.tar"
+        subprocess.run([sys.executable, "-m", "mdcache", "bench", "--teacher", a.teacher, "--random-init",
+                        "--image-size", a.image_size, "--source", source, "--cache", "s3://team/bench",
+                        "--batch-size", "16", "--workers", "1", "--calib-images", "8"], env=env, check=True)
+        url = "s3://team/bench/" + fs.ls("team/bench")[0].rsplit("/", 1)[-1]
+        subprocess.run([sys.executable, "-m", "mdtrain", "bench-storage", "--cache", url, "--batch-size", "16",
+                        "--workers", "1"], env=env, check=True)
+
+
+@contextlib.contextmanager
+def local_s3(data: str) -> Iterator:
+    """The photo set in `data` (built if missing) and a SeaweedFS server on localhost, for one benchmark."""
+    if not Path(data, "train-000000.tar").exists():
+        subprocess.run([sys.executable, str(ROOT / "pipelines/demo/make_data.py"), "--out", data], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         server = s3_server.start(Path(tmp))
         try:
-            fs = server.fs()
-            for f in sorted(Path(a.data).glob("train-*.tar")):
-                fs.put_file(str(f), f"{s3_server.BUCKET}/data/{f.name}")
-            env = {**os.environ, **server.env()}
-            source = "s3://team/data/train-{000000..000003}.tar"
-            subprocess.run([sys.executable, "-m", "mdcache", "bench", "--teacher", a.teacher, "--random-init",
-                            "--image-size", a.image_size, "--source", source, "--cache", "s3://team/bench",
-                            "--batch-size", "16", "--workers", "1", "--calib-images", "8"], env=env, check=True)
-            url = "s3://team/bench/" + fs.ls("team/bench")[0].rsplit("/", 1)[-1]
-            subprocess.run([sys.executable, "-m", "mdtrain", "bench-storage", "--cache", url, "--batch-size", "16",
-                            "--workers", "1"], env=env, check=True)
+            yield server
         finally:
             s3_server.stop(server)
 
