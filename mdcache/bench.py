@@ -31,6 +31,7 @@ class BenchConfig(ExtractConfig):
 
     cache: str = opt("", "Cache root for the benchmark's extraction (default: a temporary directory, removed after).")
     repeats: int = opt(1, "Teacher-only passes over the batches (the best is reported).")
+    json_out: str = opt("", "Also write the result as JSON to this file (what `mdcache plan --bench` reads).")
     no_teacher: bool = opt(False, "Measure the CPU pipeline alone (decode, views, encode, write): the teacher returns "
                                   "zeros of its real shape; reports images/s per core.")
 
@@ -81,15 +82,26 @@ def bench(cfg: BenchConfig) -> dict:
             "overhead_share": summary["overhead_seconds"] / max(summary["shard_seconds"], 1e-9)}
 
 
+def save(cfg: BenchConfig, r: dict) -> None:
+    if cfg.json_out:
+        import json
+
+        with open(cfg.json_out, "w") as f:
+            json.dump({**r, "teacher": cfg.teacher, "codec": cfg.codec, "device": cfg.device,
+                       "precision": cfg.precision, "no_teacher": cfg.no_teacher}, f, indent=1)
+
+
 def run_cli(cfg: BenchConfig) -> None:
     if cfg.no_teacher:
         r = cpu_bench(cfg)
+        save(cfg, r)
         console.print(f"images: {r['images']} x {r['views']} views, {cfg.teacher}'s output shape, codec {cfg.codec}, "
                       f"{cfg.workers} worker(s)")
         console.print(f"CPU pipeline, no teacher: {r['ips']:8.2f} images/s on {r['cores']} cores = "
                       f"{r['ips_per_core']:.2f} images/s per core")
         return
     r = bench(cfg)
+    save(cfg, r)
     console.print(f"images: {r['images']} x {r['views']} views ({r['extract_images']} extracted), "
                   f"teacher {cfg.teacher}, codec {cfg.codec}")
     console.print(f"teacher forward only : {r['teacher_only_ips']:8.2f} images/s")

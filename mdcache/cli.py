@@ -1,4 +1,4 @@
-"""The `mdcache` command: extract, info, ls, verify, show, bench, gc, rm."""
+"""The `mdcache` command: extract, info, ls, verify, show, transcode, plan, bench, gc, rm."""
 from __future__ import annotations
 
 import json
@@ -9,20 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Column, Table
 
-from . import bench, cleanup, extract, show, store, verify
+from . import bench, cleanup, extract, plan, show, store, transcode, verify
 from .commands import opt, storage_options_opt, typer_command
+from .plan import human_bytes
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Offline teacher-feature cache for MaskDistill: extract once, train many times, share.")
 console = Console()
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 def fidelity_text(f: dict) -> str:
@@ -54,6 +47,14 @@ def info(cfg: InfoConfig) -> None:
     grid = "x".join(map(str, m["teacher"]["patch_grid"]))
     t.add_row("targets", f"{m['views']} views x {m['teacher']['tokens']} tokens ({grid}) "
                          f"x {m['teacher']['dim']} dims, codec {m['codec']['name']}")
+    calib = m["codec"].get("calibration") or {}
+    if "explained_variance_curve" in calib:  # pca: how much of the normalized features R components keep
+        curve = ", ".join(f"{r}: {ev:.4f}" for r, ev in calib["explained_variance_curve"].items())
+        t.add_row("pca", f"explained variance {calib['explained_variance']:.4f} at R={len(calib['component_std'])} "
+                         f"(by R: {curve})")
+    if m.get("transcoded_from"):
+        t.add_row("from", f"transcoded from {m['transcoded_from']['codec']} cache {m['transcoded_from']['cache_id']} "
+                          "(fidelity below is against it)")
     v = fp["views"]
     t.add_row("views", f"{v['image_size']}px, crop scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, "
                        f"flip {v['flip']}, seed {v['seed']}, replay {v['replay']}")
@@ -97,6 +98,8 @@ typer_command(app, InfoConfig, info, "info", arguments=("cache",))
 typer_command(app, LsConfig, ls, "ls", arguments=("root",))
 typer_command(app, verify.VerifyConfig, verify.run_cli, "verify", arguments=("cache",))
 typer_command(app, show.ShowConfig, show.run_cli, "show", arguments=("cache",))
+typer_command(app, transcode.TranscodeConfig, transcode.run_cli, "transcode", arguments=("src",))
+typer_command(app, plan.PlanConfig, plan.run_cli, "plan")
 typer_command(app, bench.BenchConfig, bench.run_cli, "bench")
 typer_command(app, cleanup.GcConfig, cleanup.run_gc, "gc", arguments=("root",))
 typer_command(app, cleanup.RmConfig, cleanup.run_rm, "rm", arguments=("cache",))

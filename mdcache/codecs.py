@@ -5,11 +5,20 @@ fp16 is the reference. int8 first removes each channel's mean and divides by its
 scale. CLIP features have a few huge-magnitude channels; one scale per token without the
 per-channel step would spend all 8 bits on them and flatten every other channel.
 
+int4 keeps int8's per-channel step but has only 16 values per number, so it spends them where the
+numbers are: 16 levels fitted to the calibration tokens (Lloyd-Max), a per-token scale the encoder
+picks to minimise the token's error in feature units, and two codes per byte. pca:R keeps R
+coefficients per token in a per-cache basis fitted to the layer-normalised calibration tokens (the
+space MaskDistill regresses in), as int8 with a per-token scale; the token's own mean and spread
+(what LayerNorm removes) ride along in fp16 so that decoding still returns features.
+
 Encoding runs on the extractor's device; decoding is plain torch so the trainer can run it
-on the accelerator ("dequantize late").
+on the accelerator ("dequantize late"). A calibration may hold numpy arrays (pca's basis): the
+store keeps them as arrays beside the manifest, and they reach decode as tensors on its device.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,17 +28,39 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 
+LN_EPS = 1e-6
+
 
 @dataclass(frozen=True)
 class Codec:
     """One codec, whole: its arrays, its fingerprint, and its three functions. A new codec is one CODECS entry."""
 
     name: str
-    arrays: dict[str, tuple[str, int]]  # array -> (numpy dtype, rank); rank 3 = [N, P, D], rank 2 = [N, P]
+    arrays: Callable[[int], dict[str, tuple[str, int | None]]]  # D -> {array: (numpy dtype, width)}: [N, P, width],
+    #                                                             or [N, P] when width is None
     identity: dict  # name + parameters, for the cache fingerprint (changing it changes every cache id)
-    calibrate: Callable[[torch.Tensor], dict] | None  # sample tokens [M, D] -> JSON stats; None: needs none
+    calibrate: Callable[[torch.Tensor], dict] | None  # sample tokens [..., D] -> stats (JSON, or numpy arrays)
     encode: Callable[[torch.Tensor, dict | None], dict[str, np.ndarray]]  # float [N, P, D] -> arrays
     decode: Callable[[dict[str, torch.Tensor], dict | None], torch.Tensor]  # arrays (any device) -> float32
+
+    def shapes(self, tokens: int, dim: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Per-sample array shapes for a teacher with `tokens` patches of `dim` channels."""
+        return {n: (dt, (tokens,) if w is None else (tokens, w)) for n, (dt, w) in self.arrays(dim).items()}
+
+    def bytes_per_token(self, dim: int) -> int:
+        """Stored bytes per token before compression: what `mdcache plan` multiplies out."""
+        return sum(np.dtype(dt).itemsize * (1 if w is None else w) for dt, w in self.arrays(dim).values())
+
+
+def _t(calib: dict, key: str, device, dtype=torch.float32) -> torch.Tensor:
+    """A calibration entry as a tensor on `device` (a no-op when the store already put it there)."""
+    return torch.as_tensor(calib[key], device=device, dtype=dtype)
+
+
+def _mean_std(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and spread (floored relative to the largest magnitude, so no channel divides by 0)."""
+    tokens = tokens.float().reshape(-1, tokens.shape[-1])
+    return tokens.mean(0), tokens.std(0).clamp_min(1e-6 * float(tokens.abs().max().clamp_min(1e-12)))
 
 
 def _fp16_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
@@ -41,21 +72,12 @@ def _fp16_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.T
 
 
 def _int8_calibrate(tokens: torch.Tensor) -> dict:
-    """Per-channel mean and spread (floored relative to the largest magnitude, so no channel divides by 0)."""
-    tokens = tokens.float().reshape(-1, tokens.shape[-1])
-    mean = tokens.mean(0)
-    std = tokens.std(0).clamp_min(1e-6 * float(tokens.abs().max().clamp_min(1e-12)))
+    mean, std = _mean_std(tokens)
     return {"mean": mean.tolist(), "std": std.tolist()}
 
 
-def _calib_tensors(calib: dict, device, dtype=torch.float32):
-    return (torch.tensor(calib["mean"], device=device, dtype=dtype),
-            torch.tensor(calib["std"], device=device, dtype=dtype))
-
-
 def _int8_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
-    mean, std = _calib_tensors(calib, x.device)
-    y = (x.float() - mean) / std
+    y = (x.float() - _t(calib, "mean", x.device)) / _t(calib, "std", x.device)
     scale = y.abs().amax(-1).clamp_min(1e-12) / 127.0
     q = torch.round(y / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return {"targets": q.cpu().numpy(), "scales": scale.cpu().numpy().astype(np.float32)}
@@ -63,29 +85,147 @@ def _int8_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
 
 def _int8_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Tensor:
     t = arrays["targets"]
-    mean, std = _calib_tensors(calib, t.device)
-    return (t.float() * arrays["scales"].float().unsqueeze(-1)) * std + mean
+    y = t.float() * arrays["scales"].float().unsqueeze(-1)
+    return y * _t(calib, "std", t.device) + _t(calib, "mean", t.device)
 
 
-CODECS = {c.name: c for c in (
-    Codec("fp16", {"targets": ("float16", 3)}, {"name": "fp16"}, None, _fp16_encode, _fp16_decode),
-    Codec("int8", {"targets": ("int8", 3), "scales": ("float32", 2)},
-          {"name": "int8", "channel_calibration": "mean-std", "token_scale": "absmax", "qmax": 127},
-          _int8_calibrate, _int8_encode, _int8_decode),
-)}
+# ----------------------------------------------------------------------------- int4
+
+INT4_LEVELS = 16
+INT4_SCALES = (0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # multiples of the token's rms the encoder tries
+_LLOYD_SAMPLE = 2_000_000                                # calibration values the levels are fitted on (at most)
 
 
-def get_codec(name: str) -> Codec:
-    if name not in CODECS:
-        raise ConfigError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
-    return CODECS[name]
+def lloyd_levels(z: torch.Tensor, n: int = INT4_LEVELS, iters: int = 40) -> torch.Tensor:
+    """The n reconstruction levels with least squared error on samples z (Lloyd-Max), started at a
+    normal's quantiles so the result depends on the data only: every extractor derives the same levels."""
+    z = z.double().reshape(-1)
+    z = z[:: max(1, math.ceil(z.numel() / _LLOYD_SAMPLE))]
+    levels = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64))
+    for _ in range(iters):
+        idx = torch.bucketize(z, (levels[1:] + levels[:-1]) / 2)
+        sums = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, z)
+        counts = torch.bincount(idx, minlength=n).double()
+        levels = torch.where(counts > 0, sums / counts.clamp_min(1), levels)
+    return levels.float()
 
 
-def token_layernorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def _rms(y: torch.Tensor) -> torch.Tensor:
+    return y.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def _int4_calibrate(tokens: torch.Tensor) -> dict:
+    mean, std = _mean_std(tokens)
+    y = (tokens.float().reshape(-1, tokens.shape[-1]) - mean) / std
+    return {"mean": mean.tolist(), "std": std.tolist(), "levels": lloyd_levels(y / _rms(y)).tolist()}
+
+
+def _int4_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
+    if x.shape[-1] % 2:
+        raise ConfigError(f"int4 packs two channels per byte: the teacher's {x.shape[-1]} channels are odd")
+    std = _t(calib, "std", x.device)
+    levels = _t(calib, "levels", x.device)
+    bounds = (levels[1:] + levels[:-1]) / 2
+    y = (x.float() - _t(calib, "mean", x.device)) / std
+    rms, w = _rms(y), std.square()
+    best_err = best_codes = best_scale = None
+    for m in INT4_SCALES:  # the scale with the least error in feature units (after * std), per token
+        scale = (rms * m).half().float()  # as stored
+        codes = torch.bucketize(y / scale, bounds)
+        err = ((levels[codes] * scale - y).square() * w).sum(-1, keepdim=True)
+        if best_err is None:
+            best_err, best_codes, best_scale = err, codes, scale
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_codes, best_scale = torch.where(better, codes, best_codes), torch.where(better, scale, best_scale)
+    codes = best_codes.to(torch.uint8)
+    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # channel 2i in the low nibble, 2i+1 in the high one
+    return {"targets": packed.cpu().numpy(), "scales": best_scale.squeeze(-1).half().cpu().numpy()}
+
+
+def _int4_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Tensor:
+    p = arrays["targets"]
+    codes = torch.stack((p & 15, p >> 4), -1).flatten(-2).long()
+    levels = _t(calib, "levels", p.device)
+    y = levels[codes] * arrays["scales"].float().unsqueeze(-1)
+    return y * _t(calib, "std", p.device) + _t(calib, "mean", p.device)
+
+
+# ----------------------------------------------------------------------------- pca:R
+
+def token_layernorm(x: torch.Tensor, eps: float = LN_EPS) -> torch.Tensor:
     """The target normalization MaskDistill applies: per-token LayerNorm, no affine."""
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
 
 
+EV_POINTS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def _pca_calibrate(r: int) -> Callable[[torch.Tensor], dict]:
+    def calibrate(tokens: torch.Tensor) -> dict:
+        d = tokens.shape[-1]
+        if not 0 < r < d:
+            raise ConfigError(f"pca:{r}: the component count must be between 1 and {d - 1} (the teacher has {d} "
+                              "channels)")
+        t = token_layernorm(tokens).reshape(-1, d).double()
+        mean = t.mean(0)
+        var, vecs = torch.linalg.eigh((t - mean).T @ (t - mean) / max(len(t) - 1, 1))
+        var, vecs = var.flip(0).clamp_min(0), vecs.flip(1)          # largest first
+        vecs = vecs * torch.sign(vecs[vecs.abs().argmax(0), torch.arange(d)])  # a sign convention: deterministic
+        ev = var.cumsum(0) / var.sum().clamp_min(1e-30)
+        return {"mean": mean.float().tolist(), "component_std": var[:r].sqrt().clamp_min(1e-12).float().tolist(),
+                "explained_variance": float(ev[r - 1]),
+                "explained_variance_curve": {str(k): float(ev[k - 1]) for k in sorted({*EV_POINTS, r}) if k <= d},
+                "basis": vecs[:, :r].T.float().numpy()}  # [R, D]
+    return calibrate
+
+
+def _pca_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
+    x = x.float()
+    mu, sigma = x.mean(-1), (x.var(-1, unbiased=False) + LN_EPS).sqrt()
+    c = (token_layernorm(x) - _t(calib, "mean", x.device)) @ _t(calib, "basis", x.device).T
+    c = c / _t(calib, "component_std", x.device)
+    scale = (c.abs().amax(-1).clamp_min(1e-12) / 127.0).half().float()
+    q = torch.round(c / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    token = torch.stack((scale, mu, sigma), -1).clamp(-65504, 65504).half()
+    return {"targets": q.cpu().numpy(), "token": token.cpu().numpy()}
+
+
+def _pca_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Tensor:
+    q, token = arrays["targets"], arrays["token"].float()
+    c = q.float() * token[..., :1] * _t(calib, "component_std", q.device)
+    return (c @ _t(calib, "basis", q.device) + _t(calib, "mean", q.device)) * token[..., 2:3] + token[..., 1:2]
+
+
+def pca_codec(r: int) -> Codec:
+    return Codec(f"pca:{r}", lambda d: {"targets": ("int8", r), "token": ("float16", 3)},
+                 {"name": "pca", "components": r, "space": "token-layernorm", "coefficients": "int8-absmax"},
+                 _pca_calibrate(r), _pca_encode, _pca_decode)
+
+
+CODECS = {c.name: c for c in (
+    Codec("fp16", lambda d: {"targets": ("float16", d)}, {"name": "fp16"}, None, _fp16_encode, _fp16_decode),
+    Codec("int8", lambda d: {"targets": ("int8", d), "scales": ("float32", None)},
+          {"name": "int8", "channel_calibration": "mean-std", "token_scale": "absmax", "qmax": 127},
+          _int8_calibrate, _int8_encode, _int8_decode),
+    Codec("int4", lambda d: {"targets": ("uint8", d // 2), "scales": ("float16", None)},
+          {"name": "int4", "channel_calibration": "mean-std", "levels": "lloyd-max-16", "token_scale": "rms-search",
+           "packing": "low-nibble-first"},
+          _int4_calibrate, _int4_encode, _int4_decode),
+)}
+FAMILIES = {"pca": pca_codec}  # parametric codecs: NAME:PARAM
+
+
+def get_codec(name: str) -> Codec:
+    if name in CODECS:
+        return CODECS[name]
+    family, _, param = name.partition(":")
+    if family in FAMILIES:
+        if not param.isdigit() or int(param) < 1:
+            raise ConfigError(f"codec {name!r}: say how many components, e.g. {family}:192")
+        return FAMILIES[family](int(param))
+    raise ConfigError(f"unknown codec {name!r}; choose one of {', '.join([*CODECS, *(f + ':R' for f in FAMILIES)])}")
 class FidelityMeter:
     """Cosine similarity and relative L2 per token, after token_layernorm, against fp32 reference."""
 

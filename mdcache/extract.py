@@ -39,7 +39,8 @@ class ExtractConfig(ViewOptions):
                                    ".json), timm:MODEL.")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher (timm teachers; recorded in the fingerprint)")
     cache: str = opt("./cache", "Cache root (local path or fsspec URL); the cache lands in <root>/<cache-id>/.")
-    codec: str = opt("int8", "Target codec: int8 (per-channel calibrated, per-token scale) or fp16 (reference).")
+    codec: str = opt("int8", "Target codec: int8 (per-channel calibrated, per-token scale), int4 (half of int8's "
+                             "bytes), pca:R (R components per token, e.g. pca:192) or fp16 (reference).")
     tap: str = opt("final", "Teacher feature: final (last block, before ln_post), ln_post, or proj (ln_post + CLIP "
                             "projection).")
     seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).")
@@ -53,7 +54,7 @@ class ExtractConfig(ViewOptions):
     workers: int = opt(2, "DataLoader worker processes decoding and cropping images.")
     device: str = opt("auto", "Device: auto (CUDA if available, LOCAL_RANK under torchrun), cpu, cuda, cuda:N.")
     precision: str = opt("auto", "Teacher precision: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
-    calib_images: int = opt(64, "Images (from the first source shard) used to calibrate the int8 codec.")
+    calib_images: int = opt(64, "Images (the source's first) used to calibrate the int8, int4 and pca codecs.")
     fidelity_images: int = opt(8, "Images per shard whose targets are checked against the fp32 teacher for the "
                                   "fidelity report.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for the cache and source "
@@ -222,9 +223,10 @@ def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
     except CacheNotFound:
         pass
     check_writable(url, p.storage_options)
-    calibrating = f" (calibrating {cfg.codec} codec)" if codecs.CODECS[cfg.codec].calibrate else ""
+    calibrating = f" (calibrating {cfg.codec} codec)" if codecs.get_codec(cfg.codec).calibrate else ""
     console.print(f"[bold]new cache[/] {url}{calibrating}")
-    manifest = store.new_manifest(fp, p.teacher, p.recipe, cfg.source, p.shards, calibrate(cfg, p))
+    calibration = store.put_calibration(url, calibrate(cfg, p), p.storage_options)
+    manifest = store.new_manifest(fp, p.teacher, p.recipe, cfg.source, p.shards, calibration)
     store.create_manifest(url, manifest, p.storage_options)
     return store.open_cache(url, p.storage_options)
 
@@ -324,13 +326,12 @@ class ShardWriter:
     publish the commit record and release the claim on a writer thread (at most one more shard in
     flight, so memory stays bounded), then account for it in `summary` and log one line."""
 
-    def __init__(self, cache: store.Cache, teacher: Teacher, k: int, claims: Claims | None,
+    def __init__(self, cache: store.Cache, k: int, claims: Claims | None,
                  todo: list[sources.SourceShard], summary: dict, fidelity_images: int, log: bool,
                  advance: Callable[[], None] = lambda: None):
         self.cache, self.k, self.claims, self.summary, self.log, self.advance = cache, k, claims, summary, log, advance
-        self.codec, self.calib = codecs.CODECS[cache.codec], cache.calibration
-        self.shapes = {name: (dtype, (teacher.num_patches, teacher.dim)[:rank - 1])
-                       for name, (dtype, rank) in self.codec.arrays.items()}
+        self.codec = codecs.get_codec(cache.codec)
+        self.shapes = self.codec.shapes(int(cache.manifest["teacher"]["tokens"]), cache.teacher_dim)
         self.by_name = {s.name: s for s in todo}
         self.fidelity_images = fidelity_images
         self.buffers: dict[str, ShardBuffer] = {}
@@ -350,11 +351,11 @@ class ShardWriter:
         buf.skipped += b.skipped
         buf.labels += b.labels
         if feats is not None:
-            encoded = self.codec.encode(feats, self.calib)
+            encoded = self.codec.encode(feats, self.cache.calibration_on(feats.device))
             if reference is not None:
                 m = len(reference)
                 buf.meter.update(reference.cpu(), self.codec.decode(
-                    {a: torch.from_numpy(v[:m]) for a, v in encoded.items()}, self.calib))
+                    {a: torch.from_numpy(v[:m]) for a, v in encoded.items()}, self.cache.calibration_on("cpu")))
             buf.add(b, encoded, self.k)
         if b.last:
             self.finish(b)
@@ -424,45 +425,28 @@ def poll_delays(ttl: float) -> Iterator[float]:
         delay *= 1.5
 
 
-def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
-    """Run an extraction; returns (cache URL, summary). Raises on setup errors, reports shard errors."""
-    p = prepared or prepare(cfg)
-    cache = open_or_create(cfg, p)
-    rank, world = rank_world()
-    selected = sources.select(p.shards, cfg.shards)[rank::world]
-    broken = sorted(set(cache.missing_data()) & {s.name for s in selected})
-    if broken:  # a committed shard whose data was deleted must not be "reused" forever
-        check_writable(cache.url, p.storage_options)
-        for name in broken:
-            console.print(f"[yellow]warning:[/] shard {name} is committed but its data "
-                          f"{cache.commits[name]['path']} is missing: withdrawing its commit and computing it again")
-            store.drop_commit(cache.url, name, cache.commits[name]["path"], p.storage_options)
-        cache.refresh()
-    todo = [s for s in selected if s.name not in cache.commits]
-    reused = len(selected) - len(todo)
-    if reused:
-        console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
-    summary = new_summary(cache.url, reused)
-    if not todo:
-        if cache.unindexed:  # records read one by one: compact them for the next reader
-            cache.write_index()
-        return cache.url, summary
-    check_writable(cache.url, p.storage_options)
-    claims = Claims(cache.url, new_owner(), cfg.claim_ttl, p.storage_options)
+def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callable[[list, Claims], None],
+                claim_ttl: float, wait: bool) -> None:
+    """Compute `todo` (items with a .name: source shards) into `cache` together with any other process doing
+    the same: claim, compute, commit; then wait for (or take over) what others hold, until all is committed
+    or failed. `one_pass(todo, claims)` does one pass, recording into `summary`. Shared by extract and
+    transcode: the same claims, commits and resume for both."""
+    check_writable(cache.url, cache.storage_options)
+    claims = Claims(cache.url, new_owner(), claim_ttl, cache.storage_options)
     renewer = Renewer(claims)
     renewer.start()
-    delays = poll_delays(cfg.claim_ttl)
+    delays = poll_delays(claim_ttl)
     try:
         while todo:
             summary["elsewhere"] = {}
-            run_pass(cfg, p, cache, todo, summary, progress, claims)
+            one_pass(todo, claims)
             cache.refresh()
             before = len(todo)
             todo = [s for s in todo if s.name not in cache.commits and s.name not in summary["failed"]]
-            if not todo or not cfg.wait:
+            if not todo or not wait:
                 break
             if len(todo) < before:  # others are committing: look again soon
-                delays = poll_delays(cfg.claim_ttl)
+                delays = poll_delays(claim_ttl)
             owners = sorted(set(summary["elsewhere"].values()))
             console.print(f"waiting for {len(todo)} shard(s) claimed by {', '.join(owners) or 'others'} "
                           f"(taken over if their claims expire; --no-wait to stop instead)")
@@ -471,6 +455,39 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
         renewer.stop()
     if cache.refresh().unindexed:
         cache.write_index()
+
+
+def resume(cache: store.Cache, selected: list) -> tuple[list, dict]:
+    """What is left to compute of `selected` (committed shards are reused), and a fresh summary. A
+    committed shard whose data was deleted has its commit withdrawn, so it is computed again."""
+    broken = sorted(set(cache.missing_data()) & {s.name for s in selected})
+    if broken:  # a committed shard whose data was deleted must not be "reused" forever
+        check_writable(cache.url, cache.storage_options)
+        for name in broken:
+            console.print(f"[yellow]warning:[/] shard {name} is committed but its data "
+                          f"{cache.commits[name]['path']} is missing: withdrawing its commit and computing it again")
+            store.drop_commit(cache.url, name, cache.commits[name]["path"], cache.storage_options)
+        cache.refresh()
+    todo = [s for s in selected if s.name not in cache.commits]
+    reused = len(selected) - len(todo)
+    if reused:
+        console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
+    return todo, new_summary(cache.url, reused)
+
+
+def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
+    """Run an extraction; returns (cache URL, summary). Raises on setup errors, reports shard errors."""
+    p = prepared or prepare(cfg)
+    cache = open_or_create(cfg, p)
+    rank, world = rank_world()
+    selected = sources.select(p.shards, cfg.shards)[rank::world]
+    todo, summary = resume(cache, selected)
+    if not todo:
+        if cache.unindexed:  # records read one by one: compact them for the next reader
+            cache.write_index()
+        return cache.url, summary
+    run_claimed(cache, todo, summary, lambda todo, claims: run_pass(cfg, p, cache, todo, summary, progress, claims),
+                cfg.claim_ttl, cfg.wait)
     warn_unmixed(summary)
     return cache.url, summary
 
@@ -489,7 +506,7 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
     t0, images = time.time(), 0
     with Progress(*columns, console=console, disable=not progress) as bar:
         task = bar.add_task("extract", total=len(todo), ips=0.0, imgs=0)
-        writer = ShardWriter(cache, teacher, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
+        writer = ShardWriter(cache, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
                              advance=lambda: bar.advance(task))
         try:
             for b in loader:

@@ -1,6 +1,7 @@
 """The cache on disk or in a bucket: identity, layout, atomic commits, and the reader.
 
     <root>/<cache-id>/manifest.json            fingerprint, codec + calibration, shapes, source shards
+    <root>/<cache-id>/calibration/<name>-<sha> a calibration's arrays (pca's basis), content-addressed
     <root>/<cache-id>/shards/<name>.<attempt>/ one Zarr v3 group per source shard (written first)
     <root>/<cache-id>/commits/<name>.json      the shard's commit record (written last, atomically)
 
@@ -70,16 +71,75 @@ def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, cali
     target shapes, view fields, source shards) and provenance."""
     from .views import VIEW_FIELDS
 
-    codec = codecs.get_codec(fp["codec"]["name"])
+    codec = codecs.get_codec(codec_name(fp))
+    shapes = codec.shapes(teacher.num_patches, teacher.dim)
     return {"format_version": FORMAT_VERSION, "cache_id": cache_id(fp), "fingerprint": fp,
             "codec": {"name": codec.name, "calibration": calibration, "calibration_sha256": json_digest(calibration),
-                      "arrays": codec.arrays},
+                      "arrays": {n: [dt, [None, *shape]] for n, (dt, shape) in shapes.items()}},
             "teacher": {"spec": teacher.spec, "dim": teacher.dim, "patch_grid": list(teacher.patch_grid),
                         "tokens": teacher.num_patches, "mean": list(teacher.mean), "std": list(teacher.std)},
             "views": recipe.views, "image_size": recipe.image_size, "view_fields": list(VIEW_FIELDS),
             "source": {"spec": source_spec, "shards": [s.to_json() for s in shards],
                        "classes": list(shards[0].classes)},
             "created_by": who(), "created_at": now(), "versions": _versions()}
+
+
+def codec_name(fp: dict) -> str:
+    """The codec's name (as --codec takes it) from a fingerprint's codec identity."""
+    c = fp["codec"]
+    return f"{c['name']}:{c['components']}" if "components" in c else c["name"]
+
+
+def put_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
+    """Store a calibration's numpy arrays as Zarr arrays beside the manifest, each named by its content
+    (so two extractors creating the same cache never overwrite each other's), and return the JSON the
+    manifest holds: each array replaced by {"array": path, "sha256", "shape", "dtype"}."""
+    import zarr
+
+    if not calibration:
+        return calibration
+    fs, path = url_to_fs(cache_url, storage_options)
+    out = {}
+    for key, value in calibration.items():
+        if not isinstance(value, np.ndarray):
+            out[key] = value
+            continue
+        digest = array_digest(value)
+        rel = f"calibration/{key}-{digest[:16]}"
+        where = join(path, rel) if is_local(fs) else join(cache_url, rel)
+        so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
+        try:
+            z = zarr.open_array(where, mode="w", shape=value.shape, dtype=value.dtype, chunks=value.shape,
+                                zarr_format=3, storage_options=so)
+            z[...] = value
+        except OSError as e:
+            raise CacheError(f"{cache_url}: writing the codec calibration {rel} failed: {e.strerror or e}") from e
+        out[key] = {"array": rel, "sha256": digest, "shape": list(value.shape), "dtype": str(value.dtype)}
+    return out
+
+
+def load_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
+    """The manifest's calibration with its arrays read back and checked against their checksums."""
+    import zarr
+
+    if not calibration or not any(isinstance(v, dict) and "array" in v for v in calibration.values()):
+        return calibration
+    fs, path = url_to_fs(cache_url, storage_options)
+    out = dict(calibration)
+    for key, ref in calibration.items():
+        if not (isinstance(ref, dict) and "array" in ref):
+            continue
+        where = join(path, ref["array"]) if is_local(fs) else join(cache_url, ref["array"])
+        so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
+        try:
+            a = np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...])
+        except Exception as e:  # missing or undecodable
+            raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} is unreadable: {e}") from e
+        if array_digest(a) != ref["sha256"] or list(a.shape) != ref["shape"]:
+            raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} does not match its checksum "
+                             "in the manifest (edited or damaged)")
+        out[key] = a
+    return out
 
 
 def _versions() -> dict:
@@ -182,7 +242,7 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
     """Write one shard's arrays ([K, N, ...] each) into a fresh attempt directory (invisible to readers
     until commit_shard) and return its commit record."""
     import zarr
-    from zarr.codecs import ZstdCodec
+    from zarr.codecs import BloscCodec
 
     fs, path = url_to_fs(cache_url, storage_options)
     attempt = f"{name}.{uuid.uuid4().hex[:12]}"
@@ -197,7 +257,7 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
         for arr_name, data in list(arrays.items()) + [("views", views)]:
             chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
             z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                   compressors=ZstdCodec(level=3), fill_value=0)
+                                   compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0)
             if data.size:
                 z[...] = data
             checksums[arr_name] = [array_digest(data[k]) for k in range(data.shape[0])]
@@ -231,6 +291,7 @@ class Cache:
     _stamps: dict[str, str] = field(default_factory=dict, repr=False)
     _in_index: set[str] = field(default_factory=set, repr=False)  # records the on-disk index holds as they are
     local_cache_bytes: int = 100 * 2**30    # bound on that copy (least recently used shards go first)
+    _calib: dict = field(default_factory=dict, repr=False)  # the calibration: loaded, and per device
 
     @property
     def codec(self) -> str:
@@ -238,7 +299,22 @@ class Cache:
 
     @property
     def calibration(self) -> dict | None:
-        return self.manifest["codec"].get("calibration")
+        """The codec's calibration, its arrays (if any) read once and checked."""
+        if "calibration" not in self._calib:
+            self._calib["calibration"] = load_calibration(self.url, self.manifest["codec"].get("calibration"),
+                                                          self.storage_options)
+        return self._calib["calibration"]
+
+    def calibration_on(self, device) -> dict | None:
+        """The calibration as tensors on `device`, made once per device: decoding in a training step
+        must not copy a basis to the accelerator every batch."""
+        device = torch.device(device)
+        if device not in self._calib:
+            c = self.calibration
+            self._calib[device] = None if c is None else {
+                k: torch.as_tensor(np.asarray(v, dtype=np.float32), device=device)
+                if isinstance(v, (list, np.ndarray)) else v for k, v in c.items()}
+        return self._calib[device]
 
     @property
     def cache_id(self) -> str:
@@ -423,7 +499,7 @@ class Cache:
             raise CacheError(f"{where}: shard {shard!r} is unreadable: {e}") from e
         rec = self.commits[shard]
         out = {}
-        for name in (list(codecs.CODECS[self.codec].arrays) if targets else []) + ["views"]:
+        for name in (list(codecs.get_codec(self.codec).arrays(self.teacher_dim)) if targets else []) + ["views"]:
             try:
                 a = group[name][view]
             except Exception as e:  # undecodable chunk, missing file
@@ -440,7 +516,8 @@ class Cache:
     def decode(self, arrays: dict[str, Any]) -> torch.Tensor:
         """Encoded arrays (numpy or tensors on any device) -> float32 targets on the same device."""
         tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
-        return codecs.CODECS[self.codec].decode(tensors, self.calibration)
+        device = next(iter(tensors.values())).device
+        return codecs.get_codec(self.codec).decode(tensors, self.calibration_on(device))
 
     def read(self, shard: str, view: int, check: bool = True) -> tuple[list[str], np.ndarray, np.ndarray]:
         """(keys, targets float32 [N, P, D], view params int32 [N, 11])."""
@@ -518,9 +595,13 @@ def check_manifest(manifest: dict, where: str) -> None:
     if manifest.get("cache_id") != expected:
         raise CacheError(f"{where}: cache id {manifest.get('cache_id')} is not the hash of its fingerprint "
                          f"({expected}): the manifest was edited or damaged; its targets cannot be trusted")
-    if codec.get("name") != fp.get("codec", {}).get("name"):
+    try:
+        named = codec_name(fp)
+    except (KeyError, TypeError):
+        named = None
+    if codec.get("name") != named:
         raise CacheError(f"{where}: codec {codec.get('name')!r} differs from the fingerprint's "
-                         f"{fp.get('codec', {}).get('name')!r}: the manifest was edited or damaged")
+                         f"{named!r}: the manifest was edited or damaged")
     if "calibration_sha256" not in codec:  # written by every mdcache since the checksum exists
         print(f"warning: {where}: made by an older mdcache: its codec calibration is not covered by a checksum",
               file=sys.stderr)

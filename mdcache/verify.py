@@ -91,6 +91,7 @@ def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source
 def verify(cfg: VerifyConfig) -> dict:
     so = cfg.storage_options
     cache = store.open_cache(cfg.cache, so)
+    _ = cache.calibration  # its arrays (pca's basis) against the manifest's checksums
     missing = cache.missing_data()
     report = {"cache": cache.url, "shards_done": len(cache.commits), "shards_total": len(cache.source_shards),
               "problems": check_checksums(cache, missing), "source_shards": cache.source_shards,

@@ -160,6 +160,7 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
     if cfg.cache:
         cache = store.open_cache(cfg.cache, so, local_cache=cfg.local_cache,
                                  local_cache_bytes=int(cfg.local_cache_gb * 2**30))
+        _ = cache.calibration  # read and checked now (pca's basis): a damaged one stops here, by name
         plan = data.plan_from_cache(cache, cfg.source)
         grid, dim, image_size, k = cache.patch_grid, cache.teacher_dim, cache.image_size, cache.views
     elif cfg.teacher and cfg.source:

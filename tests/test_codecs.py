@@ -20,17 +20,19 @@ def feats(train_spec) -> torch.Tensor:
 
 
 def calibrate(name, x):
-    c = codecs.CODECS[name]
+    c = codecs.get_codec(name)
     return c.calibrate(x) if c.calibrate else None
 
 
-def roundtrip(name, x, calib_from=None):
-    c = codecs.CODECS[name]
-    calib = calibrate(name, (calib_from if calib_from is not None else x)[:8])
+def roundtrip(name, x, calib_from=None, n_calib=8):
+    c = codecs.get_codec(name)
+    calib = calibrate(name, (calib_from if calib_from is not None else x)[:n_calib])
     enc = c.encode(x, calib)
-    assert set(enc) == set(c.arrays)
-    for a, (dtype, rank) in c.arrays.items():
-        assert enc[a].dtype == np.dtype(dtype) and enc[a].ndim == rank
+    shapes = c.shapes(x.shape[1], x.shape[2])
+    assert set(enc) == set(shapes)
+    for a, (dtype, shape) in shapes.items():
+        assert enc[a].dtype == np.dtype(dtype) and enc[a].shape == (len(x), *shape)
+    assert sum(a.nbytes for a in enc.values()) == len(x) * x.shape[1] * c.bytes_per_token(x.shape[2])
     return c.decode({k: torch.from_numpy(v) for k, v in enc.items()}, calib)
 
 
@@ -70,25 +72,70 @@ def test_int8_survives_outlier_channels(feats, factor):
 
 def test_int8_is_half_the_size_of_fp16(feats):
     calib = calibrate("int8", feats)
-    n8 = sum(a.nbytes for a in codecs.CODECS["int8"].encode(feats, calib).values())
-    n16 = sum(a.nbytes for a in codecs.CODECS["fp16"].encode(feats, None).values())
+    n8 = sum(a.nbytes for a in codecs.get_codec("int8").encode(feats, calib).values())
+    n16 = sum(a.nbytes for a in codecs.get_codec("fp16").encode(feats, None).values())
     assert n8 < 0.55 * n16
 
 
 def test_decode_runs_where_the_arrays_are(feats):
     calib = calibrate("int8", feats)
-    enc = {k: torch.from_numpy(v) for k, v in codecs.CODECS["int8"].encode(feats, calib).items()}
-    out = codecs.CODECS["int8"].decode(enc, calib)
+    enc = {k: torch.from_numpy(v) for k, v in codecs.get_codec("int8").encode(feats, calib).items()}
+    out = codecs.get_codec("int8").decode(enc, calib)
     assert out.dtype == torch.float32 and out.shape == feats.shape and out.device == enc["targets"].device
 
 
 def test_unknown_codec_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown codec 'int4'; choose one of fp16, int8"):
-        codecs.get_codec("int4")
+    with pytest.raises(ConfigError, match="unknown codec 'int2'; choose one of fp16, int8, int4, pca:R"):
+        codecs.get_codec("int2")
+    with pytest.raises(ConfigError, match="say how many components, e.g. pca:192"):
+        codecs.get_codec("pca")
+    with pytest.raises(ConfigError, match="between 1 and"):
+        codecs.get_codec("pca:4096").calibrate(torch.randn(64, 32))
 
 
 def test_codec_identities_are_frozen():
     """The identity dicts are hashed into every cache id: changing one orphans every existing cache."""
-    fp = {"format_version": 1, "codec": codecs.CODECS["fp16"].identity}
-    i8 = {"format_version": 1, "codec": codecs.CODECS["int8"].identity}
+    fp = {"format_version": 1, "codec": codecs.get_codec("fp16").identity}
+    i8 = {"format_version": 1, "codec": codecs.get_codec("int8").identity}
     assert store.cache_id(fp) == "42e8363c2b4a50b7" and store.cache_id(i8) == "353b1adf5acacdd2"
+
+
+def test_int4_packs_two_codes_per_byte_and_keeps_token_fidelity(feats):
+    """Half of int8's bytes; the levels and the per-token scale keep every token close after LayerNorm."""
+    dec = roundtrip("int4", feats)
+    r = fidelity(feats, dec)
+    assert r["mean_cosine"] > 0.99 and r["min_cosine"] > 0.95, r
+    d = feats.shape[-1]
+    assert codecs.get_codec("int4").bytes_per_token(d) == d // 2 + 2 < 0.27 * 2 * d
+    # the levels are fitted to the data: fewer than 16 uniform steps would do worse
+    calib = calibrate("int4", feats[:8])
+    levels = np.array(calib["levels"])
+    assert len(levels) == 16 and np.all(np.diff(levels) > 0) and not np.allclose(np.diff(levels), np.diff(levels)[0])
+
+
+def test_int4_nibbles_are_low_channel_first(feats):
+    """The format doc's decoding rule, checked on the bytes: channel 2i is the low nibble of byte i."""
+    c = codecs.get_codec("int4")
+    calib = calibrate("int4", feats[:8])
+    enc = c.encode(feats[:2], calib)
+    codes = np.stack([enc["targets"] & 15, enc["targets"] >> 4], -1).reshape(2, feats.shape[1], -1)
+    levels, std, mean = (np.array(calib[k], np.float32) for k in ("levels", "std", "mean"))
+    plain = levels[codes] * enc["scales"].astype(np.float32)[..., None] * std + mean
+    dec = c.decode({k: torch.from_numpy(v) for k, v in enc.items()}, calib)
+    assert np.allclose(plain, dec.numpy(), atol=1e-5)
+
+
+def test_pca_keeps_the_features_layernorm_sees(feats):
+    d = feats.shape[-1]
+    calib = calibrate(f"pca:{d // 2}", feats[:8])
+    assert calib["basis"].shape == (d // 2, d) and calib["basis"].dtype == np.float32
+    ev = calib["explained_variance_curve"]
+    assert list(map(float, ev.values())) == sorted(map(float, ev.values())) and calib["explained_variance"] <= 1
+    assert np.allclose(calib["basis"] @ calib["basis"].T, np.eye(d // 2), atol=1e-4)  # orthonormal rows
+    dec = roundtrip(f"pca:{d // 2}", feats, n_calib=None)
+    r = fidelity(feats, dec)
+    assert r["mean_cosine"] > 0.98, r
+    # the token's own mean and spread are kept: decoding returns features, not normalized ones
+    assert torch.allclose(dec.mean(-1), feats.mean(-1), atol=1e-2 * float(feats.std()))
+    # more components, closer
+    assert fidelity(feats, roundtrip(f"pca:{d // 8}", feats, n_calib=None))["mean_cosine"] < r["mean_cosine"]

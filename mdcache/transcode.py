@@ -1,0 +1,177 @@
+"""`mdcache transcode`: a new cache from an existing one, in another codec, without a teacher.
+
+A team extracts fp16 (or int8) once and derives smaller caches per experiment: same keys, same
+views, new codec, recalibrated from the decoded source. The new cache's fingerprint is the source's
+with the new codec and the source's id, so it is found by what produced it like any other, and its
+fidelity is measured against the decoded source. Claims, commits and resume are extract's.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import codecs, sources, store
+from . import fs as mfs
+from .claims import Claims
+from .commands import opt, storage_options_opt
+from .devices import resolve_device
+from .errors import CacheError, CacheNotFound, ConfigError
+from .extract import Batch, ShardWriter, check_writable, console, resume, run_claimed
+
+
+@dataclass
+class TranscodeConfig:
+    """Make a cache in another codec from an existing cache: same views and keys, no teacher."""
+
+    src: str = opt(None, "Source cache (<root>/<cache-id>), local path or fsspec URL; fp16 or int8 is best.")
+    codec: str = opt("", "The new cache's codec: int8, int4, pca:R (e.g. pca:192) or fp16.", required=True)
+    cache: Optional[str] = opt(None, "Cache root for the new cache (default: the source's root).")
+    shards: Optional[str] = opt(None, "Subset of source shards to transcode: 'start:stop' or 'i,j,k'.")
+    calib_images: int = opt(64, "Images (the source's first committed ones, all their views) to calibrate on.")
+    fidelity_images: int = opt(8, "Images per shard whose new targets are compared with the decoded source.")
+    batch_size: int = opt(64, "Images decoded and encoded at a time.")
+    device: str = opt("auto", "Device for decoding and encoding: auto, cpu, cuda, cuda:N.")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for both caches (repeatable).")
+    claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal (as extract).")
+    wait: bool = opt(True, "Wait for shards other transcoders hold claims on (as extract).")
+
+
+def fingerprint(src: store.Cache, codec: str) -> dict:
+    """The source's fingerprint with the new codec, naming the source: what produced these targets."""
+    return {**src.manifest["fingerprint"], "codec": codecs.get_codec(codec).identity,
+            "transcoded_from": {"cache_id": src.cache_id, "codec": src.codec}}
+
+
+def encoded_rows(src: store.Cache, per_view: list[dict[str, np.ndarray]], rows: slice, device) -> dict:
+    """Encoded arrays of images `rows`, all views, image-major ([n*K, ...], as the teacher's batches are)."""
+    return {a: torch.from_numpy(np.stack([v[a][rows] for v in per_view], 1)).flatten(0, 1).to(device)
+            for a in per_view[0]}
+
+
+def calibrate(cfg: TranscodeConfig, src: store.Cache, device) -> dict | None:
+    """The new codec's calibration from the decoded targets of the source's first committed images."""
+    codec = codecs.get_codec(cfg.codec)
+    if codec.calibrate is None:
+        return None
+    feats, n = [], 0
+    for shard in src.shard_names:
+        per_view = [src.read_encoded(shard, v)[1] for v in range(src.views)]
+        take = slice(0, cfg.calib_images - n)
+        feats.append(src.decode(encoded_rows(src, per_view, take, device)).cpu())
+        n += len(feats[-1]) // src.views
+        if n >= cfg.calib_images:
+            break
+    if not n:
+        raise CacheError(f"{src.url}: no committed images to calibrate the {cfg.codec} codec on")
+    return codec.calibrate(torch.cat(feats))
+
+
+def open_or_create(cfg: TranscodeConfig, src: store.Cache, device) -> store.Cache:
+    fp = fingerprint(src, cfg.codec)
+    root = cfg.cache or src.url.rstrip("/").rsplit("/", 1)[0]
+    url = mfs.join(root, store.cache_id(fp))
+    so = cfg.storage_options
+    try:
+        cache = store.open_cache(url, so)
+        if cache.manifest["fingerprint"] != fp:
+            raise CacheError(f"{url}: manifest fingerprint differs from this run's (id collision or tampering)")
+        return cache
+    except CacheNotFound:
+        pass
+    check_writable(url, so)
+    console.print(f"[bold]new cache[/] {url} ({src.codec} -> {cfg.codec}, from {src.cache_id})")
+    calibration = store.put_calibration(url, calibrate(cfg, src, device), so)
+    m = src.manifest
+    shapes = codecs.get_codec(cfg.codec).shapes(int(m["teacher"]["tokens"]), src.teacher_dim)
+    manifest = {**m, "cache_id": store.cache_id(fp), "fingerprint": fp,
+                "codec": {"name": cfg.codec, "calibration": calibration,
+                          "calibration_sha256": store.json_digest(calibration),
+                          "arrays": {n: [dt, [None, *shape]] for n, (dt, shape) in shapes.items()}},
+                "transcoded_from": {"cache": src.url, "cache_id": src.cache_id, "codec": src.codec},
+                "created_by": mfs.who(), "created_at": mfs.now(), "versions": store._versions()}
+    store.create_manifest(url, manifest, so)
+    return store.open_cache(url, so)
+
+
+def transcode(cfg: TranscodeConfig, progress: bool = True) -> tuple[str, dict]:
+    """Returns (new cache URL, summary), as extract does."""
+    if not cfg.src:
+        raise ConfigError("say which cache to transcode: mdcache transcode SRC --codec CODEC")
+    codecs.get_codec(cfg.codec)
+    src = store.open_cache(cfg.src, cfg.storage_options)
+    if codecs.get_codec(cfg.codec).identity == codecs.get_codec(src.codec).identity:
+        raise ConfigError(f"{src.url} is already {src.codec}")
+    device = resolve_device(cfg.device)
+    cache = open_or_create(cfg, src, device)
+    selected = sources.select(cache.sources(), cfg.shards)
+    missing = [s.name for s in selected if s.name not in src.commits]
+    if missing:
+        console.print(f"[yellow]warning:[/] {len(missing)} selected shard(s) are not committed in the source cache "
+                      f"yet (first: {missing[0]}); transcoding the other {len(selected) - len(missing)}")
+    todo, summary = resume(cache, [s for s in selected if s.name in src.commits])
+    if todo:
+        run_claimed(cache, todo, summary, lambda todo, claims: run_pass(cfg, src, cache, todo, summary, device,
+                                                                         progress, claims), cfg.claim_ttl, cfg.wait)
+    summary["not_in_source"] = missing
+    return cache.url, summary
+
+
+def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: list[sources.SourceShard],
+             summary: dict, device, progress: bool, claims: Claims) -> None:
+    k = src.views
+    columns = [TextColumn("[bold]transcode[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("transcode", total=len(todo))
+        writer = ShardWriter(cache, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
+                             advance=lambda: bar.advance(task))
+        try:
+            for shard in todo:
+                why_not = claims.acquire(shard.name)
+                if why_not:
+                    if why_not != "committed":
+                        summary["elsewhere"][shard.name] = why_not
+                    bar.advance(task)
+                    continue
+                try:
+                    reads = [src.read_encoded(shard.name, v) for v in range(k)]
+                except CacheError as e:  # a damaged source shard: named, the rest goes on
+                    writer.add(Batch(shard.name, last=True, error=str(e)))
+                    continue
+                keys, per_view = reads[0][0], [r[1] for r in reads]
+                params = np.stack([r[2] for r in reads], 1)  # [N, K, fields]
+                skipped = list(src.commits[shard.name].get("skipped", []))
+                for i in range(0, max(len(keys), 1), cfg.batch_size):
+                    rows = slice(i, i + cfg.batch_size)
+                    b = Batch(shard.name, keys=keys[rows], skipped=skipped if i == 0 else [],
+                              last=i + cfg.batch_size >= len(keys))
+                    feats = None
+                    if b.keys:
+                        b.views = params[rows]
+                        feats = src.decode(encoded_rows(src, per_view, rows, device))
+                        summary["images"] += len(b.keys)
+                    m = writer.fidelity_views(b) if b.keys else 0
+                    writer.add(b, feats, feats[:m] if m else None)
+        finally:
+            writer.close()
+
+
+def run_cli(cfg: TranscodeConfig) -> None:
+    url, summary = transcode(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("MDCACHE_PROGRESS")))
+    console.print(f"committed {len(summary['committed'])} shard(s), {summary['images']} images, reused "
+                  f"{summary['reused']}" + (f", {len(summary['lost_race'])} shard(s) committed by another transcoder "
+                                            "first" if summary["lost_race"] else ""))
+    for name, err in summary["failed"].items():
+        console.print(f"[red]FAILED[/] shard {name}: {err}")
+    if summary["elsewhere"]:
+        console.print(f"{len(summary['elsewhere'])} shard(s) left to others holding claims: "
+                      + ", ".join(f"{n} ({o})" for n, o in sorted(summary["elsewhere"].items())))
+    print(url)
+    if summary["failed"]:
+        raise SystemExit(1)
