@@ -92,6 +92,12 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
             continue
         if now - _mtime(fs, p) > grace:
             out.append((p, "uncommitted attempt" + (" (shard committed elsewhere)" if shard in cache.commits else "")))
+    calib = cache.manifest["codec"].get("calibration") or {}
+    kept = {ref["array"].rsplit("/", 1)[-1] for ref in calib.values() if isinstance(ref, dict) and "array" in ref}
+    cal = mfs.join(path, "calibration")
+    for p in fs.ls(cal, detail=False) if fs.exists(cal) else []:  # a creator that lost the manifest race
+        if p.rstrip("/").rsplit("/", 1)[-1] not in kept and now - _mtime(fs, p) > grace:
+            out.append((p, "calibration array of a manifest that lost the race"))
     for d in (path, mfs.join(path, "commits")):
         for p in fs.ls(d, detail=False) if fs.exists(d) else []:
             if ".tmp-" in p.rsplit("/", 1)[-1] and now - _mtime(fs, p) > grace:

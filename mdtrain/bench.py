@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from rich.console import Console
 
-from mdcache.commands import opt, storage_options_opt
+from mdcache.commands import model_args_opt, opt, storage_options_opt
 from mdcache.devices import resolve_device, resolve_precision
 from mdcache.errors import ConfigError
 
@@ -46,6 +46,7 @@ class BenchConfig:
 
     cache: Optional[str] = opt(None, "Cache directory made by `mdcache extract`.")
     student: str = opt("vit_base_patch16_224", "timm student model name.")
+    student_args: dict = model_args_opt("--student-arg", "student")
     teacher: Optional[str] = opt(None, "Teacher for the online phase (must be the cache's teacher); without it the "
                                        "online phase is skipped.")
     teacher_weights: Optional[str] = opt(None, "Local teacher weights file for the online phase.")
@@ -65,7 +66,8 @@ class BenchConfig:
 
     def pretrain_config(self, online: bool) -> PretrainConfig:
         return resolve(PretrainConfig(
-            cache=self.cache, source=self.source, student=self.student, batch_size=self.batch_size, epochs=1000,
+            cache=self.cache, source=self.source, student=self.student, student_args=dict(self.student_args),
+            batch_size=self.batch_size, epochs=1000,
             workers=self.workers, seed=self.seed, device=self.device, precision=self.precision, warmup_epochs=0,
             lr=1e-4, drop_path=0.0, teacher=self.teacher if online else None, teacher_weights=self.teacher_weights,
             random_init=self.random_init, storage_options=dict(self.storage_options)))
@@ -127,7 +129,7 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
     setup = setup_data(pcfg, device)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
-                            teacher_dim=setup.dim).to(device)
+                            teacher_dim=setup.dim, model_args=pcfg.student_args).to(device)
     optimizer, _ = build_optimizer(pcfg, student, cfg.batch_size)
     n = cfg.warmup + cfg.batches
 

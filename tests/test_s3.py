@@ -343,3 +343,23 @@ def test_storage_failures_are_one_named_line_on_every_command(s3, bucket_data, t
     for args, env, expected in cases:
         p = run_cli(*args, env=env, check=False, module="mdtrain" if args[0] == "pretrain" else "mdcache")
         assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-1500:])
+
+
+def test_transcode_in_the_bucket_resumes_and_trains(s3, bucket_data, tmp_path):
+    """A team extracts once and derives a pca cache in the same bucket: claims, commits and resume as extract;
+    the basis is an array in the bucket, read back (and checked) by a trainer elsewhere."""
+    root = "s3://team/transcode"
+    src = run_cli(*extract_args(bucket_data, root), env=s3.env()).stdout.strip().splitlines()[-1]
+    first = run_cli("transcode", src, "--codec", "pca:16", "--shards", "0:2", "--device", "cpu", env=s3.env())
+    url = first.stdout.strip().splitlines()[-1]
+    assert url.startswith(f"{root}/") and url != src and "committed 2 shard(s)" in first.stderr
+    second = run_cli("transcode", src, "--codec", "pca:16", "--device", "cpu", *s3.cli_options())
+    assert second.stdout.strip().splitlines()[-1] == url and "reusing 2 committed shard(s)" in second.stderr
+    cache, source = open_cache(url, s3.options()), open_cache(src, s3.options())
+    assert cache.complete and cache.manifest["fingerprint"]["transcoded_from"]["cache_id"] == source.cache_id
+    assert s3.fs().exists(f"{url[len('s3://'):]}/{cache.manifest['codec']['calibration']['basis']['array']}")
+    k0, _, p0 = source.read("train-000003", 1)
+    k1, t1, p1 = cache.read("train-000003", 1)
+    assert k0 == k1 and np.array_equal(p0, p1) and t1.shape == (30, 16, 64)
+    run_cli("pretrain", "--cache", url, "--out", str(tmp_path / "pt"), "--epochs", "1", *TRAIN_FLAGS,
+            "--local-cache", str(tmp_path / "local"), env=s3.env(), module="mdtrain")

@@ -105,6 +105,11 @@ def test_two_concurrent_transcoders_commit_each_shard_once(fp16_cache, tmp_path)
     attempts = os.listdir(os.path.join(cache.url, "shards"))
     assert sorted(a.rsplit(".", 1)[0] for a in attempts) == sorted(cache.commits)  # no orphan attempt left
     assert len(os.listdir(os.path.join(cache.url, "calibration"))) in (1, 2)  # content-addressed: never overwritten
+    # what a creator that lost the manifest race leaves: gc removes it, never the basis the manifest names
+    store.put_calibration(cache.url, {"basis": np.ones((2, 64), np.float32)})
+    run_cli("gc", str(tmp_path), "--grace", "0", "--yes")
+    assert os.listdir(os.path.join(cache.url, "calibration")) == [
+        cache.manifest["codec"]["calibration"]["basis"]["array"].rsplit("/", 1)[-1]]
     run_cli("verify", cache.url)
 
 

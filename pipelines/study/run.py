@@ -61,7 +61,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--ks", default="1,2,4,8,16", help="stored views per image of the cached arms")
     p.add_argument("--codecs", default="fp16,int8", help="codecs compared at K=8 (int8 is used for the K sweep)")
     p.add_argument("--equal-budget", default="",
-                   help="extra arms 'K:codec,...' at the same bytes as 8:int8, e.g. 16:int4")
+                   help="extra arms 'K:codec,...' at the same bytes as 8:int8, e.g. 16:int4,16:pca:32")
     p.add_argument("--taps", default="final", help="teacher taps to compare (tap ablation; one cache per tap)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--workers", type=int, default=1)
@@ -155,8 +155,8 @@ def main() -> None:
     for tap in a.taps.split(","):
         arms += [(f"K={k} int8" + tap_suffix(tap, a), k, "int8", tap) for k in ks]
         arms += [(f"K=8 {c}" + tap_suffix(tap, a), 8, c, tap) for c in a.codecs.split(",") if c != "int8"]
-        arms += [(f"K={kc.split(':')[0]} {kc.split(':')[1]}" + tap_suffix(tap, a), int(kc.split(":")[0]),
-                  kc.split(":")[1], tap) for kc in a.equal_budget.split(",") if kc]
+        budget = [kc.split(":", 1) for kc in a.equal_budget.split(",") if kc]  # K:CODEC, CODEC may be pca:R
+        arms += [(f"K={k} {codec}" + tap_suffix(tap, a), int(k), codec, tap) for k, codec in budget]
     seeds = [int(s) for s in a.seeds.split(",")]
     floor, tap0 = [], a.taps.split(",")[0]
     for seed in seeds:  # the same students before any step (--stop-after 0)
