@@ -64,7 +64,8 @@ def test_the_plain_zarr_reader_in_the_format_doc_decodes_like_mdcache(tmp_path, 
                "read_view_tensorstore": doc.split("```python")[2].split("```")[0]}
     for (codec, reader) in (("fp16", "read_view"), ("int8", "read_view"), ("int4", "read_view"),
                             ("pca:16", "read_view"), ("int8", "read_view_tensorstore")):
-        url, _ = extract(extract_cfg(train_spec, str(tmp_path / codec.replace(":", "")), codec=codec, shards="0:1"), progress=False)
+        cfg = extract_cfg(train_spec, str(tmp_path / codec.replace(":", "")), codec=codec, shards="0:1")
+        url, _ = extract(cfg, progress=False)
         out = tmp_path / f"{codec.replace(':', '')}-{reader}.npz"
         code = ("import sys\nsys.modules['mdcache'] = None  # the snippet must not need the package\n"
                 + readers[reader] + f"\nkeys, t, v = {reader}({url!r}, 'train-000000', 1)\n"

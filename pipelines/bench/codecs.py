@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +118,8 @@ def loader_ratio(url: str) -> float:
     cache = open_cache(url)
     patch = cache.image_size // cache.patch_grid[0]
     out = run(PY, "-m", "mdtrain", "bench", "--cache", url, "--student", "vit_tiny_patch16_224", "--student-arg",
-              f"img_size={cache.image_size}", "--student-arg", f"patch_size={patch}", "--batches", "2", "--warmup", "1", "--loader-batches", "40",
+              f"img_size={cache.image_size}", "--student-arg", f"patch_size={patch}", "--batches", "2", "--warmup", "1",
+              "--loader-batches", "40",
               "--batch-size", "16", "--workers", "1", "--device", "cpu", "--json")
     return json.loads(out)["ratio_loader_targets_vs_images"]
 
