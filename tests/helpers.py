@@ -92,3 +92,30 @@ def mdtrain(*args: str, check: bool = True, env: dict | None = None, timeout: fl
 
 def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """The history rows of an offline Weights & Biases run, read from its run file without a network or W&B's
+    service: LevelDB log records (32 KiB blocks, a 7-byte header each: crc32, length, type) after a 7-byte
+    file header, each record one wandb `Record` protobuf."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (run_file,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data, rows, pending, pos = run_file.read_bytes(), [], b"", 7
+    while pos + 7 <= len(data):
+        room = 32768 - pos % 32768
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7]) if room >= 7 else (0, 0)
+        if length == 0 and kind == 0:  # block trailer or padding
+            pos += room
+            continue
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a FULL record, or the LAST fragment of one
+            r = pb.Record()
+            r.ParseFromString(pending)
+            pending = b""
+            if r.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
+    return rows

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from helpers import ROOT, STUDENT, TINY_TEACHER, TRAIN_FLAGS, mdtrain, read_jsonl, shared_cache
+from helpers import ROOT, STUDENT, TINY_TEACHER, TRAIN_FLAGS, mdtrain, read_jsonl, shared_cache, wandb_history
 
 from mdtrain.checkpoint import load_trainer_state, weights_metadata
 
@@ -34,7 +34,7 @@ PROBE = ("import atexit, json, sys\n"
 def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_url, tmp_path):
     out = tmp_path / "run"
     p = subprocess.run([sys.executable, "-c", PROBE, "pretrain", "--cache", cache_url, "--out", str(out),
-                        "--epochs", "3", "--drop-path", "0", "--log", "tensorboard", *TRAIN_FLAGS],
+                        "--epochs", "3", "--drop-path", "0", "--log", "tensorboard", "--log", "wandb", *TRAIN_FLAGS],
                        capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -56,6 +56,10 @@ def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_ur
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == list(range(1, 43))
     assert all(math.isclose(e.value, r["loss"], rel_tol=1e-6) for e, r in zip(loss, rows))
+    # --log wandb, offline (no network): the same rows, read back from the run's own file
+    history = [h for h in wandb_history(out) if "loss" in h]
+    assert [h["_step"] for h in history] == list(range(1, 43))
+    assert all(math.isclose(h["loss"], r["loss"], rel_tol=1e-6) for h, r in zip(history, rows))
     bad = mdtrain("pretrain", "--cache", cache_url, "--out", str(tmp_path / "bad"), "--log", "mlflow", *TRAIN_FLAGS,
                   check=False)
     assert bad.returncode == 2 and "--log 'mlflow': choose from tensorboard, wandb" in bad.stderr
