@@ -71,17 +71,22 @@ def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, cali
     target shapes, view fields, source shards) and provenance."""
     from .views import VIEW_FIELDS
 
-    codec = codecs.get_codec(codec_name(fp))
-    shapes = codec.shapes(teacher.num_patches, teacher.dim)
     return {"format_version": FORMAT_VERSION, "cache_id": cache_id(fp), "fingerprint": fp,
-            "codec": {"name": codec.name, "calibration": calibration, "calibration_sha256": json_digest(calibration),
-                      "arrays": {n: [dt, [None, *shape]] for n, (dt, shape) in shapes.items()}},
+            "codec": codec_record(codec_name(fp), calibration, teacher.num_patches, teacher.dim),
             "teacher": {"spec": teacher.spec, "dim": teacher.dim, "patch_grid": list(teacher.patch_grid),
                         "tokens": teacher.num_patches, "mean": list(teacher.mean), "std": list(teacher.std)},
             "views": recipe.views, "image_size": recipe.image_size, "view_fields": list(VIEW_FIELDS),
             "source": {"spec": source_spec, "shards": [s.to_json() for s in shards],
                        "classes": list(shards[0].classes)},
-            "created_by": who(), "created_at": now(), "versions": _versions()}
+            "created_by": who(), "created_at": now(), "versions": software_versions()}
+
+
+def codec_record(name: str, calibration: dict | None, tokens: int, dim: int) -> dict:
+    """The manifest's codec entry: name, calibration (JSON; arrays by reference) and its checksum, and the
+    arrays a shard holds with their per-view shapes (None: the shard's sample count)."""
+    shapes = codecs.get_codec(name).shapes(tokens, dim)
+    return {"name": name, "calibration": calibration, "calibration_sha256": json_digest(calibration),
+            "arrays": {n: [dt, [None, *shape]] for n, (dt, shape) in shapes.items()}}
 
 
 def codec_name(fp: dict) -> str:
@@ -142,7 +147,7 @@ def load_calibration(cache_url: str, calibration: dict | None, storage_options: 
     return out
 
 
-def _versions() -> dict:
+def software_versions() -> dict:
     import open_clip
     import PIL
     import timm

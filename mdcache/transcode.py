@@ -88,13 +88,10 @@ def open_or_create(cfg: TranscodeConfig, src: store.Cache, device) -> store.Cach
     console.print(f"[bold]new cache[/] {url} ({src.codec} -> {cfg.codec}, from {src.cache_id})")
     calibration = store.put_calibration(url, calibrate(cfg, src, device), so)
     m = src.manifest
-    shapes = codecs.get_codec(cfg.codec).shapes(int(m["teacher"]["tokens"]), src.teacher_dim)
     manifest = {**m, "cache_id": store.cache_id(fp), "fingerprint": fp,
-                "codec": {"name": cfg.codec, "calibration": calibration,
-                          "calibration_sha256": store.json_digest(calibration),
-                          "arrays": {n: [dt, [None, *shape]] for n, (dt, shape) in shapes.items()}},
+                "codec": store.codec_record(cfg.codec, calibration, int(m["teacher"]["tokens"]), src.teacher_dim),
                 "transcoded_from": {"cache": src.url, "cache_id": src.cache_id, "codec": src.codec},
-                "created_by": mfs.who(), "created_at": mfs.now(), "versions": store._versions()}
+                "created_by": mfs.who(), "created_at": mfs.now(), "versions": store.software_versions()}
     store.create_manifest(url, manifest, so)
     return store.open_cache(url, so)
 
