@@ -19,6 +19,7 @@ store keeps them as arrays beside the manifest, and they reach decode as tensors
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -91,6 +92,7 @@ def _int8_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.T
 
 # ----------------------------------------------------------------------------- int4
 
+FP16_MIN, FP16_MAX = 6.2e-5, 65504.0  # per-token scalars are stored in fp16: keep them normal and finite
 INT4_LEVELS = 16
 INT4_SCALES = (0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)  # multiples of the token's rms the encoder tries
 _LLOYD_SAMPLE = 2_000_000                                # calibration values the levels are fitted on (at most)
@@ -120,9 +122,13 @@ def _int4_calibrate(tokens: torch.Tensor) -> dict:
     return {"mean": mean.tolist(), "std": std.tolist(), "levels": lloyd_levels(y / _rms(y)).tolist()}
 
 
+def _int4_arrays(d: int) -> dict[str, tuple[str, int | None]]:
+    if d % 2:
+        raise ConfigError(f"int4 packs two channels per byte: the teacher's {d} channels are odd; use int8")
+    return {"targets": ("uint8", d // 2), "scales": ("float16", None)}
+
+
 def _int4_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
-    if x.shape[-1] % 2:
-        raise ConfigError(f"int4 packs two channels per byte: the teacher's {x.shape[-1]} channels are odd")
     std = _t(calib, "std", x.device)
     levels = _t(calib, "levels", x.device)
     bounds = (levels[1:] + levels[:-1]) / 2
@@ -130,16 +136,17 @@ def _int4_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
     rms, w = _rms(y), std.square()
     best_err = best_codes = best_scale = None
     for m in INT4_SCALES:  # the scale with the least error in feature units (after * std), per token
-        scale = (rms * m).half().float()  # as stored
-        codes = torch.bucketize(y / scale, bounds)
+        scale = (rms * m).clamp(FP16_MIN, FP16_MAX).half().float()  # as stored
+        codes = torch.bucketize(y / scale, bounds, out_int32=True)
         err = ((levels[codes] * scale - y).square() * w).sum(-1, keepdim=True)
         if best_err is None:
-            best_err, best_codes, best_scale = err, codes, scale
+            best_err, best_codes, best_scale = err, codes.to(torch.uint8), scale
         else:
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best_codes, best_scale = torch.where(better, codes, best_codes), torch.where(better, scale, best_scale)
-    codes = best_codes.to(torch.uint8)
+            best_codes = torch.where(better, codes.to(torch.uint8), best_codes)
+            best_scale = torch.where(better, scale, best_scale)
+    codes = best_codes
     packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # channel 2i in the low nibble, 2i+1 in the high one
     return {"targets": packed.cpu().numpy(), "scales": best_scale.squeeze(-1).half().cpu().numpy()}
 
@@ -165,16 +172,14 @@ EV_POINTS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 def _pca_calibrate(r: int) -> Callable[[torch.Tensor], dict]:
     def calibrate(tokens: torch.Tensor) -> dict:
         d = tokens.shape[-1]
-        if not 0 < r < d:
-            raise ConfigError(f"pca:{r}: the component count must be between 1 and {d - 1} (the teacher has {d} "
-                              "channels)")
         t = token_layernorm(tokens).reshape(-1, d).double()
         mean = t.mean(0)
         var, vecs = torch.linalg.eigh((t - mean).T @ (t - mean) / max(len(t) - 1, 1))
         var, vecs = var.flip(0).clamp_min(0), vecs.flip(1)          # largest first
         vecs = vecs * torch.sign(vecs[vecs.abs().argmax(0), torch.arange(d)])  # a sign convention: deterministic
         ev = var.cumsum(0) / var.sum().clamp_min(1e-30)
-        return {"mean": mean.float().tolist(), "component_std": var[:r].sqrt().clamp_min(1e-12).float().tolist(),
+        spread = var[:r].sqrt().clamp_min(1e-6 * float(var[0].sqrt().clamp_min(1e-12)))  # rank-deficient: no 1/0
+        return {"mean": mean.float().tolist(), "component_std": spread.float().tolist(),
                 "explained_variance": float(ev[r - 1]),
                 "explained_variance_curve": {str(k): float(ev[k - 1]) for k in sorted({*EV_POINTS, r}) if k <= d},
                 "basis": vecs[:, :r].T.float().numpy()}  # [R, D]
@@ -186,7 +191,7 @@ def _pca_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
     mu, sigma = x.mean(-1), (x.var(-1, unbiased=False) + LN_EPS).sqrt()
     c = (token_layernorm(x) - _t(calib, "mean", x.device)) @ _t(calib, "basis", x.device).T
     c = c / _t(calib, "component_std", x.device)
-    scale = (c.abs().amax(-1).clamp_min(1e-12) / 127.0).half().float()
+    scale = (c.abs().amax(-1) / 127.0).clamp(FP16_MIN, FP16_MAX).half().float()  # as stored
     q = torch.round(c / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     token = torch.stack((scale, mu, sigma), -1).clamp(-65504, 65504).half()
     return {"targets": q.cpu().numpy(), "token": token.cpu().numpy()}
@@ -199,7 +204,13 @@ def _pca_decode(arrays: dict[str, torch.Tensor], calib: dict | None) -> torch.Te
 
 
 def pca_codec(r: int) -> Codec:
-    return Codec(f"pca:{r}", lambda d: {"targets": ("int8", r), "token": ("float16", 3)},
+    def arrays(d: int) -> dict[str, tuple[str, int | None]]:
+        if not 0 < r < d:
+            raise ConfigError(f"pca:{r}: the component count must be between 1 and {d - 1} (the teacher has {d} "
+                              "channels)")
+        return {"targets": ("int8", r), "token": ("float16", 3)}
+
+    return Codec(f"pca:{r}", arrays,
                  {"name": "pca", "components": r, "space": "token-layernorm", "coefficients": "int8-absmax"},
                  _pca_calibrate(r), _pca_encode, _pca_decode)
 
@@ -209,7 +220,7 @@ CODECS = {c.name: c for c in (
     Codec("int8", lambda d: {"targets": ("int8", d), "scales": ("float32", None)},
           {"name": "int8", "channel_calibration": "mean-std", "token_scale": "absmax", "qmax": 127},
           _int8_calibrate, _int8_encode, _int8_decode),
-    Codec("int4", lambda d: {"targets": ("uint8", d // 2), "scales": ("float16", None)},
+    Codec("int4", _int4_arrays,
           {"name": "int4", "channel_calibration": "mean-std", "levels": "lloyd-max-16", "token_scale": "rms-search",
            "packing": "low-nibble-first"},
           _int4_calibrate, _int4_encode, _int4_decode),
@@ -222,7 +233,7 @@ def get_codec(name: str) -> Codec:
         return CODECS[name]
     family, _, param = name.partition(":")
     if family in FAMILIES:
-        if not param.isdigit() or int(param) < 1:
+        if not re.fullmatch(r"[1-9][0-9]*", param):
             raise ConfigError(f"codec {name!r}: say how many components, e.g. {family}:192")
         return FAMILIES[family](int(param))
     raise ConfigError(f"unknown codec {name!r}; choose one of {', '.join([*CODECS, *(f + ':R' for f in FAMILIES)])}")

@@ -178,6 +178,7 @@ def prepare(cfg: ExtractConfig) -> Prepared:
     if cfg.random_init:
         console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos "
                       "only")
+    codecs.get_codec(cfg.codec).shapes(teacher.num_patches, teacher.dim)  # refused now, not after calibrating
     return Prepared(so, shards, device, precision, teacher, cfg.recipe(teacher.image_size))
 
 
@@ -215,20 +216,31 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
 def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
     fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision)
     url = mfs.join(cfg.cache, store.cache_id(fp))
+
+    def manifest() -> dict:
+        calibration = store.put_calibration(url, calibrate(cfg, p), p.storage_options)
+        return store.new_manifest(fp, p.teacher, p.recipe, cfg.source, p.shards, calibration)
+
+    calibrating = f" (calibrating {cfg.codec} codec)" if codecs.get_codec(cfg.codec).calibrate else ""
+    return open_or_create_cache(url, fp, p.storage_options, manifest, calibrating)
+
+
+def open_or_create_cache(url: str, fp: dict, so: dict, make_manifest: Callable[[], dict],
+                         note: str = "") -> store.Cache:
+    """The cache `fp` names: opened when it exists (its fingerprint must be this one), else created with
+    `make_manifest()` (calibration included; the first creator's manifest wins). Shared by extract and
+    transcode."""
     try:
-        cache = store.open_cache(url, p.storage_options)
+        cache = store.open_cache(url, so)
         if cache.manifest["fingerprint"] != fp:
             raise CacheError(f"{url}: manifest fingerprint differs from this run's (id collision or tampering)")
         return cache
     except CacheNotFound:
         pass
-    check_writable(url, p.storage_options)
-    calibrating = f" (calibrating {cfg.codec} codec)" if codecs.get_codec(cfg.codec).calibrate else ""
-    console.print(f"[bold]new cache[/] {url}{calibrating}")
-    calibration = store.put_calibration(url, calibrate(cfg, p), p.storage_options)
-    manifest = store.new_manifest(fp, p.teacher, p.recipe, cfg.source, p.shards, calibration)
-    store.create_manifest(url, manifest, p.storage_options)
-    return store.open_cache(url, p.storage_options)
+    check_writable(url, so)
+    console.print(f"[bold]new cache[/] {url}{note}")
+    store.create_manifest(url, make_manifest(), so)
+    return store.open_cache(url, so)
 
 
 def check_writable(cache_url: str, so: dict) -> None:

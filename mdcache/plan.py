@@ -1,7 +1,7 @@
 """`mdcache plan`: what a cache will cost before anything runs. Pure arithmetic from the codec registry.
 
 Bytes per view = tokens x the codec's bytes per token (codes plus per-token scalars) + the view's
-parameters (11 int32). That is before compression: zstd takes 0-10% off these arrays (int8 and int4
+parameters (11 int32). That is before compression: Blosc/Zstd takes 0-10% off these arrays (int8 and int4
 codes look random to it; fp16 compresses a little), so the figures are a slight upper bound. A
 training run reads one view per image per epoch, so the read bandwidth is bytes per view x images/s.
 """
@@ -65,7 +65,10 @@ def plan(cfg: PlanConfig) -> dict:
     if cfg.bench:
         with open(cfg.bench) as f:
             b = json.load(f)
-        ips = b.get("extract_ips") or b["ips"]
+        if b.get("no_teacher") or "extract_ips" not in b:
+            raise ConfigError(f"{cfg.bench}: a `mdcache bench --no-teacher` result measures the CPU side alone; "
+                              "give a bench result with the teacher for an extraction time")
+        ips = b["extract_ips"]
         # the teacher's work grows with K: scale the measured rate from the bench's K to this one
         out["extract_ips"] = ips * b["views"] / cfg.views
         out["extract_seconds"] = cfg.images / out["extract_ips"]
@@ -76,7 +79,7 @@ def plan(cfg: PlanConfig) -> dict:
 
 
 def table_codecs(codec: str, dim: int) -> list[str]:
-    names = ["fp16", "int8", "int4", f"pca:{dim // 4}", f"pca:{dim // 8}"]
+    names = ["fp16", "int8", *(["int4"] if dim % 2 == 0 else []), *(f"pca:{r}" for r in (dim // 4, dim // 8) if r)]
     return names if codec in names else [*names, codec]
 
 

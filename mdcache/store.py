@@ -96,9 +96,10 @@ def codec_name(fp: dict) -> str:
 
 
 def put_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
-    """Store a calibration's numpy arrays as Zarr arrays beside the manifest, each named by its content
-    (so two extractors creating the same cache never overwrite each other's), and return the JSON the
-    manifest holds: each array replaced by {"array": path, "sha256", "shape", "dtype"}."""
+    """Store a calibration's numpy arrays as Zarr arrays beside the manifest, each named by its content, and
+    return the JSON the manifest holds: each array replaced by {"array": path, "sha256", "shape", "dtype"}.
+    Two creators of one cache derive the same arrays, so the same names: an array already there intact is
+    left alone (never deleted and rewritten under a reader), and a second writer never truncates it."""
     import zarr
 
     if not calibration:
@@ -114,13 +115,27 @@ def put_calibration(cache_url: str, calibration: dict | None, storage_options: d
         where = join(path, rel) if is_local(fs) else join(cache_url, rel)
         so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
         try:
-            z = zarr.open_array(where, mode="w", shape=value.shape, dtype=value.dtype, chunks=value.shape,
-                                zarr_format=3, storage_options=so)
-            z[...] = value
+            if _array_digest_at(where, so) != digest:  # absent, or a damaged leftover of a killed creator
+                if fs.exists(join(path, rel)):
+                    fs.rm(join(path, rel), recursive=True)
+                z = zarr.open_array(where, mode="w-", shape=value.shape, dtype=value.dtype, chunks=value.shape,
+                                    zarr_format=3, storage_options=so)
+                z[...] = value
+        except (FileExistsError, zarr.errors.ContainsArrayError):  # another creator is writing the same bytes
+            pass
         except OSError as e:
             raise CacheError(f"{cache_url}: writing the codec calibration {rel} failed: {e.strerror or e}") from e
         out[key] = {"array": rel, "sha256": digest, "shape": list(value.shape), "dtype": str(value.dtype)}
     return out
+
+
+def _array_digest_at(where: str, so: dict | None) -> str | None:
+    import zarr
+
+    try:
+        return array_digest(np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...]))
+    except Exception:  # absent or unreadable
+        return None
 
 
 def load_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
@@ -136,10 +151,20 @@ def load_calibration(cache_url: str, calibration: dict | None, storage_options: 
             continue
         where = join(path, ref["array"]) if is_local(fs) else join(cache_url, ref["array"])
         so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
-        try:
-            a = np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...])
-        except Exception as e:  # missing or undecodable
-            raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} is unreadable: {e}") from e
+        for wait in (1.0, None):  # a creator that lost the manifest race may be writing the same bytes right now
+            try:
+                a = np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...])
+            except Exception as e:  # missing or undecodable
+                if wait is None:
+                    raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} is unreadable: "
+                                     f"{e}") from e
+                a = None
+            if a is not None and array_digest(a) == ref["sha256"] and list(a.shape) == ref["shape"]:
+                break
+            if wait is not None:
+                import time
+
+                time.sleep(wait)
         if array_digest(a) != ref["sha256"] or list(a.shape) != ref["shape"]:
             raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} does not match its checksum "
                              "in the manifest (edited or damaged)")

@@ -90,7 +90,12 @@ def test_unknown_codec_is_a_clear_error():
     with pytest.raises(ConfigError, match="say how many components, e.g. pca:192"):
         codecs.get_codec("pca")
     with pytest.raises(ConfigError, match="between 1 and"):
-        codecs.get_codec("pca:4096").calibrate(torch.randn(64, 32))
+        codecs.get_codec("pca:32").shapes(16, 32)  # R must be below the teacher's channels
+    with pytest.raises(ConfigError, match="channels are odd"):
+        codecs.get_codec("int4").shapes(16, 33)
+    for odd_spelling in ("pca:016", "pca:²", "pca:-4"):  # one spelling per codec: one cache id, one manifest name
+        with pytest.raises(ConfigError, match="say how many components"):
+            codecs.get_codec(odd_spelling)
 
 
 def test_codec_identities_are_frozen():
@@ -139,3 +144,19 @@ def test_pca_keeps_the_features_layernorm_sees(feats):
     assert torch.allclose(dec.mean(-1), feats.mean(-1), atol=1e-2 * float(feats.std()))
     # more components, closer
     assert fidelity(feats, roundtrip(f"pca:{d // 8}", feats, n_calib=None))["mean_cosine"] < r["mean_cosine"]
+
+
+def test_per_token_scalars_stay_finite_in_fp16():
+    """Scales are stored in fp16: a nearly constant calibration channel (int4) or a rank-deficient basis (pca)
+    must not turn a token into inf, or silently into the calibration mean."""
+    calib_tokens = torch.randn(4, 16, 32)
+    calib_tokens[..., 0] = 1.0 + 1e-9 * torch.randn(4, 16)  # constant while calibrating
+    x = torch.randn(2, 16, 32)
+    x[..., 0] = 50.0  # ...and not afterwards
+    for name, cal in (("int4", calib_tokens), ("pca:8", calib_tokens[:1, :3])):  # 3 tokens for 8 components
+        c = codecs.get_codec(name)
+        calib = c.calibrate(cal)
+        enc = c.encode(x, calib)
+        dec = c.decode({k: torch.from_numpy(v) for k, v in enc.items()}, calib)
+        assert torch.isfinite(dec).all(), name
+        assert all(np.isfinite(v.astype(np.float32)).all() for v in enc.values()), name

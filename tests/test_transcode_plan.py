@@ -170,3 +170,20 @@ def test_plan_cli_table_and_bench_file(tmp_path):
     assert "pca:192" in text and "K=16" in text and "TB" in text
     p = run_cli("plan", "--teacher", "mine", check=False)
     assert p.returncode == 2 and "--tokens and --dim" in p.stderr
+
+
+def test_a_codec_that_cannot_fit_the_teacher_is_refused_before_a_cache_exists(tmp_path, train_spec):
+    """int4 on a teacher with an odd channel count (a real timm ViT, 33 channels): one line, and no manifest
+    left behind that no extractor could ever fill."""
+    p = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path), "--teacher", "timm:vit_tiny_patch16_224",
+                "--teacher-arg", "embed_dim=33", "--teacher-arg", "num_heads=3", "--teacher-arg", "depth=1",
+                "--random-init", "--image-size", "32", "--codec", "int4", "--workers", "0", check=False)
+    assert p.returncode == 2 and "channels are odd" in p.stderr, p.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_transcode_puts_the_new_cache_beside_the_source(fp16_cache, monkeypatch):
+    root, cache_id = os.path.split(fp16_cache)
+    monkeypatch.chdir(root)
+    assert transcode.default_root(cache_id) == transcode.default_root(cache_id + "/") == root
+    assert transcode.default_root("s3://team/mdcache/0123abcd/") == "s3://team/mdcache"
