@@ -542,19 +542,22 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
     summary["seconds"] += time.time() - t0
 
 
-def run_cli(cfg: ExtractConfig) -> None:
-    url, summary = extract(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("MDCACHE_PROGRESS")))
-    done = len(summary["committed"])
-    console.print(f"committed {done} shard(s), {summary['images']} images, reused {summary['reused']}, "
-                  f"skipped {summary['skipped']} undecodable sample(s)" +
-                  (f", {len(summary['lost_race'])} shard(s) committed by another extractor first"
+def report(url: str, summary: dict, who: str, details: str = "") -> None:
+    """The end of an extract or transcode run: what was done, what failed, what others hold; the URL last."""
+    console.print(f"committed {len(summary['committed'])} shard(s), {summary['images']} images, reused "
+                  f"{summary['reused']}{details}" +
+                  (f", {len(summary['lost_race'])} shard(s) committed by another {who} first"
                    if summary["lost_race"] else ""))
     for name, err in summary["failed"].items():
         console.print(f"[red]FAILED[/] shard {name}: {err}")
     if summary["elsewhere"]:
-        console.print(f"{len(summary['elsewhere'])} shard(s) left to other extractors holding claims: "
+        console.print(f"{len(summary['elsewhere'])} shard(s) left to other {who}s holding claims: "
                       + ", ".join(f"{n} ({o})" for n, o in sorted(summary["elsewhere"].items())))
     print(url)
     if summary["failed"]:
         raise SystemExit(1)
 
+
+def run_cli(cfg: ExtractConfig) -> None:
+    url, summary = extract(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("MDCACHE_PROGRESS")))
+    report(url, summary, "extractor", f", skipped {summary['skipped']} undecodable sample(s)")

@@ -22,7 +22,7 @@ from .claims import Claims
 from .commands import opt, storage_options_opt
 from .devices import resolve_device
 from .errors import CacheError, ConfigError
-from .extract import Batch, ShardWriter, console, open_or_create_cache, resume, run_claimed
+from .extract import Batch, ShardWriter, console, open_or_create_cache, report, resume, run_claimed
 
 
 @dataclass
@@ -163,14 +163,4 @@ def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: l
 
 def run_cli(cfg: TranscodeConfig) -> None:
     url, summary = transcode(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("MDCACHE_PROGRESS")))
-    console.print(f"committed {len(summary['committed'])} shard(s), {summary['images']} images, reused "
-                  f"{summary['reused']}" + (f", {len(summary['lost_race'])} shard(s) committed by another transcoder "
-                                            "first" if summary["lost_race"] else ""))
-    for name, err in summary["failed"].items():
-        console.print(f"[red]FAILED[/] shard {name}: {err}")
-    if summary["elsewhere"]:
-        console.print(f"{len(summary['elsewhere'])} shard(s) left to others holding claims: "
-                      + ", ".join(f"{n} ({o})" for n, o in sorted(summary["elsewhere"].items())))
-    print(url)
-    if summary["failed"]:
-        raise SystemExit(1)
+    report(url, summary, "transcoder")
