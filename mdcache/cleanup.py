@@ -92,8 +92,8 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
             continue
         if now - _mtime(fs, p) > grace:
             out.append((p, "uncommitted attempt" + (" (shard committed elsewhere)" if shard in cache.commits else "")))
-    calib = cache.manifest["codec"].get("calibration") or {}
-    kept = {ref["array"].rsplit("/", 1)[-1] for ref in calib.values() if isinstance(ref, dict) and "array" in ref}
+    kept = {ref["array"].rsplit("/", 1)[-1]
+            for ref in store.calibration_arrays(cache.manifest["codec"].get("calibration")).values()}
     cal = mfs.join(path, "calibration")
     for p in fs.ls(cal, detail=False) if fs.exists(cal) else []:  # a creator that lost the manifest race
         if p.rstrip("/").rsplit("/", 1)[-1] not in kept and now - _mtime(fs, p) > grace:

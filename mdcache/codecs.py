@@ -18,6 +18,7 @@ store keeps them as arrays beside the manifest, and they reach decode as tensors
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -146,8 +147,7 @@ def _int4_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
             best_err = torch.where(better, err, best_err)
             best_codes = torch.where(better, codes.to(torch.uint8), best_codes)
             best_scale = torch.where(better, scale, best_scale)
-    codes = best_codes
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # channel 2i in the low nibble, 2i+1 in the high one
+    packed = best_codes[..., 0::2] | (best_codes[..., 1::2] << 4)  # channel 2i in the low nibble, 2i+1 in the high one
     return {"targets": packed.cpu().numpy(), "scales": best_scale.squeeze(-1).half().cpu().numpy()}
 
 
@@ -193,7 +193,7 @@ def _pca_encode(x: torch.Tensor, calib: dict | None) -> dict[str, np.ndarray]:
     c = c / _t(calib, "component_std", x.device)
     scale = (c.abs().amax(-1) / 127.0).clamp(FP16_MIN, FP16_MAX).half().float()  # as stored
     q = torch.round(c / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
-    token = torch.stack((scale, mu, sigma), -1).clamp(-65504, 65504).half()
+    token = torch.stack((scale, mu, sigma), -1).clamp(-FP16_MAX, FP16_MAX).half()
     return {"targets": q.cpu().numpy(), "token": token.cpu().numpy()}
 
 
@@ -228,7 +228,9 @@ CODECS = {c.name: c for c in (
 FAMILIES = {"pca": pca_codec}  # parametric codecs: NAME:PARAM
 
 
+@functools.lru_cache(maxsize=None)
 def get_codec(name: str) -> Codec:
+    """The codec a name gives, made once (it is looked up on every read and decode)."""
     if name in CODECS:
         return CODECS[name]
     family, _, param = name.partition(":")

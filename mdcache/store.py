@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,23 @@ def codec_name(fp: dict) -> str:
     return f"{c['name']}:{c['components']}" if "components" in c else c["name"]
 
 
+def _zarr_at(cache_url: str, rel: str, storage_options: dict | None) -> tuple[str, dict | None]:
+    """Where zarr opens `rel` under a cache, and with which storage options (none for local paths)."""
+    fs, path = url_to_fs(cache_url, storage_options)
+    if is_local(fs):
+        return join(path, rel), None
+    return join(cache_url, rel), mfs.storage_options_for(cache_url, storage_options)
+
+
+def _read_array(where: str, so: dict | None) -> np.ndarray | None:
+    import zarr
+
+    try:
+        return np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...])
+    except Exception:  # absent or undecodable
+        return None
+
+
 def put_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
     """Store a calibration's numpy arrays as Zarr arrays beside the manifest, each named by its content, and
     return the JSON the manifest holds: each array replaced by {"array": path, "sha256", "shape", "dtype"}.
@@ -112,10 +130,10 @@ def put_calibration(cache_url: str, calibration: dict | None, storage_options: d
             continue
         digest = array_digest(value)
         rel = f"calibration/{key}-{digest[:16]}"
-        where = join(path, rel) if is_local(fs) else join(cache_url, rel)
-        so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
+        where, so = _zarr_at(cache_url, rel, storage_options)
         try:
-            if _array_digest_at(where, so) != digest:  # absent, or a damaged leftover of a killed creator
+            present = _read_array(where, so)
+            if present is None or array_digest(present) != digest:  # absent, or a killed creator's leftover
                 if fs.exists(join(path, rel)):
                     fs.rm(join(path, rel), recursive=True)
                 z = zarr.open_array(where, mode="w-", shape=value.shape, dtype=value.dtype, chunks=value.shape,
@@ -129,47 +147,27 @@ def put_calibration(cache_url: str, calibration: dict | None, storage_options: d
     return out
 
 
-def _array_digest_at(where: str, so: dict | None) -> str | None:
-    import zarr
-
-    try:
-        return array_digest(np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...]))
-    except Exception:  # absent or unreadable
-        return None
+def calibration_arrays(calibration: dict | None) -> dict[str, dict]:
+    """The calibration entries that are array references (pca's basis): {key: {"array": path, ...}}."""
+    return {k: v for k, v in (calibration or {}).items() if isinstance(v, dict) and "array" in v}
 
 
 def load_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
     """The manifest's calibration with its arrays read back and checked against their checksums."""
-    import zarr
-
-    if not calibration or not any(isinstance(v, dict) and "array" in v for v in calibration.values()):
-        return calibration
-    fs, path = url_to_fs(cache_url, storage_options)
-    out = dict(calibration)
-    for key, ref in calibration.items():
-        if not (isinstance(ref, dict) and "array" in ref):
-            continue
-        where = join(path, ref["array"]) if is_local(fs) else join(cache_url, ref["array"])
-        so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
-        for wait in (1.0, None):  # a creator that lost the manifest race may be writing the same bytes right now
-            try:
-                a = np.asarray(zarr.open_array(where, mode="r", storage_options=so)[...])
-            except Exception as e:  # missing or undecodable
-                if wait is None:
-                    raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} is unreadable: "
-                                     f"{e}") from e
-                a = None
-            if a is not None and array_digest(a) == ref["sha256"] and list(a.shape) == ref["shape"]:
-                break
-            if wait is not None:
-                import time
-
-                time.sleep(wait)
+    out = dict(calibration or {})
+    for key, ref in calibration_arrays(calibration).items():
+        where, so = _zarr_at(cache_url, ref["array"], storage_options)
+        a = _read_array(where, so)
+        if a is None or array_digest(a) != ref["sha256"]:  # a creator that lost the manifest race may be writing
+            time.sleep(1.0)                                 # these same bytes right now: look once more
+            a = _read_array(where, so)
+        if a is None:
+            raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} is missing or unreadable")
         if array_digest(a) != ref["sha256"] or list(a.shape) != ref["shape"]:
             raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} does not match its checksum "
                              "in the manifest (edited or damaged)")
         out[key] = a
-    return out
+    return out if calibration is not None else None
 
 
 def software_versions() -> dict:
@@ -198,8 +196,6 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
 def remove_attempt(cache_url: str, rel: str, storage_options: dict | None = None) -> None:
     """Best effort: remove an attempt directory this process wrote and will never commit. zarr writes a
     shard's chunks concurrently, and one failed write does not stop the others: look again after a moment."""
-    import time
-
     fs, path = url_to_fs(cache_url, storage_options)
     for wait in (0.2, 0.5, 1.0, None):
         try:
