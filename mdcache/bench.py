@@ -30,7 +30,7 @@ class BenchConfig(ExtractConfig):
     """Measure extraction images/s against teacher-forward-only images/s on the same batches."""
 
     cache: str = opt("", "Cache root for the benchmark's extraction (default: a temporary directory, removed after).")
-    repeats: int = opt(1, "Teacher-only passes over the batches (the best is reported).")
+    repeats: int = opt(1, "Teacher-only passes over the batches (the best is reported).", ge=1)
     json_out: str = opt("", "Also write the result as JSON to this file (what `mdcache plan --bench` reads).")
     no_teacher: bool = opt(False, "Measure the CPU pipeline alone (decode, views, encode, write): the teacher returns "
                                   "zeros of its real shape; reports images/s per core.")

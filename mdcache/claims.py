@@ -43,10 +43,22 @@ def owner_is_dead(owner: str) -> bool:
 
 
 class Claims:
-    """Claim, renew and release shards of one cache for one owner (picklable into loader workers)."""
+    """Claim, renew and release shards of one cache for one owner (picklable into loader workers).
+
+    Renewing is a read then a write: a release between the two would be undone by the write, leaving a
+    claim of ours after the commit. So renew and release of one process hold one lock, and a released
+    shard is never renewed again by this process."""
 
     def __init__(self, cache_url: str, owner: str, ttl: float, storage_options: dict | None = None):
         self.cache_url, self.owner, self.ttl, self.storage_options = cache_url, owner, ttl, storage_options
+        self._lock, self._released = threading.Lock(), set()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_released")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock, self._released = threading.Lock(), set()
 
     def _paths(self, shard: str) -> tuple:
         fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
@@ -64,12 +76,16 @@ class Claims:
             return "committed"
         for _ in range(3):
             if mfs.write_json(fs, claim, self._record(shard), exclusive=True):
+                with self._lock:
+                    self._released.discard(shard)
                 return None
             try:
                 cur = mfs.read_json(fs, claim)
             except FileNotFoundError:  # released between our put and our read: try again
                 continue
             if cur.get("owner") == self.owner:
+                with self._lock:
+                    self._released.discard(shard)
                 return None
             if cur.get("expires", 0) > time.time() and not owner_is_dead(cur.get("owner", "")):
                 return cur.get("owner", "?")
@@ -78,21 +94,26 @@ class Claims:
 
     def renew(self, shard: str) -> bool:
         fs, claim, _ = self._paths(shard)
-        try:
-            if mfs.read_json(fs, claim).get("owner") != self.owner:
+        with self._lock:
+            if shard in self._released:
                 return False
-        except FileNotFoundError:
-            return False
-        mfs.write_json(fs, claim, self._record(shard))
-        return True
+            try:
+                if mfs.read_json(fs, claim).get("owner") != self.owner:
+                    return False
+            except FileNotFoundError:
+                return False
+            mfs.write_json(fs, claim, self._record(shard))
+            return True
 
     def release(self, shard: str) -> None:
         fs, claim, _ = self._paths(shard)
-        try:
-            if mfs.read_json(fs, claim).get("owner") == self.owner:
-                fs.rm(claim)
-        except FileNotFoundError:
-            pass
+        with self._lock:
+            self._released.add(shard)
+            try:
+                if mfs.read_json(fs, claim).get("owner") == self.owner:
+                    fs.rm(claim)
+            except FileNotFoundError:
+                pass
 
     def mine(self) -> list[str]:
         """Shards this owner currently holds claims on (claims made in loader workers included)."""

@@ -27,7 +27,7 @@ class GcConfig:
 
     root: str = opt(None, "Cache root or one cache directory, local path or fsspec URL.")
     grace: float = opt(3600.0, "Leave uncommitted attempts younger than this many seconds (a live writer may own "
-                               "them).")
+                               "them).", ge=0)
     yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
@@ -105,11 +105,6 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
     return out
 
 
-def _caches(root: str, so: dict) -> list[store.Cache]:
-    fs, path = mfs.url_to_fs(root, so)
-    if fs.exists(mfs.join(path, store.MANIFEST)):
-        return [store.open_cache(root, so)]
-    return store.list_caches(root, so)
 
 
 def _delete(fs, items: list[tuple[str, str]], yes: bool) -> None:
@@ -127,10 +122,19 @@ def _delete(fs, items: list[tuple[str, str]], yes: bool) -> None:
 
 
 def gc(cfg: GcConfig) -> list[tuple[str, str]]:
+    """What no commit record names, decided from the records themselves (never the index alone: a wrong
+    index would otherwise send gc after committed data). With --yes a damaged index is rewritten too."""
     so = cfg.storage_options
-    items = [it for c in _caches(cfg.root, so) for it in garbage(c, cfg.grace)]
+    caches = store.list_caches(cfg.root, so, records=True)
+    items = [it for c in caches for it in garbage(c, cfg.grace)]
     fs, _ = mfs.url_to_fs(cfg.root, so)
     _delete(fs, items, cfg.yes)
+    for c in caches:
+        if c.index_problems:
+            console.print(f"{'rewriting' if cfg.yes else 'would rewrite'} {c.url}/{store.COMMIT_INDEX}  "
+                          f"[dim](disagrees with the commit records: {c.index_problems[0]})[/]")
+            if cfg.yes:
+                c.write_index()
     return items
 
 
@@ -144,7 +148,7 @@ def rm(cfg: RmConfig) -> list[tuple[str, str]]:
                  if fs.exists(p)]
         _delete(fs, items, cfg.yes)
         return items
-    cache = store.open_cache(cfg.cache, so)
+    cache = store.open_cache(cfg.cache, so, records=True)
     fs, path = mfs.url_to_fs(cache.url, so)
     unknown = [s for s in cfg.shard if s not in cache.commits]
     if unknown:

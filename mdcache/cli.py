@@ -33,6 +33,7 @@ class InfoConfig:
 
 def info(cfg: InfoConfig) -> None:
     cache = store.open_cache(cfg.cache, cfg.storage_options)
+    _ = cache.calibration  # its arrays (pca's basis) read and checked: a missing or edited one is an error here too
     stats = cache.stats()
     if cfg.json_out:
         print(json.dumps({"manifest": cache.manifest, "stats": stats}, indent=1))
@@ -57,7 +58,8 @@ def info(cfg: InfoConfig) -> None:
                           "(fidelity below is against it)")
     v = fp["views"]
     t.add_row("views", f"{v['image_size']}px, crop scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, "
-                       f"flip {v['flip']}, seed {v['seed']}, replay {v['replay']}")
+                       f"flip {v['flip']}, color jitter {v.get('color_jitter', 0)}, seed {v['seed']}, "
+                       f"replay {v['replay']}")
     t.add_row("source", f"{m['source']['spec']} ({fp['source']['shards']} {fp['source']['kind']} shards)")
     t.add_row("complete", f"{stats['shards_done']}/{stats['shards_total']} shards, {stats['samples']} images, "
                           f"{stats['skipped']} skipped")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import typing
 from typing import Any, Callable
 
@@ -27,11 +28,16 @@ STORAGE_HELP = "fsspec storage option KEY=VALUE for remote URLs (repeatable), e.
 
 
 def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Callable] | None = None,
-        required: bool = False, shown: str | None = None) -> Any:
+        required: bool = False, shown: str | None = None, ge: float | None = None, gt: float | None = None,
+        le: float | None = None, lt: float | None = None) -> Any:
     """A config field: default + help (+ an explicit --flag name, + a (CLI type, parser) pair when the
     shell spelling differs from the API value; required: the command line must give it; shown: how
-    --help writes the default, e.g. '75/196' rather than 0.3826530612244898)."""
+    --help writes the default, e.g. '75/196' rather than 0.3826530612244898). A numeric field says its
+    bounds (ge/gt/le/lt; for a pair, of each value), checked by `check_options` at the edge."""
     meta: dict[str, Any] = {"help": help, "required": required, "shown": shown}
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if bounds:
+        meta["bounds"] = bounds
     if param:
         meta["param"] = param
     if cli:
@@ -45,6 +51,40 @@ def storage_options_opt(help: str = STORAGE_HELP) -> Any:
     """The `storage_options` field every command that reads URLs has: a dict in Python, repeatable
     `--storage-option KEY=VALUE` on the command line."""
     return opt({}, help, param="--storage-option", cli=(list[str], parse_storage_options))
+
+
+BOUND_TEXT = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+BOUND_OK = {"ge": lambda x, b: x >= b, "gt": lambda x, b: x > b, "le": lambda x, b: x <= b, "lt": lambda x, b: x < b}
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("param") or "--" + f.name.replace("_", "-")
+
+
+def bounds_text(f: dataclasses.Field) -> str:
+    """' (>= 1)': a field's bounds as --help shows them."""
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = [f"{ops[k]} {v:g}" for k, v in f.metadata.get("bounds", {}).items()]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def check_options(cfg: Any) -> None:
+    """Every numeric option finite and within its field's bounds, and every MIN MAX pair ordered: one named
+    line here, never a hang, a negative size or 'nan PB/s' later (a negative batch size once made
+    `transcode` wait forever on its own claims)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = list(value) if isinstance(value, (tuple, list)) else [value]
+        numbers = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        shown = " ".join(map(str, values))
+        for x in numbers:
+            if not math.isfinite(x):
+                raise ConfigError(f"{flag_name(f)} {shown}: must be a finite number")
+            for kind, bound in f.metadata.get("bounds", {}).items():
+                if not BOUND_OK[kind](x, bound):
+                    raise ConfigError(f"{flag_name(f)} {shown}: must be {BOUND_TEXT[kind]} {bound:g}")
+        if len(numbers) == 2 == len(values) and isinstance(value, tuple) and numbers[0] > numbers[1]:
+            raise ConfigError(f"{flag_name(f)} {shown}: give MIN MAX (MIN <= MAX)")
 
 
 def parse_model_args(items: list[str]) -> dict:
@@ -103,11 +143,15 @@ def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
                 dist.destroy_process_group()
 
 
+CONFIGS: dict[str, type] = {}  # "mdcache extract" -> its configuration dataclass (what the tests and docs walk)
+
+
 def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], name: str,
                   help: str | None = None, arguments: tuple[str, ...] = ()) -> None:
     """Register `run(cfg_cls(**options))` as `name`, inside the error boundary; fields listed in
     `arguments` are positional."""
     hints = typing.get_type_hints(cfg_cls)
+    CONFIGS[f"{cfg_cls.__module__.split('.')[0]} {name}"] = cfg_cls
     params, annotations, parsers = [], {}, {}
     for f in dataclasses.fields(cfg_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -121,13 +165,16 @@ def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], na
                                   show_default=default is not None)
         else:
             info = typer.Option(... if f.metadata.get("required") else default, *decls,
-                                help=f.metadata.get("help", ""), show_default=f.metadata.get("shown") or True)
+                                help=f.metadata.get("help", "") + bounds_text(f), show_default=f.metadata.get("shown")
+                                or True)
         annotations[f.name] = hint
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint))
 
     def command(**kwargs):
         def build_and_run(kw):
-            return run(cfg_cls(**{k: parsers[k](v) if k in parsers else v for k, v in kw.items()}))
+            cfg = cfg_cls(**{k: parsers[k](v) if k in parsers else v for k, v in kw.items()})
+            check_options(cfg)
+            return run(cfg)
 
         return run_command(build_and_run, kwargs)
 
@@ -142,14 +189,14 @@ def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], na
 class ViewOptions:
     """The view recipe's options, shared by `mdcache extract` and `mdtrain pretrain`'s online mode."""
 
-    views: int = opt(2, "Views (augmented crops) per image.")
-    image_size: int = opt(224, "Teacher/student input size in pixels.")
-    crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.")
+    views: int = opt(2, "Views (augmented crops) per image.", ge=1)
+    image_size: int = opt(224, "Teacher/student input size in pixels.", ge=1)
+    crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.", gt=0, le=1)
     crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.",
-                                          shown="3/4 4/3")
+                                          shown="3/4 4/3", gt=0)
     flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
     color_jitter: float = opt(0.4, "ColorJitter strength for brightness, contrast and saturation, recorded per view "
-                                   "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).")
+                                   "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).", ge=0)
 
     def view_recipe(self, image_size: int, seed: int):
         from .views import ViewRecipe

@@ -9,12 +9,37 @@ from .errors import ConfigError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto: this rank's GPU under torchrun (LOCAL_RANK), else the CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    """auto: this rank's GPU under torchrun (cuda:LOCAL_RANK), else the CPU. cuda: this rank's GPU, which
+    must exist. cuda:N: that GPU, for one process only: with several processes every rank would land on
+    the same GPU (NCCL then fails on the duplicate), so each rank takes cuda:LOCAL_RANK instead."""
+    try:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available to this process (torch "
+                          f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                          "use --device cpu")
+    local, world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if dev.index is not None and world > 1:
+        raise ConfigError(f"--device {name}: a fixed GPU index with {world} processes would put every rank on one "
+                          "GPU; use --device cuda (or auto): each rank takes cuda:LOCAL_RANK")
+    index = local if dev.index is None else dev.index
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: GPU {index} (LOCAL_RANK {local}) does not exist; this machine has "
+                          f"{torch.cuda.device_count()} visible GPU(s): start at most that many processes per node")
+    return torch.device("cuda", index)
+
+
+def use_device(name: str = "auto") -> torch.device:
+    """resolve_device, and make it this process's current GPU (kernels and allocations of libraries that
+    ask for 'cuda' land on it, not on GPU 0)."""
+    device = resolve_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

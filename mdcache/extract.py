@@ -21,8 +21,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .claims import Claims, Renewer, new_owner
-from .commands import ViewOptions, model_args_opt, opt, storage_options_opt
-from .devices import resolve_device, resolve_precision
+from .commands import ViewOptions, check_options, model_args_opt, opt, storage_options_opt
+from .devices import resolve_precision, use_device
 from .errors import CacheError, CacheNotFound
 from .teachers import Teacher, load_teacher, run_teacher
 
@@ -43,24 +43,25 @@ class ExtractConfig(ViewOptions):
                              "bytes), pca:R (R components per token, e.g. pca:192) or fp16 (reference).")
     tap: str = opt("final", "Teacher feature: final (last block, before ln_post), ln_post, or proj (ln_post + CLIP "
                             "projection).")
-    seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).")
+    seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).", ge=0)
     weights: Optional[str] = opt(None, "Teacher weights file (.safetensors/.bin/.pt state dict), a path or fsspec URL.")
     random_init: bool = opt(False, "Use randomly initialised teacher weights (tests/demos only; recorded in the "
                                    "fingerprint).")
     shards: Optional[str] = opt(None, "Subset of source shards to compute: 'start:stop' or 'i,j,k' (the cache id is "
                                       "unchanged).")
-    folder_shard_size: int = opt(1000, "Images per virtual shard when the source is an image folder.")
-    batch_size: int = opt(32, "Images per teacher batch (each contributes --views crops).")
-    workers: int = opt(2, "DataLoader worker processes decoding and cropping images.")
+    folder_shard_size: int = opt(1000, "Images per virtual shard when the source is an image folder.", ge=1)
+    batch_size: int = opt(32, "Images per teacher batch (each contributes --views crops).", ge=1)
+    workers: int = opt(2, "DataLoader worker processes decoding and cropping images.", ge=0)
     device: str = opt("auto", "Device: auto (CUDA if available, LOCAL_RANK under torchrun), cpu, cuda, cuda:N.")
     precision: str = opt("auto", "Teacher precision: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
-    calib_images: int = opt(64, "Images (the source's first) used to calibrate the int8, int4 and pca codecs.")
+    calib_images: int = opt(store.CALIB_IMAGES, "Images (the source's first) used to calibrate the int8, int4 and pca "
+                                                "codecs (part of the cache's identity).", ge=1)
     fidelity_images: int = opt(8, "Images per shard whose targets are checked against the fp32 teacher for the "
-                                  "fidelity report.")
+                                  "fidelity report.", ge=0)
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for the cache and source "
                                                 "(repeatable), e.g. endpoint_url=...")
     claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal; a dead extractor's shards are taken "
-                                  "over after it.")
+                                  "over after it.", gt=0)
     wait: bool = opt(True, "When other extractors hold claims on the remaining shards, wait for them (and take over "
                            "expired claims).")
 
@@ -167,10 +168,11 @@ class Prepared:
 
 def prepare(cfg: ExtractConfig) -> Prepared:
     """Check the options, list the source, and load the teacher (weights fetched from any URL first)."""
+    check_options(cfg)
     so = cfg.storage_options
     codecs.get_codec(cfg.codec)
     shards = sources.list_source(cfg.source, so, cfg.folder_shard_size)
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     teacher = load_teacher(cfg.teacher, weights=mfs.fetch(cfg.weights, so) if cfg.weights else None,
                            random_init=cfg.random_init, tap=cfg.tap, image_size=cfg.image_size, device=device,
@@ -214,7 +216,7 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
 
 
 def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
-    fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision)
+    fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision, cfg.calib_images)
     url = mfs.join(cfg.cache, store.cache_id(fp))
 
     def manifest() -> dict:
@@ -392,7 +394,8 @@ class ShardWriter:
         arrays, views_ = buf.stacked(self.k, self.shapes)
         extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
                  "source": self.by_name[name].to_json(), "rank": rank_world()[0],
-                 "extractor": self.claims.owner if self.claims else mfs.who()}
+                 "extractor": self.claims.owner if self.claims else mfs.who(),
+                 "calibration_sha256": self.cache.manifest["codec"]["calibration_sha256"]}
         so = self.cache.storage_options
         rec = store.write_shard_data(self.cache.url, name, buf.keys, arrays, views_, extra, so)
         t0 = time.perf_counter()
@@ -453,6 +456,9 @@ def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callabl
             summary["elsewhere"] = {}
             one_pass(todo, claims)
             cache.refresh()
+            for name in set(claims.mine()) - set(cache.commits) - set(summary["failed"]):
+                claims.release(name)  # never wait on a claim of our own: that would wait forever
+                summary["failed"][name] = "claimed by this job but neither committed nor failed; released"
             before = len(todo)
             todo = [s for s in todo if s.name not in cache.commits and s.name not in summary["failed"]]
             if not todo or not wait:
@@ -465,13 +471,18 @@ def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callabl
             time.sleep(next(delays))
     finally:
         renewer.stop()
-    if cache.refresh().unindexed:
+    if cache.refresh().index_stale:
         cache.write_index()
 
 
 def resume(cache: store.Cache, selected: list) -> tuple[list, dict]:
-    """What is left to compute of `selected` (committed shards are reused), and a fresh summary. A
+    """What is left to compute of `selected` (committed shards are reused), and a fresh summary. Decided
+    from the commit records themselves, never from the index alone (a wrong index is rewritten). A
     committed shard whose data was deleted has its commit withdrawn, so it is computed again."""
+    cache.refresh(records=True)
+    if cache.index_problems:
+        console.print(f"[yellow]warning:[/] {cache.url}/{store.COMMIT_INDEX} disagrees with the commit records "
+                      f"({cache.index_problems[0]}{' ...' if len(cache.index_problems) > 1 else ''}): rewriting it")
     broken = sorted(set(cache.missing_data()) & {s.name for s in selected})
     if broken:  # a committed shard whose data was deleted must not be "reused" forever
         check_writable(cache.url, cache.storage_options)
@@ -490,12 +501,12 @@ def resume(cache: store.Cache, selected: list) -> tuple[list, dict]:
 def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
     """Run an extraction; returns (cache URL, summary). Raises on setup errors, reports shard errors."""
     p = prepared or prepare(cfg)
-    cache = open_or_create(cfg, p)
     rank, world = rank_world()
-    selected = sources.select(p.shards, cfg.shards)[rank::world]
+    selected = sources.select(p.shards, cfg.shards)[rank::world]  # a bad --shards is refused before a cache exists
+    cache = open_or_create(cfg, p)
     todo, summary = resume(cache, selected)
     if not todo:
-        if cache.unindexed:  # records read one by one: compact them for the next reader
+        if cache.index_stale:  # records read one by one (or a damaged index): compact them for the next reader
             cache.write_index()
         return cache.url, summary
     run_claimed(cache, todo, summary, lambda todo, claims: run_pass(cfg, p, cache, todo, summary, progress, claims),

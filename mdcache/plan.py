@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import codecs, views
-from .commands import opt
+from .commands import check_options, opt
 from .errors import ConfigError
 
 console = Console()
@@ -30,14 +30,14 @@ TABLE_VIEWS = (1, 2, 4, 8, 16)
 class PlanConfig:
     """Cache size, read bandwidth and extraction time for a dataset, K and codec, before running anything."""
 
-    images: int = opt(1281167, "Images in the source (default: ImageNet-1k train).")
-    views: int = opt(8, "Stored views per image (K).")
+    images: int = opt(1281167, "Images in the source (default: ImageNet-1k train).", ge=1)
+    views: int = opt(8, "Stored views per image (K).", ge=1)
     codec: str = opt("int8", "Codec: fp16, int8, int4 or pca:R.")
     teacher: str = opt("clip-b16", f"Teacher whose shape to use: {', '.join(TEACHER_SHAPES)} (or give --tokens and "
                                    "--dim).")
-    tokens: Optional[int] = opt(None, "Patch tokens per view (overrides the teacher's).")
-    dim: Optional[int] = opt(None, "Channels per token (overrides the teacher's).")
-    train_ips: float = opt(3000.0, "Training images/s the cache must feed (a read bandwidth follows).")
+    tokens: Optional[int] = opt(None, "Patch tokens per view (overrides the teacher's).", ge=1)
+    dim: Optional[int] = opt(None, "Channels per token (overrides the teacher's).", ge=1)
+    train_ips: float = opt(3000.0, "Training images/s the cache must feed (a read bandwidth follows).", gt=0)
     bench: Optional[str] = opt(None, "A `mdcache bench --json-out` result: extraction time at its images/s.")
     json_out: bool = opt(False, "Print the plan as JSON.", param="--json")
 
@@ -55,7 +55,24 @@ def bytes_per_view(codec: str, tokens: int, dim: int) -> int:
     return tokens * codecs.get_codec(codec).bytes_per_token(dim) + VIEW_BYTES
 
 
+def read_bench(path: str) -> dict:
+    """A `mdcache bench --json-out` file, or one line saying why it is not one."""
+    try:
+        with open(path) as f:
+            b = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--bench {path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise ConfigError(f"--bench {path}: not JSON ({e})") from None
+    ips = b.get("extract_ips") if isinstance(b, dict) else None
+    if not isinstance(b, dict) or ("extract_ips" in b and not (isinstance(ips, (int, float)) and ips > 0)):
+        raise ConfigError(f"--bench {path}: not a `mdcache bench --json-out` result (expected an object with "
+                          "extract_ips > 0)")
+    return b
+
+
 def plan(cfg: PlanConfig) -> dict:
+    check_options(cfg)
     tokens, dim = shape(cfg)
     per_view = bytes_per_view(cfg.codec, tokens, dim)
     out = {"images": cfg.images, "views": cfg.views, "codec": cfg.codec, "tokens": tokens, "dim": dim,
@@ -63,8 +80,7 @@ def plan(cfg: PlanConfig) -> dict:
            "cache_bytes": per_view * cfg.views * cfg.images, "train_ips": cfg.train_ips,
            "read_bytes_per_s": per_view * cfg.train_ips}
     if cfg.bench:
-        with open(cfg.bench) as f:
-            b = json.load(f)
+        b = read_bench(cfg.bench)
         if b.get("no_teacher") or "extract_ips" not in b:
             raise ConfigError(f"{cfg.bench}: a `mdcache bench --no-teacher` result measures the CPU side alone; "
                               "give a bench result with the teacher for an extraction time")

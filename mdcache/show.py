@@ -9,6 +9,7 @@ between the stored targets and the teacher re-run in fp32 on the replayed views.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,7 +20,7 @@ from rich.console import Console
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .commands import opt, storage_options_opt
-from .errors import CacheError, TeacherError
+from .errors import CacheError, ConfigError, TeacherError
 
 console = Console(stderr=True)
 
@@ -30,8 +31,8 @@ class ShowConfig:
 
     cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
     out: str = opt("views.png", "PNG file to write.")
-    n: int = opt(6, "Samples to draw (from the first committed shard, or --shard).")
-    view: int = opt(0, "Which stored view of each sample.")
+    n: int = opt(6, "Samples to draw (from the first committed shard, or --shard).", ge=1)
+    view: int = opt(0, "Which stored view of each sample.", ge=0)
     shard: Optional[str] = opt(None, "Shard to draw from (default: the first committed one).")
     weights: Optional[str] = opt(None, "Teacher weights, for the fidelity histogram (a random-init cache needs none).")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
@@ -47,8 +48,22 @@ def targets_to_rgb(targets: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
     return y.reshape(targets.shape[0], grid[0], grid[1], 3).numpy()
 
 
+def output_path(out: str) -> str:
+    """Where the picture goes: into a folder as views.png, a name without a suffix gets .png (what matplotlib
+    would write anyway, so the message names the real file), and the folder must exist."""
+    if os.path.isdir(out):
+        out = os.path.join(out, "views.png")
+    elif not os.path.splitext(out)[1]:
+        out += ".png"
+    folder = os.path.dirname(out) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {out}: the folder {folder} does not exist")
+    return out
+
+
 def show(cfg: ShowConfig) -> str:
     so = cfg.storage_options
+    out = output_path(cfg.out)
     cache = store.open_cache(cfg.cache, so)
     if not cache.shard_names:
         raise CacheError(f"{cache.url}: no committed shard to show yet")
@@ -70,8 +85,11 @@ def show(cfg: ShowConfig) -> str:
     stored = torch.from_numpy(targets[:n])
     colours = targets_to_rgb(stored, cache.patch_grid)
     cosines = fidelity(cache, replayed, stored, cfg)
-    draw(cfg.out, cache, shard, keys[:n], replayed, colours, cosines)
-    return cfg.out
+    try:
+        draw(out, cache, shard, keys[:n], replayed, colours, cosines)
+    except (OSError, ValueError) as e:  # unwritable, or a suffix matplotlib cannot write
+        raise ConfigError(f"--out {out}: cannot write the picture ({e})") from None
+    return out
 
 
 def fidelity(cache: store.Cache, replayed: list, stored: torch.Tensor, cfg: ShowConfig) -> np.ndarray | None:

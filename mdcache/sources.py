@@ -141,10 +141,14 @@ def select(shards: list[SourceShard], which: str | None) -> list[SourceShard]:
     try:
         if ":" in which:
             a, b = (int(x) if x else None for x in which.split(":", 1))
-            return shards[a:b]
-        return [shards[int(i)] for i in which.split(",")]
+            chosen = shards[a:b]
+        else:
+            chosen = [shards[int(i)] for i in which.split(",")]
     except (ValueError, IndexError) as e:
         raise SourceError(f"--shards {which!r}: expected 'start:stop' or 'i,j,...' within 0..{len(shards) - 1}") from e
+    if not chosen and which.split(":") != [which.split(":")[0]] * 2:  # 'a:a' asks for none on purpose
+        raise SourceError(f"--shards {which!r} selects none of the {len(shards)} shards (0..{len(shards) - 1})")
+    return chosen
 
 
 def identity(shards: list[SourceShard]) -> dict:
@@ -158,8 +162,35 @@ def identity(shards: list[SourceShard]) -> dict:
     return {"kind": kind, "shards": len(shards), "digest": h.hexdigest()[:32]}
 
 
+def changed(shard: SourceShard, size: int | None) -> SourceError | None:
+    """The error for a shard whose size is not the one it was listed with (for a cache's shards: when the
+    cache was made). Same keys with other pixels would otherwise train on another image's targets."""
+    if size is None or not shard.size or size == shard.size:
+        return None
+    return SourceError(f"source shard {shard.url!r} ({shard.name}) is {size} bytes now but was {shard.size} when it "
+                       "was listed (a cache records the sizes it was made from): it changed since, so its images may "
+                       "no longer be the ones the targets were computed on")
+
+
+def check_unchanged(shard: SourceShard, storage_options: dict | None = None) -> None:
+    """Raise if a shard's size differs from the recorded one (one stat; folders: one listing)."""
+    fs, path = _fs(shard.url, storage_options)
+    try:
+        if shard.files:
+            sizes = fs.find(path, detail=True)
+            size = sum(sizes.get(f"{path.rstrip('/')}/{f}", {}).get("size", 0) for f in shard.files)
+        else:
+            size = int(fs.size(path))
+    except FileNotFoundError:
+        raise SourceError(f"source shard {shard.url!r} does not exist") from None
+    err = changed(shard, size)
+    if err:
+        raise err
+
+
 def iter_samples(shard: SourceShard, storage_options: dict | None = None) -> Iterator[Sample]:
-    """Samples of one shard in stored order. Raises SourceError naming the shard if it is unreadable."""
+    """Samples of one shard in stored order. Raises SourceError naming the shard if it is unreadable, or if
+    its size is not the one it was listed with (tars: before the first sample; folders: at the end)."""
     if shard.files:
         yield from _iter_folder(shard, storage_options)
     else:
@@ -170,6 +201,7 @@ def _iter_folder(shard: SourceShard, storage_options: dict | None) -> Iterator[S
     fs, root = _fs(shard.url, storage_options)
     index = {c: i for i, c in enumerate(shard.classes)}
     seen: set[str] = set()
+    total = 0
     for rel in shard.files:
         key = rel.rsplit(".", 1)[0]
         if key in seen:
@@ -180,8 +212,12 @@ def _iter_folder(shard: SourceShard, storage_options: dict | None) -> Iterator[S
             data = fs.cat_file(f"{root.rstrip('/')}/{rel}")
         except OSError as e:
             raise SourceError(f"{shard.url}/{rel}: unreadable: {e}") from e
+        total += len(data)
         label = index.get(rel.split("/")[0]) if "/" in rel else None
         yield Sample(key=key, data=data, label=label)
+    err = changed(shard, total)
+    if err:
+        raise err
 
 
 def _split_member(name: str) -> tuple[str, str]:
@@ -213,6 +249,10 @@ def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Samp
     key, members, last, seen = None, {}, None, set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+            size = getattr(f, "size", None) or fs.size(path)  # now, not when the shard was listed
+            err = changed(shard, size)
+            if err:
+                raise err
             for m in tf:
                 if not m.isfile():
                     continue
@@ -226,7 +266,6 @@ def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Samp
                 key = k
                 seen.add(k)
                 members[ext] = tf.extractfile(m).read()
-            size = getattr(f, "size", None) or fs.size(path)  # now, not when the shard was listed
             plain = getattr(tf.fileobj, "comptype", "tar") == "tar" and "http" not in str(fs.protocol)
             if plain and size is not None and size < tf.offset + 2 * tarfile.BLOCKSIZE:
                 # A tar cut at (or inside) a member header reads as a shorter, valid archive: only the

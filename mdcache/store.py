@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -23,14 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import codecs
+from . import codecs, local_copies
 from . import fs as mfs
-from .errors import CacheError, CacheNotFound
-from .fs import download_tree, is_local, join, now, read_json, read_json_many, url_to_fs, who, write_json
+from .errors import CacheError, CacheNotFound, UserError
+from .fs import is_local, join, now, read_json, read_json_many, url_to_fs, who, write_json
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 COMMIT_INDEX = "commit-index.json"   # a compacted copy of the commit records: opening a cache is O(1) requests
+COMMITS = "commits"
+VIEW_FIELD_COUNT = 11
+# What every reader relies on in a commit record (the rest is provenance).
+RECORD_FIELDS = {"shard": str, "path": str, "samples": int, "views": int, "checksums": dict, "keys_sha256": str}
 
 
 # ----------------------------------------------------------------------------- identity
@@ -56,15 +59,51 @@ def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
+def _record_name(path: str) -> str:
+    """The shard a commit record's file is named for: commits/<shard>.json."""
+    return path.rstrip("/").rsplit("/", 1)[-1][:-len(".json")]
+
+
+def check_record(rec: Any, name: str, where: str) -> dict:
+    """A commit record as readers need it (for shard `name`), or a CacheError naming the file: a record of
+    the wrong shape must not crash a reader, nor send gc after another shard's data."""
+    if not isinstance(rec, dict):
+        raise CacheError(f"{where}: not a commit record (a JSON {type(rec).__name__}): damaged")
+    bad = [k for k, t in RECORD_FIELDS.items() if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
+    if not bad and rec["shard"] != name:
+        bad = [f"shard {rec['shard']!r}"]
+    if not bad and not rec["path"].startswith(f"shards/{name}."):
+        bad = [f"path {rec['path']!r}"]
+    if not bad and (rec["views"] < 1 or rec["samples"] < 0 or any(
+            not isinstance(v, list) or len(v) != rec["views"] for v in rec["checksums"].values())):
+        bad = ["views/samples/checksums"]
+    if bad:
+        raise CacheError(f"{where}: the commit record of shard {name!r} is damaged ({', '.join(bad)})")
+    return rec
+
+
 # ----------------------------------------------------------------------------- writing
 
-def fingerprint(teacher, recipe, shards: list, codec: str, precision: str) -> dict:
+CALIB_IMAGES = 64  # the default calibration size: never change it (caches made with it leave it out of their id)
+
+
+def codec_identity(codec: str, calib_images: int = CALIB_IMAGES) -> dict:
+    """The codec part of a fingerprint. A calibrated codec's targets depend on how many images calibrated
+    it, so a count other than the default is part of the identity (the default is left out, so that caches
+    made before this rule keep their ids)."""
+    c = codecs.get_codec(codec)
+    if c.calibrate is None or calib_images == CALIB_IMAGES:
+        return c.identity
+    return {**c.identity, "calib_images": calib_images}
+
+
+def fingerprint(teacher, recipe, shards: list, codec: str, precision: str, calib_images: int = CALIB_IMAGES) -> dict:
     """What produced the targets, and nothing about how the work was run: its hash is the cache id.
     teacher: a `teachers.Teacher`, recipe: a `views.ViewRecipe`, shards: all `sources.SourceShard`s."""
     from .sources import identity as source_identity
 
     return {"format_version": FORMAT_VERSION, "teacher": {**teacher.identity, "precision": precision},
-            "views": recipe.identity(), "source": source_identity(shards), "codec": codecs.get_codec(codec).identity}
+            "views": recipe.identity(), "source": source_identity(shards), "codec": codec_identity(codec, calib_images)}
 
 
 def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, calibration: dict | None) -> dict:
@@ -114,33 +153,27 @@ def _read_array(where: str, so: dict | None) -> np.ndarray | None:
 
 
 def put_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
-    """Store a calibration's numpy arrays as Zarr arrays beside the manifest, each named by its content, and
-    return the JSON the manifest holds: each array replaced by {"array": path, "sha256", "shape", "dtype"}.
-    Two creators of one cache derive the same arrays, so the same names: an array already there intact is
-    left alone (never deleted and rewritten under a reader), and a second writer never truncates it."""
+    """Store a calibration's numpy arrays as Zarr arrays beside the manifest and return the JSON the manifest
+    holds: each array replaced by {"array": path, "sha256", "shape", "dtype"}. Each creator writes its own
+    copy under a fresh name (content digest + a random suffix), so no creator ever deletes, truncates or
+    overwrites an array another one is writing or a reader is reading; the first manifest names the copy
+    that counts, and `mdcache gc` removes the others (and a killed creator's half-written one)."""
     import zarr
 
     if not calibration:
         return calibration
-    fs, path = url_to_fs(cache_url, storage_options)
     out = {}
     for key, value in calibration.items():
         if not isinstance(value, np.ndarray):
             out[key] = value
             continue
         digest = array_digest(value)
-        rel = f"calibration/{key}-{digest[:16]}"
+        rel = f"calibration/{key}-{digest[:16]}-{uuid.uuid4().hex[:8]}"
         where, so = _zarr_at(cache_url, rel, storage_options)
         try:
-            present = _read_array(where, so)
-            if present is None or array_digest(present) != digest:  # absent, or a killed creator's leftover
-                if fs.exists(join(path, rel)):
-                    fs.rm(join(path, rel), recursive=True)
-                z = zarr.open_array(where, mode="w-", shape=value.shape, dtype=value.dtype, chunks=value.shape,
-                                    zarr_format=3, storage_options=so)
-                z[...] = value
-        except (FileExistsError, zarr.errors.ContainsArrayError):  # another creator is writing the same bytes
-            pass
+            z = zarr.open_array(where, mode="w-", shape=value.shape, dtype=value.dtype, chunks=value.shape,
+                                zarr_format=3, storage_options=so)
+            z[...] = value
         except OSError as e:
             raise CacheError(f"{cache_url}: writing the codec calibration {rel} failed: {e.strerror or e}") from e
         out[key] = {"array": rel, "sha256": digest, "shape": list(value.shape), "dtype": str(value.dtype)}
@@ -157,13 +190,10 @@ def load_calibration(cache_url: str, calibration: dict | None, storage_options: 
     out = dict(calibration or {})
     for key, ref in calibration_arrays(calibration).items():
         where, so = _zarr_at(cache_url, ref["array"], storage_options)
-        a = _read_array(where, so)
-        if a is None or array_digest(a) != ref["sha256"]:  # a creator that lost the manifest race may be writing
-            time.sleep(1.0)                                 # these same bytes right now: look once more
-            a = _read_array(where, so)
+        a = _read_array(where, so)  # written whole before the manifest naming it was published
         if a is None:
             raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} is missing or unreadable")
-        if array_digest(a) != ref["sha256"] or list(a.shape) != ref["shape"]:
+        if array_digest(a) != ref["sha256"] or list(a.shape) != ref["shape"] or str(a.dtype) != ref["dtype"]:
             raise CacheError(f"{cache_url}: the codec calibration array {ref['array']} does not match its checksum "
                              "in the manifest (edited or damaged)")
         out[key] = a
@@ -284,8 +314,10 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
             chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
             z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
                                    compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0)
-            if data.size:
-                z[...] = data
+            # One chunk (one view) at a time: zarr writes a multi-chunk assignment concurrently, and chunks
+            # still landing after a failed one would outlive remove_attempt (a leftover attempt directory).
+            for k in range(data.shape[0] if data.size else 0):
+                z[k] = data[k]
             checksums[arr_name] = [array_digest(data[k]) for k in range(data.shape[0])]
         group.attrs.update({"keys": keys, "shard": name})
     except OSError as e:  # disk full, file too large, the bucket went away: say where, leave no half-written attempt
@@ -317,7 +349,16 @@ class Cache:
     _stamps: dict[str, str] = field(default_factory=dict, repr=False)
     _in_index: set[str] = field(default_factory=set, repr=False)  # records the on-disk index holds as they are
     local_cache_bytes: int = 100 * 2**30    # bound on that copy (least recently used shards go first)
+    index_problems: list[str] = field(default_factory=list)  # where commit-index.json was damaged or wrong
     _calib: dict = field(default_factory=dict, repr=False)  # the calibration: loaded, and per device
+    _warned_local: bool = field(default=False, repr=False)
+
+    def __getstate__(self) -> dict:
+        """Loader workers get the cache without its per-device calibration copies: GPU tensors must not be
+        pickled into (spawned) workers; each process makes its own once."""
+        state = dict(self.__dict__)
+        state["_calib"] = {k: v for k, v in self._calib.items() if k == "calibration"}
+        return state
 
     @property
     def codec(self) -> str:
@@ -392,10 +433,14 @@ class Cache:
     def complete(self) -> bool:
         return len(self.commits) == len(self.source_shards)
 
-    def refresh(self) -> "Cache":
+    def refresh(self, records: bool = False) -> "Cache":
         """Re-read the committed shards: one listing of commits/ (the truth: a record exists or not), the
         compacted index for every record whose file is unchanged since it was indexed, and one concurrent
-        batch of GETs for the rest. Opening a 1000-shard cache costs a few requests, not 1000."""
+        batch of GETs for the rest. Opening a 1000-shard cache costs a few requests, not 1000.
+
+        records=True reads every commit record itself and trusts the index for nothing (verify, gc, rm and
+        extract: whatever decides what to delete or redo). Where the index disagrees with a record it is
+        named in `index_problems`, and `write_index` repairs it."""
         fs, path = url_to_fs(self.url, self.storage_options)
         cdir = join(path, "commits")
         fs.invalidate_cache(cdir)  # listings are cached per process; other writers change them
@@ -404,35 +449,69 @@ class Cache:
         except FileNotFoundError:
             listing = {}
         first = not self._stamps
-        if first:  # the compacted index; later refreshes (a waiting extractor's polls) reuse what they hold
+        if first or records:  # the compacted index; later refreshes (a waiting extractor's polls) reuse what they hold
             known = self._read_index(fs, path) if listing else {}
         else:
             known = {n: {"stamp": self._stamps[n], "record": r} for n, r in self.commits.items() if n in self._stamps}
         commits, stamps, todo = {}, {}, []
         for p, stamp in listing.items():
-            name = p.rstrip("/").rsplit("/", 1)[-1][:-len(".json")]
+            name = _record_name(p)
             hit = known.get(name)
-            if hit is not None and hit.get("stamp") == stamp:
+            if hit is not None and hit.get("stamp") == stamp and not records:
                 commits[name], stamps[name] = hit["record"], stamp
             else:
                 todo.append(p)
         for p, rec in read_json_many(fs, todo).items():  # new since the index (or the last refresh), or replaced
-            commits[rec["shard"]], stamps[rec["shard"]] = rec, listing[p]
-        if first:
+            name = _record_name(p)
+            commits[name], stamps[name] = check_record(rec, name, fs.unstrip_protocol(p)), listing[p]
+        if first or records:
             self._in_index = {n for n in commits if n in known and known[n].get("stamp") == stamps[n]}
+        if records:  # the index vouched for these records as they are: does it say what they say?
+            self.index_problems += [f"shard {n}: the index holds another record than {COMMITS}/{n}.json"
+                                    for n in sorted(self._in_index) if known[n]["record"] != commits[n]]
+            self._in_index -= {n for n in self._in_index if known[n]["record"] != commits[n]}
         self.commits, self._stamps = commits, stamps
         self.unindexed = sum(n not in self._in_index for n in commits)  # records the on-disk index lacks
         return self
 
     def _read_index(self, fs, path: str) -> dict:
+        """The index's valid entries. A damaged index (or entry) is only a lost shortcut: its records are read
+        one by one, and what was wrong is kept in `index_problems` so that the next writer rewrites it."""
+        where = fs.unstrip_protocol(join(path, COMMIT_INDEX))
         try:
             index = read_json(fs, join(path, COMMIT_INDEX))
         except FileNotFoundError:
             return {}
-        except CacheError as e:  # only a shortcut: fall back to the records themselves
+        except CacheError as e:
             print(f"warning: {e}; reading the commit records one by one", file=sys.stderr)
+            self.index_problems.append(str(e))
             return {}
-        return index.get("records", {}) if index.get("format_version") == FORMAT_VERSION else {}
+        if index.get("format_version") != FORMAT_VERSION:
+            return {}
+        entries = index.get("records")
+        if not isinstance(entries, dict):
+            self.index_problems.append(f"{where}: 'records' is a {type(entries).__name__}, not an object")
+            print(f"warning: {self.index_problems[-1]}; reading the commit records one by one", file=sys.stderr)
+            return {}
+        good = {}
+        for name, entry in entries.items():
+            try:
+                if not isinstance(entry, dict) or not isinstance(entry.get("stamp"), str):
+                    raise CacheError(f"{where}: entry {name!r} is not {{stamp, record}}")
+                check_record(entry.get("record"), name, f"{where} (entry {name!r})")
+            except CacheError as e:
+                self.index_problems.append(str(e))
+                continue
+            good[name] = entry
+        if len(good) < len(entries):
+            print(f"warning: {where}: {len(entries) - len(good)} damaged entries ({self.index_problems[-1]}); "
+                  "reading those commit records one by one", file=sys.stderr)
+        return good
+
+    @property
+    def index_stale(self) -> bool:
+        """The index lacks records, or was damaged or wrong: the next writer (or verify) rewrites it."""
+        return bool(self.unindexed or self.index_problems)
 
     def write_index(self) -> bool:
         """Compact the commit records read by the last refresh into one file (best effort: a reader with
@@ -444,27 +523,44 @@ class Cache:
             write_json(fs, join(path, COMMIT_INDEX), index)
         except OSError:
             return False
-        self._in_index, self.unindexed = set(self.commits), 0
+        self._in_index, self.unindexed, self.index_problems = set(self.commits), 0, []
         return True
 
-    def _group(self, shard: str):
+    def _reload_record(self, shard: str) -> bool:
+        """After a failed read: the shard's commit record itself, in case the index was wrong about it. True if
+        it differed (the read is worth retrying). Repair advice is only ever given from the record itself."""
+        fs, path = url_to_fs(self.url, self.storage_options)
+        where = fs.unstrip_protocol(join(path, COMMITS, f"{shard}.json"))
+        try:
+            rec = check_record(read_json(fs, join(path, COMMITS, f"{shard}.json")), shard, where)
+        except FileNotFoundError:
+            raise CacheError(f"{self.url}: shard {shard!r} is no longer committed (its record {where} was "
+                             "removed, e.g. by `mdcache rm --shard`); re-run the same `mdcache extract` to recompute "
+                             "it") from None
+        if rec == self.commits.get(shard):
+            return False
+        print(f"warning: {self.url}/{COMMIT_INDEX} was wrong about shard {shard}: using its commit record "
+              "(`mdcache verify` rewrites the index)", file=sys.stderr)
+        self.commits[shard] = rec
+        self.index_problems.append(f"shard {shard}: the index holds another record than {COMMITS}/{shard}.json")
+        return True
+
+    @property
+    def array_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """{array: (dtype, per-sample shape)} of every array a shard holds: what a read must find."""
+        m = self.manifest
+        specs = codecs.get_codec(self.codec).shapes(int(m["teacher"]["tokens"]), self.teacher_dim)
+        return {**specs, "views": ("int32", (len(m.get("view_fields", VIEW_FIELD_COUNT * [0])),))}
+
+    def _open_group(self, shard: str):
         import zarr
 
-        if shard not in self.commits:
-            raise CacheError(f"{self.url}: shard {shard!r} is not committed "
-                             f"({len(self.commits)}/{len(self.source_shards)} shards committed)")
         fs, path = url_to_fs(self.url, self.storage_options)
         rel = self.commits[shard]["path"]
-        try:
-            if is_local(fs):
-                return zarr.open_group(join(path, rel), mode="r")
-            if self.local_cache:
-                return zarr.open_group(self._local_copy(fs, join(path, rel), rel), mode="r")
-            return zarr.open_group(join(self.url, rel), mode="r",
-                                   storage_options=mfs.storage_options_for(self.url, self.storage_options))
-        except FileNotFoundError:
-            raise CacheError(f"{self.url}: shard {shard} is committed but its data {rel} is missing (deleted?); "
-                             "re-run the same `mdcache extract` to recompute it") from None
+        if is_local(fs):
+            return zarr.open_group(join(path, rel), mode="r")
+        return zarr.open_group(join(self.url, rel), mode="r",
+                               storage_options=mfs.storage_options_for(self.url, self.storage_options))
 
     def missing_data(self) -> list[str]:
         """Committed shards whose data directory is gone, from one listing of shards/ (not a request per shard)."""
@@ -474,20 +570,8 @@ class Cache:
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(sdir, detail=False)} if fs.exists(sdir) else set()
         return sorted(name for name, rec in self.commits.items() if rec["path"].rsplit("/", 1)[-1] not in present)
 
-    def _local_copy(self, fs, remote: str, rel: str) -> str:
-        """Download a committed shard once per machine. Committed attempt directories never change,
-        so the copy is keyed by attempt name and never needs revalidation; checksums still apply."""
-        root = os.path.join(self.local_cache, self.manifest["cache_id"])
-        dst = os.path.join(root, rel)
-        if os.path.isdir(dst):
-            os.utime(dst)  # recency for LRU eviction
-            return dst
-        download_tree(fs, remote, dst)
-        evict_lru(self.local_cache, self.local_cache_bytes, keep=dst)
-        return dst
-
     def keys(self, shard: str) -> list[str]:
-        return list(self._group(shard).attrs["keys"])
+        return self.read_encoded(shard, 0, targets=False)[0]
 
     def _local_copy_path(self, shard: str) -> str | None:
         """Where this machine's copy of a remote shard lives (with local_cache), else None."""
@@ -500,40 +584,92 @@ class Cache:
         """(keys, encoded arrays for that view [N, ...], view params int32 [N, 11]): one sequential read each.
         targets=False reads only keys and view params (an images-only loader).
 
-        A local copy (local_cache) that fails its checks is dropped and fetched again once: a bad copy on
-        this machine must not be reported as a corrupt shard of the shared cache."""
-        if shard in self.commits and not 0 <= view < self.commits[shard]["views"]:
+        A read that fails is retried once against the shard's commit record itself when the index said
+        something else; a local copy (local_cache) that fails is never reported against the bucket."""
+        if shard not in self.commits:
+            raise CacheError(f"{self.url}: shard {shard!r} is not committed "
+                             f"({len(self.commits)}/{len(self.source_shards)} shards committed)")
+        if isinstance(view, bool) or not isinstance(view, (int, np.integer)):
+            raise CacheError(f"{self.url}: view {view!r} is not a view index (an integer from 0 to {self.views - 1})")
+        if not 0 <= view < self.commits[shard]["views"]:
             raise CacheError(f"{self.url}: shard {shard!r} has {self.commits[shard]['views']} views, "
                              f"asked for view {view}")
-        local = self._local_copy_path(shard) if shard in self.commits else None
-        if local is None or not os.path.isdir(local):
-            return self._read_view(shard, view, check, targets, self.url)
         try:
-            return self._read_view(shard, view, check, targets, f"{local} (local copy of {self.url})")
-        except Exception as e:  # a damaged copy can fail anywhere: zarr metadata, chunks, checksums
-            print(f"warning: {e}; fetching the shard again", file=sys.stderr)
-            shutil.rmtree(local, ignore_errors=True)
-        return self._read_view(shard, view, check, targets, f"{self.url} (a fresh copy)")
-
-    def _read_view(self, shard: str, view: int, check: bool, targets: bool, where: str):
-        try:
-            group = self._group(shard)
-            keys = list(group.attrs["keys"])
+            return self._read(shard, int(view), check, targets)
         except CacheError:
-            raise
+            if not self._reload_record(shard):
+                raise
+        return self._read(shard, int(view), check, targets)
+
+    def _read(self, shard: str, view: int, check: bool, targets: bool):
+        copy = self._local_copy_path(shard)
+        if copy is None:
+            return self._read_view(shard, view, check, targets, self.url, lambda: self._open_group(shard))
+        import zarr
+
+        out = None
+        fs, path = url_to_fs(self.url, self.storage_options)
+        try:
+            with local_copies.reading(copy):
+                try:
+                    local_copies.ensure(fs, join(path, self.commits[shard]["path"]), copy)
+                except FileNotFoundError:
+                    return self._read_view(shard, view, check, targets, self.url, lambda: self._open_group(shard))
+                try:
+                    out = self._read_view(shard, view, check, targets, f"{copy} (local copy of {self.url})",
+                                          lambda: zarr.open_group(copy, mode="r"))
+                except CacheError as e:  # this machine's copy: the bucket decides below whether the shard is bad
+                    print(f"warning: {e}; reading the shard from {self.url} and fetching the copy again",
+                          file=sys.stderr)
+                    local_copies.drop(copy)
+        except local_copies.LocalCopyError as e:
+            if not self._warned_local:
+                print(f"warning: {e}; reading shards from the bucket directly", file=sys.stderr)
+                self._warned_local = True
+            copy = None
+        if out is None:
+            out = self._read_view(shard, view, check, targets, self.url, lambda: self._open_group(shard))
+        local_copies.evict_lru(self.local_cache, self.local_cache_bytes, keep=copy)
+        return out
+
+    def _read_view(self, shard: str, view: int, check: bool, targets: bool, where: str, open_group):
+        rec = self.commits[shard]
+        try:
+            group = open_group()
+            keys = list(group.attrs["keys"])
+        except FileNotFoundError:
+            raise CacheError(f"{where}: shard {shard} is committed but its data {rec['path']} is missing (deleted?); "
+                             "re-run the same `mdcache extract` to recompute it") from None
         except Exception as e:  # a damaged zarr.json
             raise CacheError(f"{where}: shard {shard!r} is unreadable: {e}") from e
-        rec = self.commits[shard]
-        out = {}
+        made_with = rec.get("calibration_sha256")  # records before it existed: nothing to compare
+        if made_with is not None and made_with != self.manifest["codec"].get("calibration_sha256"):
+            raise CacheError(f"{where}: shard {shard!r} was encoded with another codec calibration than this cache's "
+                             f"manifest holds (record {made_with[:12]}, manifest "
+                             f"{str(self.manifest['codec'].get('calibration_sha256'))[:12]}): it comes from another "
+                             "cache with the same id (two roots merged?). Remove it with `mdcache rm --shard "
+                             f"{shard}` and extract it again")
+        specs, out = self.array_specs, {}
         for name in (list(codecs.get_codec(self.codec).arrays(self.teacher_dim)) if targets else []) + ["views"]:
+            dtype, shape = specs[name]
             try:
-                a = group[name][view]
+                arr = group[name]
+                found = (str(arr.dtype), tuple(arr.shape))
+            except Exception as e:  # missing array metadata
+                raise CacheError(f"{where}: shard {shard!r} array {name!r} is unreadable: {e}") from e
+            if found != (dtype, (rec["views"], rec["samples"], *shape)):
+                raise CacheError(f"{where}: shard {shard!r} array {name!r} is {found[0]} {list(found[1])}, but the "
+                                 f"{self.codec} cache stores {dtype} {[rec['views'], rec['samples'], *shape]} "
+                                 "(its zarr.json was edited or damaged): re-extract it with `mdcache extract` after "
+                                 f"`mdcache rm --shard {shard}`")
+            try:
+                a = arr[view]
             except Exception as e:  # undecodable chunk, missing file
                 raise CacheError(f"{where}: shard {shard!r} array {name!r} view {view} is unreadable: {e}") from e
             if check and array_digest(a) != rec["checksums"][name][view]:
                 raise CacheError(f"{where}: shard {shard!r} array {name!r} view {view}: checksum mismatch "
                                  "(corrupt cache shard; re-extract it with `mdcache extract` after `mdcache rm "
-                                 "--shard`)")
+                                 f"--shard {shard}`)")
             out[name] = a
         if check and keys_digest(keys) != rec["keys_sha256"]:
             raise CacheError(f"{where}: shard {shard!r}: sample keys do not match the commit record")
@@ -571,31 +707,13 @@ class Cache:
                 "fidelity": meter.report()}
 
 
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def evict_lru(local_cache: str, max_bytes: int, keep: str | None = None) -> None:
-    """Keep a local read-through cache under max_bytes by removing least recently used shard copies."""
-    caches = os.listdir(local_cache) if os.path.isdir(local_cache) else []
-    roots = [os.path.join(local_cache, c, "shards") for c in caches]
-    shards = [os.path.join(r, a) for r in roots if os.path.isdir(r) for a in os.listdir(r) if ".part-" not in a]
-    sizes = {s: _dir_bytes(s) for s in shards}
-    total = sum(sizes.values())
-    for s in sorted(shards, key=lambda s: os.path.getmtime(s)):
-        if total <= max_bytes:
-            break
-        if s != keep:
-            shutil.rmtree(s, ignore_errors=True)
-            total -= sizes[s]
-
-
 def open_cache(url: str, storage_options: dict | None = None, local_cache: str | None = None,
-               local_cache_bytes: int = 100 * 2**30) -> Cache:
+               local_cache_bytes: int = 100 * 2**30, records: bool = False) -> Cache:
     """Open a cache directory (`<root>/<cache-id>`). Raises CacheError with the URL if it is not one.
 
     With local_cache (a local directory), shards of a remote cache are downloaded once per machine
-    and read locally afterwards (bounded by local_cache_bytes, least recently used evicted)."""
+    and read locally afterwards (bounded by local_cache_bytes, least recently used evicted, never one
+    in use: see `local_copies`). records=True: see `Cache.refresh`."""
     fs, path = url_to_fs(url, storage_options)
     mpath = join(path, MANIFEST)
     if not fs.exists(mpath):
@@ -605,8 +723,10 @@ def open_cache(url: str, storage_options: dict | None = None, local_cache: str |
         raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not supported "
                          f"(this mdcache reads format {FORMAT_VERSION})")
     check_manifest(manifest, f"{url.rstrip('/')}/{MANIFEST}")
+    if local_cache and not is_local(fs):
+        local_copies.check_dir(local_cache)
     return Cache(url=url.rstrip("/"), manifest=manifest, storage_options=storage_options,
-                 local_cache=local_cache, local_cache_bytes=local_cache_bytes).refresh()
+                 local_cache=local_cache, local_cache_bytes=local_cache_bytes).refresh(records=records)
 
 
 def check_manifest(manifest: dict, where: str) -> None:
@@ -629,24 +749,42 @@ def check_manifest(manifest: dict, where: str) -> None:
         raise CacheError(f"{where}: codec {codec.get('name')!r} differs from the fingerprint's "
                          f"{named!r}: the manifest was edited or damaged")
     if "calibration_sha256" not in codec:  # written by every mdcache since the checksum exists
+        if codec.get("name") not in ("fp16", "int8"):  # int4 and pca never existed without it: removed, not old
+            raise CacheError(f"{where}: the {codec.get('name')} codec's calibration checksum is missing: the manifest "
+                             "was edited or damaged, and its targets cannot be trusted")
         print(f"warning: {where}: made by an older mdcache: its codec calibration is not covered by a checksum",
               file=sys.stderr)
     elif json_digest(codec.get("calibration")) != codec["calibration_sha256"]:
         raise CacheError(f"{where}: the codec calibration does not match its checksum: the manifest was edited or "
                          "damaged, and every target would decode wrongly. Re-extract the cache (a new cache root, or "
                          "`mdcache rm` this one first)")
+    try:
+        teacher = manifest["teacher"]
+        grid, tokens = teacher["patch_grid"], int(teacher["tokens"])
+        expected = codec_record(named, None, tokens, int(teacher["dim"]))["arrays"]
+    except (KeyError, TypeError, ValueError, UserError) as e:
+        raise CacheError(f"{where}: the teacher's shape is missing or damaged ({e})") from None
+    if tokens != int(grid[0]) * int(grid[1]) or codec.get("arrays", expected) != expected:
+        raise CacheError(f"{where}: the stored array shapes ({codec.get('arrays')}) do not follow from the codec and "
+                         f"the teacher's {tokens} tokens x {teacher['dim']} channels: the manifest was edited or "
+                         "damaged")
 
 
-def list_caches(root: str, storage_options: dict | None = None) -> list[Cache]:
+def list_caches(root: str, storage_options: dict | None = None, records: bool = False) -> list[Cache]:
+    """Every cache under a root; a damaged one is skipped with a warning naming it (it must not hide the
+    others). A root that is itself a cache directory is that one cache."""
     fs, path = url_to_fs(root, storage_options)
     fs.invalidate_cache(path)
     if not fs.exists(path):
         raise CacheError(f"{root}: no such cache root")
+    if fs.exists(join(path, MANIFEST)):
+        return [open_cache(root, storage_options, records=records)]
     from concurrent.futures import ThreadPoolExecutor
 
     def one(p: str) -> Cache | None:
         try:
-            return open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options)
+            return open_cache(join(root.rstrip("/"), p.rstrip("/").rsplit("/", 1)[-1]), storage_options,
+                              records=records)
         except CacheNotFound:  # not a cache directory
             return None
         except CacheError as e:  # one damaged cache must not hide the others

@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import codecs, sources, store
 from . import fs as mfs
 from .claims import Claims
-from .commands import opt, storage_options_opt
-from .devices import resolve_device
+from .commands import check_options, opt, storage_options_opt
+from .devices import use_device
 from .errors import CacheError, ConfigError
 from .extract import Batch, ShardWriter, console, open_or_create_cache, report, resume, run_claimed
 
@@ -33,18 +33,19 @@ class TranscodeConfig:
     codec: str = opt("", "The new cache's codec: int8, int4, pca:R (e.g. pca:192) or fp16.", required=True)
     cache: Optional[str] = opt(None, "Cache root for the new cache (default: the source's root).")
     shards: Optional[str] = opt(None, "Subset of source shards to transcode: 'start:stop' or 'i,j,k'.")
-    calib_images: int = opt(64, "Images (the source's first committed ones, all their views) to calibrate on.")
-    fidelity_images: int = opt(8, "Images per shard whose new targets are compared with the decoded source.")
-    batch_size: int = opt(64, "Images decoded and encoded at a time.")
+    calib_images: int = opt(store.CALIB_IMAGES, "Images (the source's first committed ones, all their views) to "
+                                                "calibrate on (part of the new cache's identity).", ge=1)
+    fidelity_images: int = opt(8, "Images per shard whose new targets are compared with the decoded source.", ge=0)
+    batch_size: int = opt(64, "Images decoded and encoded at a time.", ge=1)
     device: str = opt("auto", "Device for decoding and encoding: auto, cpu, cuda, cuda:N.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for both caches (repeatable).")
-    claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal (as extract).")
+    claim_ttl: float = opt(600.0, "Seconds a shard claim lives without renewal (as extract).", gt=0)
     wait: bool = opt(True, "Wait for shards other transcoders hold claims on (as extract).")
 
 
-def fingerprint(src: store.Cache, codec: str) -> dict:
+def fingerprint(src: store.Cache, codec: str, calib_images: int = store.CALIB_IMAGES) -> dict:
     """The source's fingerprint with the new codec, naming the source: what produced these targets."""
-    return {**src.manifest["fingerprint"], "codec": codecs.get_codec(codec).identity,
+    return {**src.manifest["fingerprint"], "codec": store.codec_identity(codec, calib_images),
             "transcoded_from": {"cache_id": src.cache_id, "codec": src.codec}}
 
 
@@ -81,7 +82,7 @@ def default_root(src_url: str) -> str:
 
 def open_or_create(cfg: TranscodeConfig, src: store.Cache, device) -> store.Cache:
     codec = codecs.get_codec(cfg.codec)
-    fp = fingerprint(src, codec.name)
+    fp = fingerprint(src, codec.name, cfg.calib_images)
     url = mfs.join(cfg.cache or default_root(src.url), store.cache_id(fp))
     m = src.manifest
     tokens = int(m["teacher"]["tokens"])
@@ -102,13 +103,14 @@ def transcode(cfg: TranscodeConfig, progress: bool = True) -> tuple[str, dict]:
     """Returns (new cache URL, summary), as extract does."""
     if not cfg.src:
         raise ConfigError("say which cache to transcode: mdcache transcode SRC --codec CODEC")
+    check_options(cfg)
     codecs.get_codec(cfg.codec)
     src = store.open_cache(cfg.src, cfg.storage_options)
     if codecs.get_codec(cfg.codec).identity == codecs.get_codec(src.codec).identity:
         raise ConfigError(f"{src.url} is already {src.codec}")
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
+    selected = sources.select(src.sources(), cfg.shards)  # a bad --shards is refused before a cache exists
     cache = open_or_create(cfg, src, device)
-    selected = sources.select(cache.sources(), cfg.shards)
     missing = [s.name for s in selected if s.name not in src.commits]
     if missing:
         console.print(f"[yellow]warning:[/] {len(missing)} selected shard(s) are not committed in the source cache "

@@ -15,7 +15,7 @@ from rich.console import Console
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .commands import opt, storage_options_opt
-from .devices import resolve_device
+from .devices import use_device
 from .teachers import load_cache_teacher, run_teacher
 
 console = Console(stderr=True)
@@ -27,9 +27,9 @@ class VerifyConfig:
 
     cache: str = opt(None, "Cache directory (<root>/<cache-id>), local path or fsspec URL.")
     teacher_check: int = opt(0, "Re-run the teacher on this many replayed views and compare with the stored "
-                                "targets (0: skip).")
+                                "targets (0: skip).", ge=0)
     min_cosine: float = opt(0.99, "Teacher check fails if any token's cosine similarity (after LayerNorm) is "
-                                  "below this.")
+                                  "below this.", ge=-1, le=1)
     weights: Optional[str] = opt(None, "Teacher weights file, if the cache was made with --weights.")
     source: Optional[str] = opt(None, "Where the source shards are now, if they moved (same shard names).")
     device: str = opt("auto", "Device for the teacher check.")
@@ -54,7 +54,7 @@ def check_checksums(cache: store.Cache, missing: list[str]) -> list[str]:
 def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source: str | None = None,
                   device: str = "auto", storage_options: dict | None = None, skip: tuple[str, ...] = ()) -> dict:
     """Fidelity of stored targets vs the fp32 teacher on n replayed views (spread over views and shards)."""
-    teacher = load_cache_teacher(cache, weights=weights, device=resolve_device(device))
+    teacher = load_cache_teacher(cache, weights=weights, device=use_device(device))
     shard_list = cache.sources()
     if source:
         moved = {s.name: s for s in sources.list_source(source, storage_options)}
@@ -90,12 +90,14 @@ def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source
 
 def verify(cfg: VerifyConfig) -> dict:
     so = cfg.storage_options
-    cache = store.open_cache(cfg.cache, so)
+    cache = store.open_cache(cfg.cache, so, records=True)  # the records themselves: the index may be wrong
     _ = cache.calibration  # its arrays (pca's basis) against the manifest's checksums
     missing = cache.missing_data()
     report = {"cache": cache.url, "shards_done": len(cache.commits), "shards_total": len(cache.source_shards),
               "problems": check_checksums(cache, missing), "source_shards": cache.source_shards,
-              "committed": sorted(cache.commits)}
+              "committed": sorted(cache.commits), "index_problems": list(cache.index_problems)}
+    if cache.index_problems:  # only a shortcut, but a wrong one misleads every reader until rewritten
+        report["index_rewritten"] = cache.write_index()
     if cfg.teacher_check:
         weights = mfs.fetch(cfg.weights, so) if cfg.weights else None
         tc = teacher_check(cache, cfg.teacher_check, weights, cfg.source, cfg.device, so, skip=tuple(missing))
@@ -116,6 +118,12 @@ def run_cli(cfg: VerifyConfig) -> None:
     if tc and tc.get("views"):
         console.print(f"teacher check on {tc['views']} replayed views: cosine mean {tc['mean_cosine']:.6f} "
                       f"worst {tc['min_cosine']:.6f}, rel-L2 mean {tc['mean_rel_l2']:.5f} worst {tc['max_rel_l2']:.5f}")
+    for p in report["index_problems"]:
+        console.print(f"[yellow]index:[/] {p}")
+    if report["index_problems"]:
+        console.print(f"[yellow]index:[/] {store.COMMIT_INDEX} disagreed with the commit records: "
+                      + ("rewritten from them" if report.get("index_rewritten") else
+                         "could not rewrite it (read-only?); readers fall back to the records where it is wrong"))
     for p in report["problems"]:
         console.print(f"[red]problem:[/] {p}")
     missing = [n["name"] for n in report["source_shards"] if n["name"] not in report["committed"]]

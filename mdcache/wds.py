@@ -17,6 +17,7 @@ is used as decoded, which for unusual files, e.g. 16-bit PNGs, may differ from w
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 
 from . import views
 from .errors import CacheError
-from .sources import IMAGE_EXTS, shard_name
+from .sources import IMAGE_EXTS, check_unchanged, shard_name
 from .store import Cache
 
 
@@ -32,14 +33,22 @@ def with_targets(cache: Cache, epoch: int = 0, view: int | None = None, seed: in
                  decode: bool = True) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """A stage for `WebDataset(...).compose(stage)`. view=None: the epoch's view of each shard, as mdtrain
     picks it from (seed, shard, epoch); an int: that view everywhere."""
-    if view is not None and not 0 <= view < cache.views:
-        raise CacheError(f"{cache.url}: has {cache.views} views, asked for view {view}")
+    if view is not None and (isinstance(view, bool) or not isinstance(view, (int, np.integer))
+                             or not 0 <= view < cache.views):
+        raise CacheError(f"{cache.url}: view={view!r} is not a view index of this cache (an integer from 0 to "
+                         f"{cache.views - 1}, or None for the epoch's view)")
 
     def stage(samples: Iterable[dict]) -> Iterator[dict]:
         current, table = None, None
+        recorded = {s.name: s for s in cache.sources()}
         for sample in samples:
             shard = shard_name(sample.get("__url__", ""))
             if shard != current:  # one shard's view in memory at a time
+                if shard in recorded and sample.get("__url__"):  # its size must be the one the cache recorded
+                    try:
+                        check_unchanged(replace(recorded[shard], url=sample["__url__"]), cache.storage_options)
+                    except (ValueError, ImportError, NotImplementedError, OSError):
+                        pass  # a URL fsspec cannot stat (pipe:...): nothing to compare
                 current, table = shard, _load(cache, shard, epoch, view, seed)
             key = sample["__key__"]
             row = table["index"].get(key)

@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 
 from mdcache.commands import model_args_opt, opt, storage_options_opt
-from mdcache.devices import resolve_device, resolve_precision
+from mdcache.devices import resolve_precision, use_device
 from mdcache.errors import ConfigError
 
 from . import data
@@ -52,13 +52,13 @@ class BenchConfig:
     teacher_weights: Optional[str] = opt(None, "Local teacher weights file for the online phase.")
     random_init: bool = opt(False, "Random-init online teacher (must match a --random-init cache).")
     source: Optional[str] = opt(None, "Override the cache's source location.")
-    batch_size: int = opt(8, "Images per step.")
-    batches: int = opt(10, "Timed batches per phase.")
-    warmup: int = opt(2, "Untimed batches before each phase.")
-    loader_batches: int = opt(100, "Timed batches of the loader-only phases (cheap; more batches, less noise).")
-    repeats: int = opt(2, "Loader-only phases alternate this many times; the best rate of each is reported.")
-    workers: int = opt(2, "Loader workers.")
-    seed: int = opt(0, "Seed (stream order, masks, init).")
+    batch_size: int = opt(8, "Images per step.", ge=1)
+    batches: int = opt(10, "Timed batches per phase.", ge=1)
+    warmup: int = opt(2, "Untimed batches before each phase.", ge=0)
+    loader_batches: int = opt(100, "Timed batches of the loader-only phases (cheap; more batches, less noise).", ge=1)
+    repeats: int = opt(2, "Loader-only phases alternate this many times; the best rate of each is reported.", ge=1)
+    workers: int = opt(2, "Loader workers.", ge=0)
+    seed: int = opt(0, "Seed (stream order, masks, init).", ge=0)
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     precision: str = opt("auto", "auto (bf16 on CUDA with bf16), fp32, bf16.")
     json_out: bool = opt(False, "Print the measurements as JSON.", param="--json")
@@ -123,7 +123,7 @@ def _phase(cfg: BenchConfig, phase: str, queue) -> None:
 def _measure(cfg: BenchConfig, phase: str) -> dict:
     """limits: loader-only rates and the student-only step; cached / online: the full step + peak RSS."""
     pcfg = cfg.pretrain_config(online=phase == "online")
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     configure_threads(device, cfg.workers, 1)
     setup = setup_data(pcfg, device)

@@ -40,10 +40,10 @@ class StorageBenchConfig:
 
     cache: Optional[str] = opt(None, "Remote cache directory (e.g. s3://bucket/mdcache/<id>).")
     student: str = opt("vit_tiny_patch16_224", "Student name (only its input size matters here).")
-    batch_size: int = opt(16, "Images per batch.")
-    repeats: int = opt(3, "Passes per phase (each a whole epoch of the cache); the best is reported.")
-    workers: int = opt(2, "Loader workers.")
-    seed: int = opt(0, "Seed (same batches in every phase).")
+    batch_size: int = opt(16, "Images per batch.", ge=1)
+    repeats: int = opt(3, "Passes per phase (each a whole epoch of the cache); the best is reported.", ge=1)
+    workers: int = opt(2, "Loader workers.", ge=0)
+    seed: int = opt(0, "Seed (same batches in every phase).", ge=0)
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 

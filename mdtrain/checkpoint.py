@@ -28,10 +28,24 @@ class CheckpointError(UserError):
     """A checkpoint that cannot resume this run (missing, unreadable, or made for another layout)."""
 
 
+def _failed_write(path: str, tmp: str, e: BaseException) -> CheckpointError:
+    """A write that failed (full disk, quota, file size limit): its temp file goes, the previous file stays."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+    return CheckpointError(f"writing {path} failed ({why}; a full disk?); the previous {os.path.basename(path)}, if "
+                           "any, is intact")
+
+
 def atomic_torch_save(obj: Any, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a short write as a RuntimeError
+        raise _failed_write(path, tmp, e) from None
 
 
 def save_trainer_state(path: str, kind: str, state: dict) -> None:
@@ -102,15 +116,19 @@ def gather_rng_states(device: torch.device, world: int) -> list[dict[str, torch.
 def save_weights(path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Safetensors weights in timm naming (atomic), metadata values stored as strings. Loadable with
     `timm.create_model(name, pretrained=True, pretrained_cfg_overlay={'file': path})`."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp,
-              metadata={k: str(v) for k, v in metadata.items()})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; teammates on a shared disk must read weights too
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, tmp,
+                  metadata={k: str(v) for k, v in metadata.items()})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; teammates on a shared disk must read weights too
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        raise _failed_write(path, tmp, e) from None
 
 
 def weights_metadata(path: str) -> dict[str, str]:

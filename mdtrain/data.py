@@ -87,6 +87,11 @@ def plan_from_cache(cache: store.Cache, source: str | None = None) -> list[Shard
         missing = [n for n in by_name if n not in given]
         if missing:
             raise DataError(f"--source {source!r} lacks shard(s) the cache was made from: {', '.join(missing[:5])}")
+        other = [f"{n} ({given[n].size} bytes, {by_name[n].size} at extraction)" for n in by_name
+                 if by_name[n].size and given[n].size != by_name[n].size]
+        if other:
+            raise DataError(f"--source {source!r}: shard(s) differ in size from the ones the cache was made from: "
+                            f"{', '.join(other[:5])}{' ...' if len(other) > 5 else ''}; they are other data")
         by_name = {n: given[n] for n in by_name}
     return [ShardPlan(name=n, source=by_name[n], samples=int(cache.commits[n]["samples"]),
                       skipped=tuple(s["key"] for s in cache.commits[n].get("skipped", [])))

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from mdcache.commands import ViewOptions, model_args_opt, opt, storage_options_opt
-from mdcache.devices import autocast, resolve_device, resolve_precision
+from mdcache.devices import autocast, resolve_precision, use_device
 from mdcache.errors import ConfigError
 
 from . import checkpoint, data, objective
@@ -33,11 +33,11 @@ class DistillLossConfig(ViewOptions):
     teacher_weights: Optional[str] = opt(None, "Teacher weights file (.safetensors or weights-only .pth).")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher")
     random_init: bool = opt(False, "Randomly initialised teacher with --teacher-seed (tests only).")
-    teacher_seed: int = opt(0, "Init seed of a --random-init teacher.")
+    teacher_seed: int = opt(0, "Init seed of a --random-init teacher.", ge=0)
     tap: str = opt("final", "Teacher feature tap (final, ln_post, proj): the one the student was trained on.")
-    seed: int = opt(12345, "Seed of the held-out crops and masks (keep it fixed across the students compared).")
-    batch_size: int = opt(128, "Images per batch (a last partial batch per loader worker is dropped).")
-    workers: int = opt(1, "Loader worker processes.")
+    seed: int = opt(12345, "Seed of the held-out crops and masks (keep it fixed across the students compared).", ge=0)
+    batch_size: int = opt(128, "Images per batch (a last partial batch per loader worker is dropped).", ge=1)
+    workers: int = opt(1, "Loader worker processes.", ge=0)
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     storage_options: dict = storage_options_opt()
@@ -52,7 +52,7 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
         raise ConfigError("--ckpt, --source and --teacher are all required")
     ckpt = checkpoint.load_trainer_state(cfg.ckpt, "pretrain")
     pcfg, grid, size = ckpt["config"], tuple(ckpt["grid"]), int(ckpt["image_size"])
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     student = build_student(pcfg["student"], image_size=size, grid=grid, teacher_dim=int(ckpt["teacher_dim"]),
                             layer_scale=pcfg.get("layer_scale") or None, model_args=pcfg.get("student_args") or {})

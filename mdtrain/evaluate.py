@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mdcache.commands import model_args_opt, opt, storage_options_opt
-from mdcache.devices import autocast, resolve_device, resolve_precision
+from mdcache.devices import autocast, resolve_precision, use_device
 from mdcache.errors import ConfigError
 from mdcache.fs import fetch
 
@@ -42,12 +42,13 @@ class EvalConfig:
                    required=True)
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
-    num_classes: Optional[int] = opt(None, "Classes; None = from the classifier's shape in the weights.")
-    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
+    num_classes: Optional[int] = opt(None, "Classes; None = from the classifier's shape in the weights.", ge=1)
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1)
     global_pool: Optional[str] = opt(None, "timm global_pool; None = from the weights' metadata / the model default.")
-    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.")
-    batch_size: int = opt(64, "Batch size per process.")
-    workers: int = opt(2, "Data loading workers.")
+    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.",
+                                    gt=0, le=1)
+    batch_size: int = opt(64, "Batch size per process.", ge=1)
+    workers: int = opt(2, "Data loading workers.", ge=0)
     loader: str = opt("default", "default or ffcv.")
     precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
@@ -65,15 +66,15 @@ class KnnConfig:
     val: str = opt("", "Labelled query set.", required=True)
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
-    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1)
     global_pool: Optional[str] = opt(None, "Feature pooling: None = from the weights (avg for a pretrained student, "
                                            "whose CLS token is never trained), else the model default; avg, token.")
     crop_pct: Optional[float] = opt(None, "Center-crop fraction for both sets; None = from the weights' metadata, "
-                                          "else 0.875.")
-    k: int = opt(20, "Neighbours that vote.")
-    temperature: float = opt(0.07, "Vote weight exp(cosine / T).")
-    batch_size: int = opt(64, "Batch size for feature extraction.")
-    workers: int = opt(2, "Data loading workers.")
+                                          "else 0.875.", gt=0, le=1)
+    k: int = opt(20, "Neighbours that vote.", ge=1)
+    temperature: float = opt(0.07, "Vote weight exp(cosine / T).", gt=0)
+    batch_size: int = opt(64, "Batch size for feature extraction.", ge=1)
+    workers: int = opt(2, "Data loading workers.", ge=0)
     precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
@@ -113,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Top-1/top-5 (%) and mean loss of --weights on --val (all ranks under torchrun)."""
     if not cfg.weights or not cfg.val:
         raise ConfigError("--weights and --val are both required")
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     dist = init_distributed(device)
     model, info = load_classifier(cfg)
     model.to(device)
@@ -168,7 +169,7 @@ def frozen_features(cfg: "KnnConfig | LinprobeConfig") -> tuple[dict, dict, dict
     w = describe_weights(cfg.weights, cfg.model, cfg.image_size, cfg.global_pool, cfg.model_args)
     if w["global_pool"] is None and w["meta"].get("kind") == "pretrain-student":
         w["global_pool"] = "avg"  # MaskDistill trains patch tokens, never the CLS token: pool the patches
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = build_model(w["model"], 0, w["image_size"], global_pool=w["global_pool"],
                         layer_scale=layer_scale_of(cfg.weights), model_args=w["model_args"])
@@ -205,18 +206,19 @@ class LinprobeConfig:
     val: str = opt("", "Labelled evaluation set.", required=True)
     model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
     model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
-    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.")
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1)
     global_pool: Optional[str] = opt(None, "Feature pooling: None = from the weights (avg for a pretrained student, "
                                            "whose CLS token is never trained), else the model default; avg, token.")
-    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.")
-    epochs: int = opt(100, "Epochs over the (precomputed) training features.")
-    warmup_epochs: int = opt(10, "Linear warmup epochs.")
-    probe_batch_size: int = opt(256, "Batch size of the probe's SGD steps.")
-    lr: float = opt(0.1, "Peak SGD learning rate (momentum 0.9, cosine to 0).")
-    weight_decay: float = opt(0.0, "Weight decay of the linear layer (MAE: 0).")
-    seed: int = opt(0, "Seed of the probe's init and batch order.")
-    batch_size: int = opt(64, "Batch size for feature extraction.")
-    workers: int = opt(2, "Data loading workers.")
+    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.",
+                                    gt=0, le=1)
+    epochs: int = opt(100, "Epochs over the (precomputed) training features.", ge=1)
+    warmup_epochs: int = opt(10, "Linear warmup epochs.", ge=0)
+    probe_batch_size: int = opt(256, "Batch size of the probe's SGD steps.", ge=1)
+    lr: float = opt(0.1, "Peak SGD learning rate (momentum 0.9, cosine to 0).", gt=0)
+    weight_decay: float = opt(0.0, "Weight decay of the linear layer (MAE: 0).", ge=0)
+    seed: int = opt(0, "Seed of the probe's init and batch order.", ge=0)
+    batch_size: int = opt(64, "Batch size for feature extraction.", ge=1)
+    workers: int = opt(2, "Data loading workers.", ge=0)
     precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")

@@ -45,10 +45,10 @@ class FfcvBuildConfig:
 
     source: str = opt("", "Labelled source: tar shards with .cls (brace pattern, glob, list) or a class folder.")
     out: str = opt("", "Output .beton path (a sidecar OUT.json records source, samples and classes).", required=True)
-    max_resolution: int = opt(256, "Longest side stored (images are downscaled, never upscaled); 0 = keep.")
+    max_resolution: int = opt(256, "Longest side stored (images are downscaled, never upscaled); 0 = keep.", ge=8)
     write_mode: str = opt("jpg", "FFCV image storage: jpg (compact), raw (fastest decode), smart.")
-    jpeg_quality: int = opt(90, "JPEG quality when write-mode is jpg/smart.")
-    workers: int = opt(2, "Writer processes.")
+    jpeg_quality: int = opt(90, "JPEG quality when write-mode is jpg/smart.", ge=1, le=100)
+    workers: int = opt(2, "Writer processes.", ge=0)
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for remote sources (repeatable).")
 
 
@@ -132,11 +132,12 @@ class BenchLoaderConfig:
 
     source: str = opt("", "Labelled source (tar shards with .cls or a class folder).")
     beton: str = opt("", "The same data as a .beton; empty = built from --source into a temporary file first.")
-    image_size: int = opt(224, "Output image side.")
-    batch_size: int = opt(64, "Batch size.")
-    workers: int = opt(2, "Workers for both loaders (processes for default, threads for FFCV).")
-    epochs: int = opt(2, "Passes over the data per loader; the best pass is reported (FFCV's first pass compiles).")
-    max_resolution: int = opt(256, "When building the .beton: longest side stored.")
+    image_size: int = opt(224, "Output image side.", ge=1)
+    batch_size: int = opt(64, "Batch size.", ge=1)
+    workers: int = opt(2, "Workers for both loaders (processes for default, threads for FFCV).", ge=0)
+    epochs: int = opt(2, "Passes over the data per loader; the best pass is reported (FFCV's first pass compiles).",
+                      ge=1)
+    max_resolution: int = opt(256, "When building the .beton: longest side stored.", ge=8)
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 

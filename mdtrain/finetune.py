@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from rich.console import Console
 
-from mdcache.commands import model_args_opt, opt, public_config, storage_options_opt
-from mdcache.devices import autocast, resolve_device, resolve_precision
+from mdcache.commands import check_options, model_args_opt, opt, public_config, storage_options_opt
+from mdcache.devices import autocast, resolve_precision, use_device
 from mdcache.errors import ConfigError
 from mdcache.fs import fetch
 
@@ -53,56 +53,59 @@ class FinetuneConfig:
                                     "from-scratch baseline.")
     out: str = opt("runs/ft", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every epoch).")
     num_classes: Optional[int] = opt(None, "Number of classes; None = inferred from --train (class folders, or max "
-                                           ".cls + 1).")
-    image_size: int = opt(224, "Image side in pixels (ViTs get it as img_size; a pretrained pos-embed is resampled).")
+                                           ".cls + 1).", ge=1)
+    image_size: int = opt(224, "Image side in pixels (ViTs get it as img_size; a pretrained pos-embed is resampled).",
+                          ge=1)
     global_pool: str = opt("avg", "timm global_pool: avg = mean of the patch tokens (BEiT v2's recipe: MaskDistill "
                                   "never trains the CLS token), token = the CLS token.")
     norm: str = opt("imagenet", "Input mean/std: imagenet (what mdtrain pretrain feeds the student) or model "
                                 "(timm's config).")
-    epochs: int = opt(100, "Training epochs.")
+    epochs: int = opt(100, "Training epochs.", ge=1)
     warmup_epochs: float = opt(20.0, "Linear warmup epochs up to the peak lr, where the cosine starts (the lr is "
-                                     "updated every step); less than --epochs.")
-    batch_size: int = opt(128, "Batch size per process (effective batch = batch-size x processes).")
+                                     "updated every step); less than --epochs.", ge=0)
+    batch_size: int = opt(128, "Batch size per process (effective batch = batch-size x processes).", ge=1)
     blr: float = opt(1.25e-4, "Base learning rate per 256 images: lr = blr x effective batch / 256: 5e-4 at batch "
-                              "1024, BEiT v2's value.")
-    lr: Optional[float] = opt(None, "Absolute peak learning rate; overrides --blr when given.")
-    min_lr: float = opt(1e-6, "Learning rate at the end of the cosine schedule.")
-    warmup_lr: float = opt(1e-6, "Learning rate at the start of warmup.")
-    weight_decay: float = opt(0.05, "AdamW weight decay (not applied to norms, biases, tokens, pos-embed).")
-    layer_decay: float = opt(0.65, "Layer-wise lr decay (BEiT); 1.0 = off.")
-    drop_path: float = opt(0.1, "Stochastic depth rate.")
+                              "1024, BEiT v2's value.", gt=0)
+    lr: Optional[float] = opt(None, "Absolute peak learning rate; overrides --blr when given.", gt=0)
+    min_lr: float = opt(1e-6, "Learning rate at the end of the cosine schedule.", ge=0)
+    warmup_lr: float = opt(1e-6, "Learning rate at the start of warmup.", ge=0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (not applied to norms, biases, tokens, pos-embed).", ge=0)
+    layer_decay: float = opt(0.65, "Layer-wise lr decay (BEiT); 1.0 = off.", gt=0, le=1)
+    drop_path: float = opt(0.1, "Stochastic depth rate.", ge=0, lt=1)
     head_init_scale: float = opt(0.001, "Multiply the new classifier's initial weight and bias by this (BEiT v2 "
-                                        "init_scale: near-zero logits at the start); 1 = timm's init.")
-    clip_grad: Optional[float] = opt(None, "Clip the gradient norm to this value; None = off.")
-    smoothing: float = opt(0.1, "Label smoothing.")
-    mixup: float = opt(0.8, "Mixup alpha; 0 = off.")
-    cutmix: float = opt(1.0, "CutMix alpha; 0 = off.")
-    mixup_prob: float = opt(1.0, "Probability of applying mixup or cutmix to a batch.")
-    mixup_switch_prob: float = opt(0.5, "Probability of cutmix instead of mixup when both are on.")
+                                        "init_scale: near-zero logits at the start); 1 = timm's init.", gt=0)
+    clip_grad: Optional[float] = opt(None, "Clip the gradient norm to this value; None = off.", gt=0)
+    smoothing: float = opt(0.1, "Label smoothing.", ge=0, lt=1)
+    mixup: float = opt(0.8, "Mixup alpha; 0 = off.", ge=0)
+    cutmix: float = opt(1.0, "CutMix alpha; 0 = off.", ge=0)
+    mixup_prob: float = opt(1.0, "Probability of applying mixup or cutmix to a batch.", ge=0, le=1)
+    mixup_switch_prob: float = opt(0.5, "Probability of cutmix instead of mixup when both are on.", ge=0, le=1)
     aa: str = opt("rand-m9-mstd0.5-inc1", "timm auto-augment policy (RandAugment); 'none' = off. Default loader only.")
-    color_jitter: float = opt(0.4, "Color jitter (timm applies it only when --aa is off). Default loader only.")
-    reprob: float = opt(0.25, "Random erasing probability (both loaders).")
+    color_jitter: float = opt(0.4, "Color jitter (timm applies it only when --aa is off). Default loader only.", ge=0)
+    reprob: float = opt(0.25, "Random erasing probability (both loaders).", ge=0, le=1)
     remode: str = opt("pixel", "Random erasing mode: const, rand, pixel.")
-    recount: int = opt(1, "Random erasing count.")
-    crop_scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop scale range: MIN MAX.")
-    crop_pct: float = opt(0.875, "Validation center-crop fraction (resize to image-size / crop-pct, crop image-size).")
+    recount: int = opt(1, "Random erasing count.", ge=1)
+    crop_scale: tuple[float, float] = opt((0.08, 1.0), "RandomResizedCrop scale range: MIN MAX.", gt=0, le=1)
+    crop_pct: float = opt(0.875, "Validation center-crop fraction (resize to image-size / crop-pct, crop image-size).",
+                          gt=0, le=1)
     model_ema: bool = opt(False, "Keep an EMA of the weights (timm ModelEmaV3); evaluated and saved as "
                                  "ema.safetensors.")
-    model_ema_decay: float = opt(0.9999, "EMA decay per step.")
+    model_ema_decay: float = opt(0.9999, "EMA decay per step.", ge=0, lt=1)
     precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
     loader: str = opt("default", "default (PIL decode + timm transforms, streams shards) or ffcv (.beton from "
                                  "ffcv-build).")
-    workers: int = opt(4, "Data loading workers per process (threads for ffcv).")
+    workers: int = opt(4, "Data loading workers per process (threads for ffcv).", ge=0)
     train_size: Optional[int] = opt(None, "Training images per epoch for the per-step lr schedule; None = count "
-                                          "(scans tar headers).")
-    shuffle_buffer: int = opt(1000, "Default loader: shuffle buffer size (samples).")
-    seed: int = opt(0, "Seed: model init, data order, augmentation (per epoch, rank and step, so --resume is exact).")
+                                          "(scans tar headers).", ge=1)
+    shuffle_buffer: int = opt(1000, "Default loader: shuffle buffer size (samples).", ge=0)
+    seed: int = opt(0, "Seed: model init, data order, augmentation (per epoch, rank and step, so --resume is exact).",
+                    ge=0)
     resume: Optional[str] = opt(None, "Trainer-state checkpoint to continue from (OUT/last.ckpt); 'auto' = "
                                       "OUT/last.ckpt if present.")
     stop_after: Optional[int] = opt(None, "Stop after N optimizer steps of this run, with a checkpoint (--resume auto "
-                                          "continues from exactly there). None = run to --epochs.")
+                                          "continues from exactly there). None = run to --epochs.", ge=0)
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N.")
-    log_every: int = opt(20, "Print a progress line every N steps (rank 0); 0 = off.")
+    log_every: int = opt(20, "Print a progress line every N steps (rank 0); 0 = off.", ge=0)
     log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
                              "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for remote sources (repeatable).")
@@ -247,8 +250,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     if not cfg.train or not cfg.val:
         raise ConfigError("--train and --val are both required")
+    check_options(cfg)
     check_trackers(cfg.log)
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     dist = init_distributed(device)
     precision = resolve_precision(cfg.precision, device)
     outdir = OutputDir(cfg.out, cfg.storage_options)  # local, or mirrored to a URL

@@ -13,7 +13,24 @@ import os
 from typing import Callable
 
 from mdcache import fs as mfs
-from mdcache.errors import ConfigError
+from mdcache.errors import ConfigError, UserError
+
+
+class OutputError(UserError):
+    """The run's output folder cannot be written (read-only, full, a file in the way). Names the path."""
+
+
+def writable_dir(path: str, what: str) -> str:
+    """Create `path` if needed and prove it takes a file now, not after an epoch of training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("x")
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(f"{what} {path}: cannot write there ({e.strerror or e})") from None
+    return path
 
 
 class OutputDir:
@@ -22,12 +39,11 @@ class OutputDir:
         self.url = out
         self._pushed: dict[str, tuple[int, float]] = {}
         if mfs.is_local(fs):
-            self.fs, self.remote, self.local = None, None, path
-            os.makedirs(path, exist_ok=True)
+            self.fs, self.remote, self.local = None, None, writable_dir(path, "--out")
             return
         self.fs, self.remote = fs, path
-        self.local = mfs.user_cache_dir("outputs", hashlib.sha256(out.encode()).hexdigest()[:16])
-        os.makedirs(self.local, exist_ok=True)
+        self.local = writable_dir(mfs.user_cache_dir("outputs", hashlib.sha256(out.encode()).hexdigest()[:16]),
+                                  f"the local mirror of --out {out}:")
         if fs.exists(path):  # the bucket is the truth: refresh the mirror from it
             mfs.download_tree(fs, path, self.local, merge=True)
         for d, _, files in os.walk(self.local):
@@ -87,7 +103,11 @@ class MetricsLog:
         if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(os.path.join(out, "tensorboard"))
+            try:
+                writer = SummaryWriter(os.path.join(out, "tensorboard"))
+            except OSError as e:
+                raise OutputError(f"--log tensorboard: cannot write event files to {os.path.join(out, 'tensorboard')}"
+                                  f" ({e.strerror or e}; a file where the folder should be?)") from None
             self._sinks.append((lambda k, v, step: writer.add_scalar(k, v, step), writer.close))
         if "wandb" in trackers:
             import wandb
@@ -106,16 +126,24 @@ class MetricsLog:
         """Rewrite the log with the rows `keep` accepts (atomically); returns them."""
         rows = [r for r in self.rows() if keep(r)]
         tmp = f"{self.path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise OutputError(f"writing {self.path} failed ({e.strerror or e})") from None
         return rows
 
     def write(self, row: dict) -> None:
-        if self._f is None:
-            self._f = open(self.path, "a")
-        self._f.write(json.dumps(row) + "\n")
-        self._f.flush()
+        try:
+            if self._f is None:
+                self._f = open(self.path, "a")
+            self._f.write(json.dumps(row) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise OutputError(f"writing {self.path} failed ({e.strerror or e})") from None
         step = int(row.get("step", row.get("epoch", 0)))  # finetune logs per epoch
         for add, _ in self._sinks:
             for k, v in row.items():
@@ -140,6 +168,18 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, png_path: str) -> None:
+    """A plot is a convenience: a full disk here is a warning, not a failed run (the metrics are saved)."""
+    import sys
+
+    try:
+        fig.savefig(png_path, dpi=110)
+    except OSError as e:
+        print(f"warning: could not write {png_path} ({e.strerror or e})", file=sys.stderr)
+    finally:
+        _pyplot().close(fig)
+
+
 def plot_loss(rows: list[dict], png_path: str) -> None:
     """loss.png of a pretraining run: masked-token loss per optimizer step."""
     if not rows:
@@ -152,8 +192,7 @@ def plot_loss(rows: list[dict], png_path: str) -> None:
     ax.set_title("mdtrain pretrain")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path)
 
 
 def plot_curves(rows: list[dict], png_path: str) -> None:
@@ -174,5 +213,4 @@ def plot_curves(rows: list[dict], png_path: str) -> None:
     b.set_ylabel("accuracy (%)")
     b.legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png_path)

@@ -21,8 +21,8 @@ import torch
 from rich.console import Console
 
 from mdcache import store, views
-from mdcache.commands import ViewOptions, model_args_opt, opt, public_config, storage_options_opt
-from mdcache.devices import autocast, resolve_device, resolve_precision
+from mdcache.commands import ViewOptions, check_options, model_args_opt, opt, public_config, storage_options_opt
+from mdcache.devices import autocast, resolve_precision, use_device
 from mdcache.errors import ConfigError
 
 from . import checkpoint, data, objective
@@ -57,42 +57,44 @@ class PretrainConfig(ViewOptions):
     student_args: dict = model_args_opt("--student-arg", "student")
     out: str = opt("runs/pretrain", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every "
                                     "checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
-    epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).")
-    batch_size: int = opt(256, "Images per process per micro-step (effective batch = this x accum-iter x processes).")
-    accum_iter: int = opt(1, "Micro-steps accumulated per optimizer step.")
+    epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).", ge=1)
+    batch_size: int = opt(256, "Images per process per micro-step (effective batch = this x accum-iter x processes).",
+                          ge=1)
+    accum_iter: int = opt(1, "Micro-steps accumulated per optimizer step.", ge=1)
     blr: float = opt(1.875e-4, "Base learning rate: lr = blr x effective batch / 256 (MaskDistill: 1.5e-3 at "
-                               "batch 2048).")
-    lr: Optional[float] = opt(None, "Absolute peak learning rate (overrides --blr).")
-    min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.")
-    warmup_epochs: int = opt(10, "Linear warmup epochs.")
-    weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, position/cls/mask tokens).")
+                               "batch 2048).", gt=0)
+    lr: Optional[float] = opt(None, "Absolute peak learning rate (overrides --blr).", gt=0)
+    min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.", ge=0)
+    warmup_epochs: int = opt(10, "Linear warmup epochs.", ge=0)
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, position/cls/mask tokens).", ge=0)
     betas: Optional[tuple[float, float]] = opt(None, "AdamW betas B1 B2 (default: BEiT v2's rule, 0.9 0.98 for runs "
-                                                     "up to 300 epochs, 0.9 0.999 for longer ones).")
-    clip_grad: float = opt(3.0, "Gradient norm clipping (0 disables).")
+                                                     "up to 300 epochs, 0.9 0.999 for longer ones).", ge=0, lt=1)
+    clip_grad: float = opt(3.0, "Gradient norm clipping (0 disables).", ge=0)
     drop_path: Optional[float] = opt(None, "Stochastic depth rate of the student (default: BEiT v2's rule, 0.0 for "
-                                           "runs up to 300 epochs, 0.1 for longer ones).")
+                                           "runs up to 300 epochs, 0.1 for longer ones).", ge=0, lt=1)
     layer_scale: Optional[float] = opt(None, "LayerScale init value (timm init_values; default: 0.1, or 1e-5 for "
-                                             "large/huge/giant students; 0: no LayerScale).")
+                                             "large/huge/giant students; 0: no LayerScale).", ge=0)
     mask_ratio: float = opt(DEFAULT_MASK_RATIO, "Fraction of patches masked (exactly round(ratio x patches)); "
-                                                "75/196 by default.", shown="75/196")
+                                                "75/196 by default.", shown="75/196", gt=0, lt=1)
     min_mask_patches: int = opt(DEFAULT_MIN_PATCHES, "Smallest mask block on a 196-patch grid (scaled to the "
-                                                     "cache's grid).")
+                                                     "cache's grid).", ge=1)
     target_norm: str = opt("layernorm", "Target normalization: layernorm (per token, no affine) or none.")
     loss: str = opt("smooth_l1", "Loss on masked tokens: smooth_l1, mse or cosine.")
-    beta: float = opt(2.0, "Smooth-L1 beta (OPEN in MaskDistill: 1.0 or 2.0).")
-    seed: int = opt(0, "Seed: shard order, shuffle, view choice, masks, init (online without a cache: also views).")
-    workers: int = opt(2, "Loader worker processes per rank (exact resume needs the same number).")
-    shuffle_buffer: int = opt(256, "Shuffle buffer size inside each shard (samples).")
+    beta: float = opt(2.0, "Smooth-L1 beta (OPEN in MaskDistill: 1.0 or 2.0).", gt=0)
+    seed: int = opt(0, "Seed: shard order, shuffle, view choice, masks, init (online without a cache: also views).",
+                    ge=0)
+    workers: int = opt(2, "Loader worker processes per rank (exact resume needs the same number).", ge=0)
+    shuffle_buffer: int = opt(256, "Shuffle buffer size inside each shard (samples).", ge=1)
     device: str = opt("auto", "Device: auto (CUDA at LOCAL_RANK if available, else CPU), cpu, cuda, cuda:N.")
     precision: str = opt("auto", "Autocast: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
     resume: Optional[str] = opt(None, "Resume from a last.ckpt (or 'auto': OUT/last.ckpt if it exists).")
     save_every: Optional[int] = opt(None, "Also checkpoint every N optimizer steps (default: at the end of each "
-                                          "epoch only).")
-    log_every: int = opt(1, "Log every N optimizer steps.")
+                                          "epoch only).", ge=1)
+    log_every: int = opt(1, "Log every N optimizer steps.", ge=1)
     log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
                              "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     stop_after: Optional[int] = opt(None, "Stop after N optimizer steps in this process, with a checkpoint "
-                                          "(default: run to the end).")
+                                          "(default: run to the end).", ge=0)
     log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).")
     progress: bool = opt(True, "Rich progress bar on rank 0 (when stderr is a terminal).")
     teacher: Optional[str] = opt(None, "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
@@ -107,18 +109,14 @@ class PretrainConfig(ViewOptions):
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for cache and source (repeatable).")
     local_cache: Optional[str] = opt(None, "Local directory for a read-through copy of a remote cache: each shard "
                                            "is downloaded once per machine.")
-    local_cache_gb: float = opt(100.0, "Size bound of --local-cache in GB (least recently used shards are evicted).")
+    local_cache_gb: float = opt(100.0, "Size bound of --local-cache in GB (least recently used shards are evicted).",
+                                gt=0)
 
 
 def check_config(cfg: PretrainConfig) -> None:
+    check_options(cfg)
     objective.check(cfg.target_norm, cfg.loss)
     check_trackers(cfg.log)
-    for name in ("accum_iter", "log_every", "save_every"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if cfg.stop_after is not None and cfg.stop_after < 0:
-        raise ConfigError(f"--stop-after {cfg.stop_after}: must be 0 (save the initial state) or more")
     if cfg.fresh_crops and (cfg.cache or not cfg.teacher):
         raise ConfigError("--fresh-crops is online mode without a cache: give --teacher and --source (and the view "
                           "options of the cache you compare with), not --cache")
@@ -279,7 +277,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
     """Train; returns a summary (steps, final loss, paths). Safe to call under torchrun."""
     check_config(cfg)
     cfg = resolve(cfg)
-    device = resolve_device(cfg.device)
+    device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     dist = init_distributed(device)
     configure_threads(device, cfg.workers, dist.world)

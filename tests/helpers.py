@@ -37,6 +37,18 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None,
     return p
 
 
+def invoke(*args: str, module: str = "mdcache", env: dict | None = None):
+    """A command run in this process through Typer's CliRunner (no interpreter start-up, no imports to pay
+    again): the result has exit_code, stdout and stderr. An exception other than a clean exit propagates,
+    so a traceback fails the test."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    app = importlib.import_module(f"{module}.cli").app
+    return CliRunner().invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
 def verify_partial(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """`mdcache verify` on a cache extracted only in part: what was committed checks out, but the
     cache is INCOMPLETE (exit 1), which is what a trainer would be told."""

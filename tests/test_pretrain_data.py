@@ -11,7 +11,7 @@ from helpers import make_cache, shared_cache
 
 from mdcache import open_cache, store, views
 from mdcache.extract import ExtractConfig
-from mdcache.sources import list_source
+from mdcache.sources import SourceError, list_source
 from mdtrain import data
 
 
@@ -137,8 +137,11 @@ def test_keys_mismatch_names_the_shard(cache, demo_data, tmp_path):
     with pytest.raises(data.DataError, match=rf"shard '{victim}'.*'intruder-000' but the cache has '{first_key}'"):
         list(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache))
     rewrite_tar(demo_data / f"{victim}.tar", tmp_path / f"{victim}.tar", drop=first_key)
-    with pytest.raises(data.DataError, match=rf"shard '{victim}'"):
+    # a shard rewritten after the plan was made: its size is not the one listed, caught before any sample
+    with pytest.raises(SourceError, match=rf"{victim}.tar' \({victim}\) is \d+ bytes now but was \d+"):
         list(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache))
+    with pytest.raises(data.DataError, match=rf"differ in size from the ones the cache was made from: {victim}"):
+        data.plan_from_cache(cache, str(tmp_path / "train-{000000..000003}.tar"))
     with pytest.raises(data.DataError, match="lacks shard"):
         data.plan_from_cache(cache, str(tmp_path / "train-00000[01].tar"))
 

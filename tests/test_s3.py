@@ -12,7 +12,7 @@ import pytest
 import s3_server
 from helpers import ROOT, TINY_CLIP, TINY_TEACHER, TRAIN_FLAGS, run_cli, verify_partial
 
-from mdcache import open_cache, store
+from mdcache import local_copies, open_cache, store
 from mdcache.sources import iter_samples, list_source
 
 
@@ -225,7 +225,7 @@ def test_local_read_through_cache_is_bounded(s3, bucket_data, tmp_path):
     copies = sorted(p.name for p in (local / cache.manifest["cache_id"] / "shards").iterdir())
     assert [c.rsplit(".", 1)[0] for c in copies] == cache.shard_names
     # Bounded: room for about two shard copies, least recently used ones go.
-    size = store._dir_bytes(str(local / cache.manifest["cache_id"] / "shards" / copies[0]))
+    size = local_copies._dir_bytes(str(local / cache.manifest["cache_id"] / "shards" / copies[0]))
     local2 = tmp_path / "local2"
     bounded = open_cache(url, s3.options(), local_cache=str(local2), local_cache_bytes=int(size * 2.5))
     bounded.read_encoded("train-000000", 0)
@@ -236,8 +236,9 @@ def test_local_read_through_cache_is_bounded(s3, bucket_data, tmp_path):
 
 
 def test_a_bad_local_copy_is_fetched_again_and_named(s3, bucket_data, tmp_path, capfd):
-    """A local copy that fails its checksum is this machine's problem, not the team bucket's: it is dropped and
-    fetched once more, and the warning names the copy. Only a bad fresh copy is reported against the bucket."""
+    """A local copy that fails its checksum is this machine's problem, not the team bucket's: the shard is read
+    from the bucket, the copy dropped (fetched again next time), and the warning names the copy. Only a read
+    from the bucket itself that fails is reported against the bucket."""
     p = run_cli(*extract_args(bucket_data, "s3://team/badcopy", "--shards", "0:2"), env=s3.env())
     url = p.stdout.strip().splitlines()[-1]
     local = tmp_path / "local"
@@ -250,12 +251,40 @@ def test_a_bad_local_copy_is_fetched_again_and_named(s3, bucket_data, tmp_path, 
     again = cache.read_encoded("train-000001", 1)
     assert all(np.array_equal(good[1][k], again[1][k]) for k in good[1])
     warning = capfd.readouterr().err
-    assert str(copy) in warning and "local copy of s3://" in warning and "fetching the shard again" in warning
+    assert str(copy) in warning and "local copy of s3://" in warning and "fetching the copy again" in warning
+    assert not copy.exists()  # dropped
+    cache.read_encoded("train-000001", 1)
+    assert copy.is_dir() and not capfd.readouterr().err  # fetched again, and good
     remote = url[len("s3://"):] + "/" + cache.commits["train-000001"]["path"] + "/targets/c/1/0/0/0"
     s3.fs().pipe_file(remote, s3.fs().cat_file(remote)[::-1])  # now the bucket's shard itself is bad
     chunk.write_bytes(chunk.read_bytes()[::-1])
-    with pytest.raises(store.CacheError, match=r"\(a fresh copy\): shard 'train-000001' array 'targets' view 1"):
+    with pytest.raises(store.CacheError, match=rf"^{url}: shard 'train-000001' array 'targets' view 1"):
         cache.read_encoded("train-000001", 1)
+
+
+def test_eviction_never_deletes_a_shard_under_a_reader(s3, bucket_data, tmp_path):
+    """--local-cache smaller than the cache: training cycles through the shards, so the copy about to be reused
+    is the least recently used one, and it was evicted while another reader opened it. Every run failed,
+    blaming the bucket and advising `mdcache rm --shard` on a good shard. Two trainers with two loader workers
+    each share one local cache bounded at one and a half shards, for several epochs."""
+    url = run_cli(*extract_args(bucket_data, "s3://team/evict"), env=s3.env()).stdout.strip().splitlines()[-1]
+    shard_bytes = max(r["bytes"] for r in open_cache(url, s3.options()).commits.values())
+    local = tmp_path / "local"
+    env = {**os.environ, **s3.env(), "COLUMNS": "200"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mdtrain", "pretrain", "--cache", url, "--local-cache", str(local),
+                               "--local-cache-gb", str(1.5 * shard_bytes / 2**30), *TRAIN_FLAGS, "--epochs", "4",
+                               "--out", str(tmp_path / f"pt{i}")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and "rm --shard" not in err, err[-3000:]
+    held = sum(local_copies._dir_bytes(c) for c in local_copies.copies(str(local)))
+    assert 0 < held <= 2.5 * shard_bytes  # the bound (and at most the copy read last) once nobody reads
+    (tmp_path / "file").write_text("x")
+    p = run_cli("pretrain", "--cache", url, "--local-cache", str(tmp_path / "file"), *TRAIN_FLAGS, "--out",
+                str(tmp_path / "pt"), module="mdtrain", env=s3.env(), check=False)
+    assert p.returncode == 2 and f"--local-cache {tmp_path / 'file'}: cannot hold local copies" in p.stderr
+    assert "bucket" not in p.stderr.split("(")[0]
 
 
 def test_pretrain_from_bucket_through_local_cache_and_storage_bench(s3, bucket_data, demo_data, tmp_path):

@@ -42,7 +42,7 @@ def test_transcode_keeps_keys_and_views_and_names_its_source(fp16_cache, tmp_pat
     assert new.complete and new.codec == codec and len(summary["committed"]) == len(src.commits)
     fp = new.manifest["fingerprint"]
     assert fp["transcoded_from"] == {"cache_id": src.cache_id, "codec": "fp16"}
-    assert fp["codec"] == codecs.get_codec(codec).identity
+    assert fp["codec"] == {**codecs.get_codec(codec).identity, "calib_images": 16}  # not the default 64: named
     assert {k: v for k, v in fp.items() if k not in ("codec", "transcoded_from")} == \
         {k: v for k, v in src.manifest["fingerprint"].items() if k != "codec"}
     assert new.cache_id == store.cache_id(fp) != src.cache_id
