@@ -47,6 +47,12 @@ def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Ca
     return dataclasses.field(default=default, metadata=meta)
 
 
+def precision_opt(what: str = "Autocast") -> Any:
+    """The `precision` field of every command that runs a model."""
+    return opt("auto", f"{what}: auto (bf16 on GPUs with native bf16, fp16 on older GPUs with a loss scaler when "
+                       "training, fp32 on CPUs), fp32, bf16, fp16.")
+
+
 def storage_options_opt(help: str = STORAGE_HELP) -> Any:
     """The `storage_options` field every command that reads URLs has: a dict in Python, repeatable
     `--storage-option KEY=VALUE` on the command line."""
@@ -197,12 +203,23 @@ class ViewOptions:
     flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
     color_jitter: float = opt(0.4, "ColorJitter strength for brightness, contrast and saturation, recorded per view "
                                    "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).", ge=0)
+    replay: str = opt("tensor-bicubic-aa-v1", "How stored view parameters become pixels (recorded in the cache; "
+                                              "readers always use the cache's): tensor-bicubic-aa-v1 (uint8 torch "
+                                              "ops, 3x faster, runs on a GPU too) or pil-rgb-crop-bicubic-flip-"
+                                              "enhance-v1 (PIL, the replay of caches made before).")
+
+    replay_on: str = opt("workers", "Where views are replayed: workers (the loader processes) or device (workers only "
+                                    "decode; the model's device crops, resizes and jitters: a GPU when CPU cores are "
+                                    "short; the tensor replay only).")
 
     def view_recipe(self, image_size: int, seed: int):
-        from .views import ViewRecipe
+        from .views import ViewRecipe, check_replay
 
+        if self.replay_on not in ("workers", "device"):
+            raise ConfigError(f"--replay-on {self.replay_on!r}: choose workers or device")
         return ViewRecipe(image_size=image_size, scale=tuple(self.crop_scale), ratio=tuple(self.crop_ratio),
-                          flip=self.flip, views=self.views, seed=seed, color_jitter=self.color_jitter)
+                          flip=self.flip, views=self.views, seed=seed, color_jitter=self.color_jitter,
+                          replay=check_replay(self.replay))
 
 
 def public_config(cfg: Any) -> dict:

@@ -42,17 +42,34 @@ def use_device(name: str = "auto") -> torch.device:
     return device
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 in hardware (Ampere and newer). `is_bf16_supported()` alone also counts emulation, which V100 and
+    T4 offer at less than fp32's speed."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 autocast on GPUs that support it, fp32 elsewhere (CPU bf16 is slow on most CPUs)."""
+    """auto: bf16 autocast on GPUs with native bf16, fp16 autocast on older GPUs (V100, T4; training scales
+    the loss with a GradScaler), fp32 on CPUs (CPU bf16 is slow on most)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ConfigError(f"--precision {precision!r}: choose auto, fp32 or bf16")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--precision bf16: this GPU does not support bfloat16")
+        return ("bf16" if native_bf16(device) else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bfloat16 (it would "
+                          "be emulated, slower than fp32); use --precision fp16 or fp32")
     return precision
 
 
 def autocast(device: torch.device, precision: str):
-    """The one autocast context of the project: bf16 when precision is 'bf16', a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The one autocast context of the project: bf16 or fp16 autocast, a no-op for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str) -> "torch.amp.GradScaler":
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled scaler is a no-op)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")

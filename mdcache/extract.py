@@ -1,8 +1,10 @@
 """`mdcache extract`: run the teacher once over K views of every image and commit targets per shard.
 
 Workers decode and replay views (one worker per shard at a time, so a shard's batches arrive in
-order); the main process runs the teacher; a writer thread encodes-to-Zarr and commits while the
-next batches compute. Committed shards are skipped, so re-running the same command resumes.
+order) and ship them as uint8 (pinned for a GPU); the main process normalizes them on the device and
+runs the teacher; a host thread encodes on the device and copies to the host, and a writer thread
+writes the Zarr group and commits, while the next batches compute. Committed shards are skipped, so
+re-running the same command resumes.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .claims import Claims, Renewer, new_owner
-from .commands import ViewOptions, check_options, model_args_opt, opt, storage_options_opt
+from .commands import ViewOptions, check_options, model_args_opt, opt, precision_opt, storage_options_opt
 from .devices import resolve_precision, use_device
 from .errors import CacheError, CacheNotFound
 from .teachers import Teacher, load_teacher, run_teacher
@@ -53,7 +55,7 @@ class ExtractConfig(ViewOptions):
     batch_size: int = opt(32, "Images per teacher batch (each contributes --views crops).", ge=1)
     workers: int = opt(2, "DataLoader worker processes decoding and cropping images.", ge=0)
     device: str = opt("auto", "Device: auto (CUDA if available, LOCAL_RANK under torchrun), cpu, cuda, cuda:N.")
-    precision: str = opt("auto", "Teacher precision: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
+    precision: str = precision_opt("Teacher precision")
     calib_images: int = opt(store.CALIB_IMAGES, "Images (the source's first) used to calibrate the int8, int4 and pca "
                                                 "codecs (part of the cache's identity).", ge=1)
     fidelity_images: int = opt(8, "Images per shard whose targets are checked against the fp32 teacher for the "
@@ -80,7 +82,8 @@ class Batch:
     shard: str
     keys: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)   # undecodable samples: {key, error}
-    images: torch.Tensor | None = None                  # [n*K, 3, S, S], normalized
+    images: torch.Tensor | list | None = None           # [n*K, 3, S, S] uint8 (normalized on the device), or with
+    #                                                     --replay-on device the n decoded images [3, H, W] uint8
     views: np.ndarray | None = None                     # [n, K, len(VIEW_FIELDS)] int32
     labels: list[int] = field(default_factory=list)      # class labels of the source's samples, when it has them
     last: bool = True
@@ -89,23 +92,32 @@ class Batch:
     claim_seconds: float = 0.0
 
 
-def image_views(sample: sources.Sample, recipe: views.ViewRecipe, mean, std) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode one sample and produce its K views: (images [K,3,S,S], params [K,7])."""
+def image_views(sample: sources.Sample, recipe: views.ViewRecipe,
+                on_device: bool = False) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode one sample and produce its K views: (uint8 images [K,3,S,S], params [K,11]); on_device: the decoded
+    image [3,H,W] instead, for `replay_on_device`."""
     image = views.decode_image(sample.data)
     params = views.sample_views(sample.key, image.height, image.width, recipe)
-    x = torch.stack([views.to_tensor(views.replay(image, p, recipe.image_size), mean, std) for p in params])
-    return x, params
+    if on_device:
+        return views.image_tensor(image), params
+    return views.view_pixels(image, params, recipe.image_size, recipe.replay), params
 
 
-def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, std, batch_size: int,
-                  storage_options: dict | None = None) -> Iterator[Batch]:
+def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device) -> torch.Tensor:
+    """The views of a batch of decoded images, replayed on `device`: uint8 [n*K,3,S,S]."""
+    return torch.cat([views.view_pixels(x.to(device, non_blocking=True), p, recipe.image_size, recipe.replay)
+                      for x, p in zip(b.images, b.views)])
+
+
+def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_size: int,
+                  storage_options: dict | None = None, on_device: bool = False) -> Iterator[Batch]:
     """Batches of one shard, in order. The last one has last=True (and error= if the shard broke)."""
     keys, imgs, params, skipped, labels = [], [], [], [], []
 
     def batch(last: bool, error: str | None = None) -> Batch:
         out = Batch(shard.name, keys=list(keys), skipped=list(skipped), labels=list(labels), last=last, error=error)
         if keys:
-            out.images, out.views = torch.cat(imgs), np.stack(params)
+            out.images, out.views = list(imgs) if on_device else torch.cat(imgs), np.stack(params)
         keys.clear(), imgs.clear(), params.clear(), skipped.clear(), labels.clear()
         return out
 
@@ -115,7 +127,7 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, st
                 skipped.append({"key": sample.key, "error": "no image member (.jpg/.jpeg/.png/.webp)"})
                 continue
             try:
-                x, p = image_views(sample, recipe, mean, std)
+                x, p = image_views(sample, recipe, on_device)
             except Exception as e:  # undecodable image: skip, count, list; never drop silently
                 skipped.append({"key": sample.key, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -133,8 +145,9 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, mean, st
 class ShardStream(torch.utils.data.IterableDataset):
     """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
-    def __init__(self, shards, recipe, mean, std, batch_size, storage_options=None, claims: Claims | None = None):
-        self.shards, self.recipe, self.mean, self.std = shards, recipe, mean, std
+    def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
+                 on_device: bool = False):
+        self.shards, self.recipe, self.on_device = shards, recipe, on_device
         self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
 
     def __iter__(self):
@@ -147,7 +160,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             if why_not:  # committed meanwhile, or another extractor is on it
                 yield Batch(shard.name, skip=why_not)
                 continue
-            for b in shard_batches(shard, self.recipe, self.mean, self.std, self.batch_size, self.storage_options):
+            for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device):
                 b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
                 yield b
 
@@ -194,8 +207,7 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     feats, n, passed = [], 0, []
     for shard in p.shards:
         try:
-            for b in shard_batches(shard, p.recipe, p.teacher.mean, p.teacher.std,
-                                   min(cfg.batch_size, cfg.calib_images), p.storage_options):
+            for b in shard_batches(shard, p.recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options):
                 if b.error:
                     raise sources.SourceError(b.error)
                 if b.keys:
@@ -336,9 +348,13 @@ def new_summary(cache_url: str, reused: int) -> dict:
 
 
 class ShardWriter:
-    """A shard's life after the teacher: buffer its encoded batches; at its last batch write its Zarr group,
-    publish the commit record and release the claim on a writer thread (at most one more shard in
-    flight, so memory stays bounded), then account for it in `summary` and log one line."""
+    """A shard's life after the teacher. A host thread encodes each batch on the teacher's device, copies it
+    to the host and measures its fidelity while the main thread feeds the teacher the next batch (at most
+    HOST_DEPTH batches wait, their features on the device). At a shard's last batch a writer thread writes
+    its Zarr group, publishes the commit record and releases the claim (at most one more shard in flight,
+    so memory stays bounded), then accounts for it in `summary` and logs one line."""
+
+    HOST_DEPTH = 2
 
     def __init__(self, cache: store.Cache, k: int, claims: Claims | None,
                  todo: list[sources.SourceShard], summary: dict, fidelity_images: int, log: bool,
@@ -350,16 +366,27 @@ class ShardWriter:
         self.fidelity_images = fidelity_images
         self.buffers: dict[str, ShardBuffer] = {}
         self.pending: list[Future] = []
+        self.hosting: list[Future] = []
+        self.checked: set[str] = set()  # shards whose fidelity reference was asked for (main thread)
+        self.host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdcache-host")
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdcache-writer")
 
     def fidelity_views(self, b: Batch) -> int:
         """How many of this batch's views to check against the fp32 teacher: the shard's first images only."""
-        buf = self.buffers.get(b.shard)
-        return 0 if buf is not None and buf.meter.tokens else min(len(b.keys), self.fidelity_images) * self.k
+        if b.shard in self.checked:
+            return 0
+        self.checked.add(b.shard)
+        return min(len(b.keys), self.fidelity_images) * self.k
 
     def add(self, b: Batch, feats: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
         """One batch's teacher features [n*K, P, D] (None for a batch without images); `reference` are fp32
-        features of its first views, for the fidelity report."""
+        features of its first views, for the fidelity report. Returns at once unless HOST_DEPTH batches wait."""
+        self.hosting.append(self.host.submit(self._absorb, b, feats, reference))
+        while len(self.hosting) > self.HOST_DEPTH or (self.hosting and self.hosting[0].done()):
+            self.hosting.pop(0).result()  # surfaces the host thread's errors here
+
+    def _absorb(self, b: Batch, feats: torch.Tensor | None, reference: torch.Tensor | None) -> None:
+        """Host thread: encode (on the features' device), to the host, fidelity; a shard's last batch goes on."""
         buf = self.buffers.setdefault(b.shard, ShardBuffer())
         buf.overhead += b.claim_seconds
         buf.skipped += b.skipped
@@ -423,8 +450,11 @@ class ShardWriter:
 
     def close(self) -> None:
         try:
+            for f in self.hosting:
+                f.result()
             self.drain(keep=0)
         finally:
+            self.host.shutdown()
             self.pool.shutdown()
 
 
@@ -520,9 +550,10 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
     """One pass over the shards still to do: workers decode and crop, the teacher runs here, the writer commits."""
     teacher, k = p.teacher, p.recipe.views
     loader = torch.utils.data.DataLoader(
-        ShardStream(todo, p.recipe, teacher.mean, teacher.std, cfg.batch_size, p.storage_options, claims),
+        ShardStream(todo, p.recipe, cfg.batch_size, p.storage_options, claims,
+                    on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay)),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
-        prefetch_factor=4 if cfg.workers else None)
+        prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
                TextColumn("{task.fields[ips]:.1f} img/s"), TextColumn("{task.fields[imgs]} imgs"),
                TimeElapsedColumn(), TimeRemainingColumn()]
@@ -540,6 +571,8 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
                     continue
                 feats = ref = None
                 if b.keys:
+                    if isinstance(b.images, list):  # --replay-on device
+                        b.images = replay_on_device(b, p.recipe, p.device)
                     feats = run_teacher(teacher, b.images, p.precision)
                     m = writer.fidelity_views(b)
                     if m:

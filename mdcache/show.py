@@ -81,7 +81,7 @@ def show(cfg: ShowConfig) -> str:
         gone = sorted(wanted - set(images))
         raise CacheError(f"{cache.url}: shard {shard}: source {by_name[shard].url} no longer has key(s) "
                          f"{', '.join(gone[:3])} (the source changed since extraction)")
-    replayed = [views.replay(images[k], params[i], cache.image_size) for i, k in enumerate(keys[:n])]
+    replayed = [views.replay(images[k], params[i], cache.image_size, cache.replay) for i, k in enumerate(keys[:n])]
     stored = torch.from_numpy(targets[:n])
     colours = targets_to_rgb(stored, cache.patch_grid)
     cosines = fidelity(cache, replayed, stored, cfg)
@@ -101,7 +101,7 @@ def fidelity(cache: store.Cache, replayed: list, stored: torch.Tensor, cfg: Show
     except TeacherError as e:
         console.print(f"[yellow]no fidelity histogram:[/] {e}")
         return None
-    fresh = run_teacher(teacher, torch.stack([views.to_tensor(v, teacher.mean, teacher.std) for v in replayed]))
+    fresh = run_teacher(teacher, torch.stack([views.image_tensor(v) for v in replayed]))
     a, b = codecs.token_layernorm(fresh.cpu()), codecs.token_layernorm(stored)
     return torch.nn.functional.cosine_similarity(a, b, dim=-1).reshape(-1).numpy()
 

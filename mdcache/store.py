@@ -14,8 +14,8 @@ import hashlib
 import json
 import os
 import sys
-import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 
 from . import codecs, local_copies
 from . import fs as mfs
+from . import views as views_mod
 from .errors import CacheError, CacheNotFound, UserError
 from .fs import is_local, join, now, read_json, read_json_many, url_to_fs, who, write_json
 
@@ -31,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 COMMIT_INDEX = "commit-index.json"   # a compacted copy of the commit records: opening a cache is O(1) requests
 COMMITS = "commits"
+WRITE_THREADS = 4  # chunks compressed, hashed and written at once per shard
 VIEW_FIELD_COUNT = 11
 # What every reader relies on in a commit record (the rest is provenance).
 RECORD_FIELDS = {"shard": str, "path": str, "samples": int, "views": int, "checksums": dict, "keys_sha256": str}
@@ -224,22 +226,15 @@ def create_manifest(cache_url: str, manifest: dict, storage_options: dict | None
 
 
 def remove_attempt(cache_url: str, rel: str, storage_options: dict | None = None) -> None:
-    """Best effort: remove an attempt directory this process wrote and will never commit. zarr writes a
-    shard's chunks concurrently, and one failed write does not stop the others: look again after a moment."""
+    """Best effort: remove an attempt directory this process wrote and will never commit (all its writes have
+    ended: `write_shard_data` waits for every chunk before it gives up on one)."""
     fs, path = url_to_fs(cache_url, storage_options)
-    for wait in (0.2, 0.5, 1.0, None):
-        try:
-            fs.rm(join(path, rel), recursive=True)
-        except FileNotFoundError:
-            pass
-        except OSError:  # the store is down: `mdcache gc` removes it later
-            return
-        if wait is None:
-            return
-        time.sleep(wait)
-        fs.invalidate_cache(join(path, rel))
-        if not fs.exists(join(path, rel)):
-            return
+    try:
+        fs.rm(join(path, rel), recursive=True)
+    except FileNotFoundError:
+        pass
+    except OSError:  # the store is down: `mdcache gc` removes it later
+        pass
 
 
 def _stamp(info: dict) -> str:
@@ -305,20 +300,24 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
     group_url = join(cache_url, "shards", attempt)
     if is_local(fs):
         group_url = join(path, "shards", attempt)
-    checksums = {}
-    n = len(keys)
+    checksums, n = {}, len(keys)
     try:
         so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
         group = zarr.open_group(group_url, mode="w", zarr_format=3, storage_options=so)
-        for arr_name, data in list(arrays.items()) + [("views", views)]:
-            chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
-            z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                   compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), fill_value=0)
-            # One chunk (one view) at a time: zarr writes a multi-chunk assignment concurrently, and chunks
-            # still landing after a failed one would outlive remove_attempt (a leftover attempt directory).
-            for k in range(data.shape[0] if data.size else 0):
-                z[k] = data[k]
-            checksums[arr_name] = [array_digest(data[k]) for k in range(data.shape[0])]
+        jobs = []
+        with ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="mdcache-chunks") as pool:
+            for arr_name, data in list(arrays.items()) + [("views", views)]:
+                chunks = (1, max(n, 1)) + data.shape[2:]  # one chunk = one view of the shard: one sequential read
+                z = group.create_array(arr_name, shape=data.shape, dtype=data.dtype, chunks=chunks,
+                                       compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),
+                                       fill_value=0)
+                # views are compressed, hashed and written in parallel (zstd and sha256 release the GIL)
+                jobs += [pool.submit(z.__setitem__, k, data[k]) for k in range(data.shape[0] if data.size else 0)]
+                checksums[arr_name] = [pool.submit(array_digest, data[k]) for k in range(data.shape[0])]
+            wait(jobs)  # every chunk has landed or failed before anything is cleaned up: no late writes
+        for job in jobs:
+            job.result()
+        checksums = {a: [f.result() for f in fs_] for a, fs_ in checksums.items()}
         group.attrs.update({"keys": keys, "shard": name})
     except OSError as e:  # disk full, file too large, the bucket went away: say where, leave no half-written attempt
         remove_attempt(cache_url, f"shards/{attempt}", storage_options)
@@ -398,6 +397,11 @@ class Cache:
     @property
     def image_size(self) -> int:
         return int(self.manifest["image_size"])
+
+    @property
+    def replay(self) -> str:
+        """The view replay implementation the cache was extracted with: every reader replays with it."""
+        return views_mod.check_replay(self.manifest["fingerprint"]["views"]["replay"])
 
     @property
     def views(self) -> int:

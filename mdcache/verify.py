@@ -76,8 +76,7 @@ def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source
             v = (done + len(xs)) % k_views
             i = index[sample.key]
             _, targets, params = stored[v]
-            view = views.replay(views.decode_image(sample.data), params[i], size)
-            xs.append(views.to_tensor(view, teacher.mean, teacher.std))
+            xs.append(views.view_pixels(views.decode_image(sample.data), params[i], size, cache.replay))
             refs.append(torch.from_numpy(targets[i]))
             if len(xs) == wanted:
                 break

@@ -59,7 +59,8 @@ def with_targets(cache: Cache, epoch: int = 0, view: int | None = None, seed: in
                                  "since extraction, or these shards are not the cache's source)")
             arrays = {name: a[row] for name, a in table["arrays"].items()}
             out = dict(sample)
-            out["mdcache.image"] = views.replay(_image(sample, shard, key), table["params"][row], cache.image_size)
+            out["mdcache.image"] = views.replay(_image(sample, shard, key), table["params"][row], cache.image_size,
+                                                cache.replay)
             out["mdcache.targets"] = (cache.decode({n: torch.from_numpy(a[None]) for n, a in arrays.items()})[0]
                                       if decode else arrays)
             out["mdcache.params"] = table["params"][row]

@@ -5,8 +5,14 @@ One run, the same batches (epoch 0 onwards of the same seeded stream) for every 
     loader, images + targets     what the cached trainer's loader delivers
     loader, images only          the same stream without reading targets (the floor)
     student step only            one batch held in memory, train steps: the compute limit
+    online step in memory        the same batch in memory + teacher forward + train step: what the
+                                 teacher costs in compute (on a loader-bound GPU both steps below run at
+                                 the loader's rate, which says nothing about compute)
     cached step                  loader + dequantize on the device + train step
     online-teacher step          loader (images only) + teacher forward + train step
+
+Every timing starts after synchronized warm-up batches and ends synchronized; on a GPU each phase also
+reports its peak GPU memory (torch.cuda.max_memory_allocated) and the GPU's name.
 
 Three fresh processes: the limits (loader-only, student-only), the cached step, the online step;
 the last two run the same code but for where targets come from, so their peak RSS compare
@@ -28,7 +34,7 @@ from typing import Iterator, Optional
 import torch
 from rich.console import Console
 
-from mdcache.commands import model_args_opt, opt, storage_options_opt
+from mdcache.commands import model_args_opt, opt, precision_opt, storage_options_opt
 from mdcache.devices import resolve_precision, use_device
 from mdcache.errors import ConfigError
 
@@ -60,7 +66,7 @@ class BenchConfig:
     workers: int = opt(2, "Loader workers.", ge=0)
     seed: int = opt(0, "Seed (stream order, masks, init).", ge=0)
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
-    precision: str = opt("auto", "auto (bf16 on CUDA with bf16), fp32, bf16.")
+    precision: str = precision_opt()
     json_out: bool = opt(False, "Print the measurements as JSON.", param="--json")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
@@ -73,11 +79,11 @@ class BenchConfig:
             random_init=self.random_init, storage_options=dict(self.storage_options)))
 
 
-def stream_batches(setup, workers: int, n: int) -> Iterator[dict]:
+def stream_batches(setup, workers: int, n: int, pin_memory: bool = False) -> Iterator[dict]:
     """n batches from epoch 0 on (wrapping into later epochs), as the trainer would load them."""
     epoch = 0
     while n > 0:
-        for batch in data.make_loader(make_stream(setup, epoch), workers):
+        for batch in data.make_loader(make_stream(setup, epoch), workers, pin_memory=pin_memory):
             yield batch
             n -= 1
             if n == 0:
@@ -85,22 +91,35 @@ def stream_batches(setup, workers: int, n: int) -> Iterator[dict]:
         epoch += 1
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(batches: Iterator[dict], warmup: int, fn) -> float:
-    """images/s over the batches after `warmup`, calling fn(batch) on each."""
-    t0 = t1 = None
+    """images/s over the batches after `warmup`, calling fn(batch) on each: the clock starts once the warm-up's
+    work has finished on the device and stops once the timed work has (a GPU runs behind the host)."""
+    t0 = None
     images = 0
     for i, batch in enumerate(batches):
         if i == warmup:
+            synchronize()
             t0 = time.perf_counter()
         fn(batch)
         if i >= warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
             images += len(batch["keys"])
-            t1 = time.perf_counter()  # before the loader shuts down: not part of the rate
+    synchronize()
     if t0 is None or not images:
         raise ConfigError("no timed batches: raise --batches or lower --warmup")
-    return images / (t1 - t0)
+    return images / (time.perf_counter() - t0)
+
+
+def gpu_report(device: torch.device, phase: str) -> dict:
+    """The GPU's name and this phase's peak memory (one process per phase: the peak is the phase's own)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device),
+            f"{phase}_peak_gpu_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
 
 
 def peak_rss_mb() -> float:
@@ -134,17 +153,21 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
     n = cfg.warmup + cfg.batches
 
     def step(batch: dict) -> None:
-        loss = student_loss(student, setup, data.to_device(batch, device), pcfg, precision, device)
+        loss = student_loss(student, setup, data.to_device(batch, device, setup.stream), pcfg, precision, device)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    pin = device.type == "cuda"
     if phase in ("cached", "online"):
-        ips = timed(stream_batches(setup, cfg.workers, n), cfg.warmup, step)
+        ips = timed(stream_batches(setup, cfg.workers, n, pin), cfg.warmup, step)
         out = {f"{phase}_step_ips": ips, f"{phase}_peak_rss_mb": peak_rss_mb(),
-               f"{phase}_imported_teacher": "mdcache.teachers" in sys.modules}  # the cached process never does
+               f"{phase}_imported_teacher": "mdcache.teachers" in sys.modules,  # the cached process never does
+               **gpu_report(device, phase)}
         if setup.teacher is not None:
             out["teacher_mb"] = sum(p.numel() * p.element_size() for p in setup.teacher.model.parameters()) / 2**20
+            first = data.to_device(next(stream_batches(setup, 0, 1)), device, setup.stream)  # compute alone: in memory
+            out["online_memory_ips"] = timed(iter([first] * n), cfg.warmup, step)
         return out
     out = {"tokens": setup.stream.grid[0] * setup.stream.grid[1], "teacher_dim": setup.dim,
            "image_size": setup.stream.image_size, "codec": setup.cache.codec}
@@ -156,9 +179,9 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
                                         timed(stream_batches(setup, cfg.workers, nl), cfg.warmup, lambda b: None))
         out["loader_images_ips"] = max(out["loader_images_ips"],
                                        timed(stream_batches(images_only, cfg.workers, nl), cfg.warmup, lambda b: None))
-    first = data.to_device(next(stream_batches(setup, 0, 1)), device)  # the same first batch, held in memory
+    first = data.to_device(next(stream_batches(setup, 0, 1)), device, setup.stream)  # the same batch, held in memory
     out["student_only_ips"] = timed(iter([first] * n), cfg.warmup, step)
-    return out
+    return {**out, **gpu_report(device, phase)}
 
 
 def _run_phase(cfg: BenchConfig, phase: str, target=_phase, poll_s: float = 1.0) -> dict:
@@ -196,6 +219,7 @@ def bench(cfg: BenchConfig) -> dict:
     r["ratio_cached_vs_student_only"] = r["cached_step_ips"] / r["student_only_ips"]
     if cfg.teacher:
         r["ratio_cached_vs_online"] = r["cached_step_ips"] / r["online_step_ips"]
+        r["ratio_cached_vs_online_compute"] = r["student_only_ips"] / r["online_memory_ips"]
         r["rss_saving_mb"] = r["online_peak_rss_mb"] - r["cached_peak_rss_mb"]
     return r
 
@@ -216,6 +240,8 @@ def run_cli(cfg: BenchConfig) -> None:
                   f"({r['loader_targets_ips'] / max(1, r['workers']):.1f} per worker)")
     console.print(f"loader, images only      : {r['loader_images_ips']:9.1f} images/s")
     console.print(f"student step only (synth): {r['student_only_ips']:9.1f} images/s")
+    if "online_memory_ips" in r:
+        console.print(f"online step in memory    : {r['online_memory_ips']:9.1f} images/s")
     console.print(f"cached step              : {r['cached_step_ips']:9.1f} images/s")
     if "online_step_ips" in r:
         console.print(f"online-teacher step      : {r['online_step_ips']:9.1f} images/s")
@@ -227,8 +253,13 @@ def run_cli(cfg: BenchConfig) -> None:
         x = r["ratio_cached_vs_online"]
         console.print(f"cached / online step         : {x:.3f} "
                       f"({verdict(x >= 1.25)} target >= 1.25 for ViT-B + CLIP-B/16)")
+        console.print(f"cached / online, compute only: {r['ratio_cached_vs_online_compute']:.3f} (batches in memory: "
+                      "what the teacher costs, whatever the loader's rate)")
         console.print(f"peak RSS cached {r['cached_peak_rss_mb']:.0f} MB, online {r['online_peak_rss_mb']:.0f} MB: "
                       f"saves {r['rss_saving_mb']:.0f} MB vs teacher {r['teacher_mb']:.0f} MB "
                       f"({verdict(r['rss_saving_mb'] >= r['teacher_mb'])} target: saving >= teacher size)")
     else:
         console.print(f"peak RSS cached {r['cached_peak_rss_mb']:.0f} MB (no --teacher: online phase skipped)")
+    if "gpu" in r:
+        console.print(f"{r['gpu']}: peak GPU memory " + ", ".join(
+            f"{p} {r[f'{p}_peak_gpu_mb']:.0f} MB" for p in PHASES if f"{p}_peak_gpu_mb" in r))

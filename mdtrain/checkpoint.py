@@ -98,18 +98,24 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def gather_rng_states(device: torch.device, world: int) -> list[dict[str, torch.Tensor]]:
-    """Every rank's RNG state, collected on all ranks (ranks draw different drop-path noise)."""
+    """Every rank's RNG state, collected on all ranks (ranks draw different drop-path noise). RNG states are
+    CPU tensors (the GPU's too): they are gathered over the gloo control group into CPU buffers, the
+    collective's own device (NCCL would need every buffer on the GPU)."""
+    from .runtime import control_group
+
     mine = rng_state(device)
     if world == 1:
         return [mine]
     import torch.distributed as dist
 
+    group = control_group()
+    assert dist.get_backend(group) == "gloo", "RNG states are gathered on the CPU, over gloo"
     out: list[dict[str, torch.Tensor]] = [dict() for _ in range(world)]
     for name, t in mine.items():
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.to(device) if dist.get_backend() == "nccl" else t)
+        parts = [torch.empty_like(t, device="cpu") for _ in range(world)]
+        dist.all_gather(parts, t.cpu(), group=group)
         for r, p in enumerate(parts):
-            out[r][name] = p.cpu()
+            out[r][name] = p
     return out
 
 

@@ -66,6 +66,8 @@ class StreamConfig:
     lanes: int = 1                          # = max(1, loader workers); fixed for exact resume
     with_targets: bool = True
     fresh_crops: bool = False               # online without a cache: a new crop per (epoch, key), not K replayed
+    replay: str = views.REPLAY_IMPL         # the cache's view replay (online: the recipe's)
+    replay_on_device: bool = False          # workers ship decoded images; the step replays them on its device
     storage_options: dict | None = field(default=None, hash=False)
 
 
@@ -236,23 +238,28 @@ class ShardStream(torch.utils.data.IterableDataset):
         image = views.decode_image(sample.data)
         if params is None:  # online mode without a cache: the same sampler `mdcache extract` uses
             params = views.sample_views(sample.key, image.height, image.width, self.recipe)[view]
-        pixels = np.asarray(views.replay(image, params, self.cfg.image_size), dtype=np.uint8)
         mask = self.masker(views.key_rng(self.cfg.seed, f"mask/{self.epoch}/{sample.key}"))
-        out = {"image": torch.from_numpy(pixels.copy()).permute(2, 0, 1), "mask": torch.from_numpy(mask.reshape(-1)),
-               "key": sample.key, "shard": plan.name, "view": view}
+        out = {"mask": torch.from_numpy(mask.reshape(-1)), "key": sample.key, "shard": plan.name, "view": view}
+        if self.cfg.replay_on_device:  # the decoded image and its view: `replay_on` makes the pixels there
+            out["image"], out["params"] = views.image_tensor(image), torch.from_numpy(np.asarray(params))
+        else:
+            out["image"] = views.view_pixels(image, params, self.cfg.image_size, self.cfg.replay)
         if arrays is not None and self.cfg.with_targets:
             out["targets"] = {name: a[i] for name, a in arrays.items()}
         return out
 
     @staticmethod
     def collate(samples: list[dict]) -> dict:
-        batch = {"images": torch.stack([s["image"] for s in samples]),
+        batch = {"images": [s["image"] for s in samples] if "params" in samples[0] else
+                 torch.stack([s["image"] for s in samples]),
                  "mask": torch.stack([s["mask"] for s in samples]),
                  "keys": [s["key"] for s in samples], "shards": [s["shard"] for s in samples],
                  "views": [s["view"] for s in samples]}
         if "targets" in samples[0]:
             batch["targets"] = {n: torch.from_numpy(np.stack([s["targets"][n] for s in samples]))
                                 for n in samples[0]["targets"]}
+        if "params" in samples[0]:
+            batch["params"] = torch.stack([s["params"] for s in samples])
         return batch
 
 
@@ -266,19 +273,19 @@ def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False,
                                        generator=torch.Generator().manual_seed(stream.cfg.seed))
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
+def to_device(batch: dict, device: torch.device, cfg: StreamConfig | None = None) -> dict:
+    """A batch on the device. A batch of decoded images (a stream with replay_on_device) has its views
+    replayed there with the stream's (the cache's) implementation: uint8 [B,3,S,S] either way."""
     out = dict(batch)
-    out["images"] = batch["images"].to(device, non_blocking=True)
+    if "params" in batch:
+        out["images"] = torch.stack([views.view_pixels(x.to(device, non_blocking=True), p.numpy(), cfg.image_size,
+                                                       cfg.replay) for x, p in zip(batch["images"], out.pop("params"))])
+    else:
+        out["images"] = batch["images"].to(device, non_blocking=True)
     out["mask"] = batch["mask"].to(device, non_blocking=True)
     if "targets" in batch:
         out["targets"] = {n: t.to(device, non_blocking=True) for n, t in batch["targets"].items()}
     return out
 
 
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 normalized, on the images' device. Same arithmetic as
-    `mdcache.views.to_tensor` (x/255, then (x-mean)/std), so online teachers see the extractor's bits."""
-    x = images.float().div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
+normalize = views.normalize  # uint8 [B,3,H,W] -> float32, on the images' device (the extractor's arithmetic)

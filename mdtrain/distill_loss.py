@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from mdcache.commands import ViewOptions, model_args_opt, opt, storage_options_opt
+from mdcache.commands import ViewOptions, model_args_opt, opt, precision_opt, storage_options_opt
 from mdcache.devices import autocast, resolve_precision, use_device
 from mdcache.errors import ConfigError
 
@@ -39,7 +39,7 @@ class DistillLossConfig(ViewOptions):
     batch_size: int = opt(128, "Images per batch (a last partial batch per loader worker is dropped).", ge=1)
     workers: int = opt(1, "Loader worker processes.", ge=0)
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
-    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    precision: str = precision_opt()
     storage_options: dict = storage_options_opt()
 
 
@@ -68,12 +68,12 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     stream_cfg = data.StreamConfig(batch_size=cfg.batch_size, image_size=size, grid=grid, views=1, seed=cfg.seed,
                                    mask_ratio=pcfg["mask_ratio"], shuffle_buffer=1, lanes=max(1, cfg.workers),
                                    min_mask_patches=scaled_min_patches(grid[0] * grid[1], pcfg["min_mask_patches"]),
-                                   with_targets=False, storage_options=cfg.storage_options)
+                                   with_targets=False, storage_options=cfg.storage_options, replay=recipe.replay)
     stream = data.ShardStream(plan, stream_cfg, epoch=0, recipe=recipe)
     total, images = 0.0, 0
     for batch in data.make_loader(stream, cfg.workers):
-        batch = data.to_device(batch, device)
-        targets = run_teacher(teacher, data.normalize(batch["images"], teacher.mean, teacher.std), "fp32")
+        batch = data.to_device(batch, device, stream_cfg)
+        targets = run_teacher(teacher, batch["images"], "fp32")
         with autocast(device, precision):
             pred = student(data.normalize(batch["images"], data.STUDENT_MEAN, data.STUDENT_STD), batch["mask"])
         loss = objective.distill_loss(pred.float(), targets, batch["mask"], target_norm=pcfg["target_norm"],

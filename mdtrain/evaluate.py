@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from mdcache.commands import model_args_opt, opt, storage_options_opt
+from mdcache.commands import model_args_opt, opt, precision_opt, storage_options_opt
 from mdcache.devices import autocast, resolve_precision, use_device
 from mdcache.errors import ConfigError
 from mdcache.fs import fetch
@@ -50,7 +50,7 @@ class EvalConfig:
     batch_size: int = opt(64, "Batch size per process.", ge=1)
     workers: int = opt(2, "Data loading workers.", ge=0)
     loader: str = opt("default", "default or ffcv.")
-    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    precision: str = precision_opt()
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
@@ -75,7 +75,7 @@ class KnnConfig:
     temperature: float = opt(0.07, "Vote weight exp(cosine / T).", gt=0)
     batch_size: int = opt(64, "Batch size for feature extraction.", ge=1)
     workers: int = opt(2, "Data loading workers.", ge=0)
-    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    precision: str = precision_opt()
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
@@ -219,7 +219,7 @@ class LinprobeConfig:
     seed: int = opt(0, "Seed of the probe's init and batch order.", ge=0)
     batch_size: int = opt(64, "Batch size for feature extraction.", ge=1)
     workers: int = opt(2, "Data loading workers.", ge=0)
-    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    precision: str = precision_opt()
     device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 

@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from rich.console import Console
 
-from mdcache.commands import check_options, model_args_opt, opt, public_config, storage_options_opt
-from mdcache.devices import autocast, resolve_precision, use_device
+from mdcache.commands import check_options, model_args_opt, opt, precision_opt, public_config, storage_options_opt
+from mdcache.devices import autocast, grad_scaler, resolve_precision, use_device
 from mdcache.errors import ConfigError
 from mdcache.fs import fetch
 
@@ -91,7 +91,7 @@ class FinetuneConfig:
     model_ema: bool = opt(False, "Keep an EMA of the weights (timm ModelEmaV3); evaluated and saved as "
                                  "ema.safetensors.")
     model_ema_decay: float = opt(0.9999, "EMA decay per step.", ge=0, lt=1)
-    precision: str = opt("auto", "auto (bf16 autocast on GPUs that support it, fp32 elsewhere), bf16, fp32.")
+    precision: str = precision_opt()
     loader: str = opt("default", "default (PIL decode + timm transforms, streams shards) or ffcv (.beton from "
                                  "ffcv-build).")
     workers: int = opt(4, "Data loading workers per process (threads for ffcv).", ge=0)
@@ -106,6 +106,7 @@ class FinetuneConfig:
                                           "continues from exactly there). None = run to --epochs.", ge=0)
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N.")
     log_every: int = opt(20, "Print a progress line every N steps (rank 0); 0 = off.", ge=0)
+    dist_timeout: float = opt(60.0, "Minutes a collective may wait under torchrun.", gt=0)
     log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
                              "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for remote sources (repeatable).")
@@ -122,7 +123,8 @@ def build_splits(cfg: FinetuneConfig, mean: tuple, std: tuple, dist: Dist,
         t = labelled.train_transform(cfg.image_size, cfg.crop_scale, None if cfg.aa in ("", "none") else cfg.aa,
                                      cfg.color_jitter, cfg.reprob, cfg.remode, cfg.recount, mean, std)
         train = labelled.default_split(cfg.train, t, cfg.batch_size, cfg.workers, True, cfg.seed, cfg.num_classes,
-                                       cfg.train_size, cfg.shuffle_buffer, cfg.storage_options)
+                                       cfg.train_size, cfg.shuffle_buffer, cfg.storage_options,
+                                       pin_memory=device.type == "cuda")
     else:
         raise ConfigError(f"--loader {cfg.loader!r}: expected default or ffcv")
     val = labelled.val_split(cfg.val, cfg.loader, cfg.image_size, cfg.crop_pct, mean, std, cfg.batch_size,
@@ -137,6 +139,7 @@ class Recipe:
     mixup: Any
     criterion: Callable
     lr: float
+    scaler: Any = None  # GradScaler, enabled for fp16 only
 
 
 def resolve_lr(cfg: FinetuneConfig, world: int) -> float:
@@ -159,7 +162,8 @@ def build_recipe(cfg: FinetuneConfig, net: torch.nn.Module, num_classes: int, wo
     if cfg.warmup_epochs >= cfg.epochs:
         raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} must be less than --epochs {cfg.epochs}")
     optimizer = create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
-                                    layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
+                                    layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
+                                    fused=next(net.parameters()).is_cuda)
     scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs - cfg.warmup_epochs, lr_min=cfg.min_lr,
                                   warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, warmup_prefix=True,
                                   t_in_epochs=True)
@@ -190,7 +194,8 @@ def train_one_epoch(model: torch.nn.Module, r: Recipe, ema: Any, batches: Iterat
     it = iter(batches)
     for _ in range(skip):  # the order is a function of (seed, epoch, rank): skipping replays it exactly
         next(it, None)
-    n, done, loss_sum, images, ended, t0 = skip, 0, 0.0, 0, False, time.perf_counter()
+    n, done, images, ended, t0 = skip, 0, 0, False, time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64: a resumed epoch's sums add up exactly
     while budget is None or done < budget:
         seed_all(seed_for(cfg.seed, "finetune", epoch, dist.rank, n))  # before the fetch: in-process augmentation too
         batch = next(it, None)
@@ -203,27 +208,37 @@ def train_one_epoch(model: torch.nn.Module, r: Recipe, ema: Any, batches: Iterat
             x, y = r.mixup(x, y)
         with autocast(device, precision):
             loss = r.criterion(model(x), y)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {n}; stopping")
         r.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        r.scaler.scale(loss).backward()
         if cfg.clip_grad:
+            r.scaler.unscale_(r.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        r.optimizer.step()
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
         if ema is not None:
             ema.update(unwrap(model))
-        loss_sum, images, n, done = loss_sum + loss.item(), images + len(x), n + 1, done + 1
-        if dist.main and cfg.log_every and n % cfg.log_every == 0:
-            console.print(f"epoch {epoch} step {n}/{steps_est} loss {loss.item():.4f} lr {max_lr(r.optimizer):.2e} "
-                          f"{images * dist.world / (time.perf_counter() - t0):.1f} img/s")
+        loss_sum, images, n, done = loss_sum + loss.detach().double(), images + len(x), n + 1, done + 1  # on device
+        if cfg.log_every and n % cfg.log_every == 0:  # a logging step: the one read from the device
+            check_finite(loss_sum / done, epoch, n)
+            if dist.main:
+                console.print(f"epoch {epoch} step {n}/{steps_est} loss {float(loss):.4f} lr "
+                              f"{max_lr(r.optimizer):.2e} {images * dist.world / (time.perf_counter() - t0):.1f} img/s")
+    loss_sum = float(loss_sum)
+    check_finite(loss_sum, epoch, n)
     return {"ended": ended, "batch_in_epoch": n, "done": done, "sums": [loss_sum, done, images],
             "seconds": time.perf_counter() - t0}
+
+
+def check_finite(loss: Any, epoch: int, step: int) -> None:
+    if not math.isfinite(float(loss)):
+        raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch} step {step}; stopping")
 
 
 def trainer_state(net: torch.nn.Module, r: Recipe, ema: Any, pos: dict, layout: dict, cfg: FinetuneConfig) -> dict:
     """last.ckpt: everything --resume needs, tensors and plain data only."""
     return {**pos, "model": net.state_dict(), "optimizer": r.optimizer.state_dict(),
             "scheduler": r.scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+            "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
             "layout": layout, "config": public_config(cfg)}
 
 
@@ -253,7 +268,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     check_options(cfg)
     check_trackers(cfg.log)
     device = use_device(cfg.device)
-    dist = init_distributed(device)
+    dist = init_distributed(device, cfg.dist_timeout)
     precision = resolve_precision(cfg.precision, device)
     outdir = OutputDir(cfg.out, cfg.storage_options)  # local, or mirrored to a URL
     resume = resolve_resume(cfg.resume, outdir.local)
@@ -282,6 +297,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     net = unwrap(model)
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
     r = build_recipe(cfg, net, num_classes, dist.world)
+    r.scaler = grad_scaler(device, precision)
 
     layout = {k: getattr(cfg, k) for k in ("model", "model_args", "image_size", "global_pool", "norm", "batch_size",
                                            "epochs",
@@ -297,6 +313,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         net.load_state_dict(state["model"])
         r.optimizer.load_state_dict(state["optimizer"])
         r.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            r.scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         pos = {k: state[k] for k in pos}

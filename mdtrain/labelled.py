@@ -275,7 +275,8 @@ def data_config(model_name: str, norm: str = "imagenet") -> tuple[tuple[float, .
 
 
 def default_split(spec: str, transform: Callable, batch_size: int, workers: int, train: bool, seed: int,
-                  num_classes: int | None, samples: int | None, shuffle_buffer: int, storage_options: dict) -> Split:
+                  num_classes: int | None, samples: int | None, shuffle_buffer: int, storage_options: dict,
+                  pin_memory: bool = False) -> Split:
     """The PIL/WebDataset stream: sources -> decode -> timm transform -> DataLoader.
 
     num_classes or samples None means "find out": one pass over the tar headers (cheap, no decode).
@@ -290,7 +291,7 @@ def default_split(spec: str, transform: Callable, batch_size: int, workers: int,
                         storage_options=storage_options)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from make_loader(ds, batch_size, workers, train, seed, epoch)
+        yield from make_loader(ds, batch_size, workers, train, seed, epoch, pin_memory)
 
     return Split(info.samples if samples is None else samples, n_cls, batches)
 
@@ -453,4 +454,4 @@ def val_split(spec: str, loader: str, image_size: int, crop_pct: float, mean: tu
     if loader != "default":
         raise ConfigError(f"--loader {loader!r}: expected default or ffcv")
     return default_split(spec, eval_transform(image_size, crop_pct, mean, std), batch_size, workers, False, 0,
-                         num_classes, -1, 0, storage_options)
+                         num_classes, -1, 0, storage_options, pin_memory=device.type == "cuda")

@@ -34,13 +34,18 @@ def normalize_targets(targets: torch.Tensor, target_norm: str) -> torch.Tensor:
 
 def distill_loss(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, target_norm: str = "layernorm",
                  loss: str = "smooth_l1", beta: float = 2.0) -> torch.Tensor:
-    """Mean loss over masked tokens. pred/targets [B,P,D] (any float dtype), mask bool [B,P]."""
-    p = pred.float()[mask]
-    t = normalize_targets(targets[mask], target_norm)  # per-token: select first, normalize less
+    """Mean loss over masked tokens. pred/targets [B,P,D] (any float dtype), mask bool [B,P].
+
+    Every token's loss is computed and the masked ones averaged by weight: selecting them (`x[mask]`) has a
+    data-dependent shape, which waits for the device on every step. The value is the same."""
+    p, t = pred.float(), normalize_targets(targets, target_norm)
     if loss == "smooth_l1":
-        return F.smooth_l1_loss(p, t, beta=beta)
-    if loss == "mse":
-        return F.mse_loss(p, t)
-    if loss == "cosine":
-        return (1.0 - F.cosine_similarity(p, t, dim=-1)).mean()
-    raise ValueError(f"unknown loss {loss!r}")
+        per_token = F.smooth_l1_loss(p, t, beta=beta, reduction="none").mean(-1)
+    elif loss == "mse":
+        per_token = F.mse_loss(p, t, reduction="none").mean(-1)
+    elif loss == "cosine":
+        per_token = 1.0 - F.cosine_similarity(p, t, dim=-1)
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    w = mask.to(per_token.dtype)
+    return (per_token * w).sum() / w.sum().clamp_min(1.0)

@@ -21,8 +21,16 @@ import torch
 from rich.console import Console
 
 from mdcache import store, views
-from mdcache.commands import ViewOptions, check_options, model_args_opt, opt, public_config, storage_options_opt
-from mdcache.devices import autocast, resolve_precision, use_device
+from mdcache.commands import (
+    ViewOptions,
+    check_options,
+    model_args_opt,
+    opt,
+    precision_opt,
+    public_config,
+    storage_options_opt,
+)
+from mdcache.devices import autocast, grad_scaler, resolve_precision, use_device
 from mdcache.errors import ConfigError
 
 from . import checkpoint, data, objective
@@ -31,11 +39,13 @@ from .outputs import MetricsLog, OutputDir, check_trackers, plot_loss
 from .runtime import (
     Dist,
     StopFlag,
-    all_reduce_mean,
     any_rank,
     configure_threads,
+    control_group,
     ignore_sigint,
     init_distributed,
+    make_deterministic,
+    mean_over_ranks,
     unwrap,
 )
 from .student import Student, build_student
@@ -86,17 +96,22 @@ class PretrainConfig(ViewOptions):
     workers: int = opt(2, "Loader worker processes per rank (exact resume needs the same number).", ge=0)
     shuffle_buffer: int = opt(256, "Shuffle buffer size inside each shard (samples).", ge=1)
     device: str = opt("auto", "Device: auto (CUDA at LOCAL_RANK if available, else CPU), cpu, cuda, cuda:N.")
-    precision: str = opt("auto", "Autocast: auto (bf16 on CUDA with bf16 support, else fp32), fp32, bf16.")
+    precision: str = precision_opt()
     resume: Optional[str] = opt(None, "Resume from a last.ckpt (or 'auto': OUT/last.ckpt if it exists).")
     save_every: Optional[int] = opt(None, "Also checkpoint every N optimizer steps (default: at the end of each "
                                           "epoch only).", ge=1)
-    log_every: int = opt(1, "Log every N optimizer steps.", ge=1)
+    log_every: int = opt(10, "Log every N optimizer steps (and the last): a logged step reads the loss from the "
+                             "device, the only host-device sync of a step.", ge=1)
     log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
                              "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
     stop_after: Optional[int] = opt(None, "Stop after N optimizer steps in this process, with a checkpoint "
                                           "(default: run to the end).", ge=0)
     log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).")
     progress: bool = opt(True, "Rich progress bar on rank 0 (when stderr is a terminal).")
+    deterministic: bool = opt(False, "Deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace, "
+                                     "no fused attention): exact resume and online == offline on a GPU too, slower.")
+    dist_timeout: float = opt(60.0, "Minutes a collective may wait under torchrun (rank 0 saves and uploads "
+                                    "checkpoints while the others wait; NCCL's own default is 10).", gt=0)
     teacher: Optional[str] = opt(None, "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
                                        "timm:NAME).")
     teacher_weights: Optional[str] = opt(None, "Online mode: local teacher weights file.")
@@ -175,7 +190,10 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
                              min_mask_patches=scaled_min_patches(grid[0] * grid[1], cfg.min_mask_patches),
                              shuffle_buffer=cfg.shuffle_buffer, rank=dist.rank, world=dist.world,
                              lanes=max(1, cfg.workers), with_targets=with_targets and teacher is None,
-                             fresh_crops=cfg.fresh_crops, storage_options=so)
+                             fresh_crops=cfg.fresh_crops, storage_options=so,
+                             replay=cache.replay if cache is not None else recipe.replay,
+                             replay_on_device=views.check_replay_on(cfg.replay_on, cache.replay if cache is not None
+                                                                    else recipe.replay))
     return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher,
                  teacher_precision=resolve_precision(cfg.precision, device))
 
@@ -202,8 +220,7 @@ def targets_for(setup: Setup, batch: dict) -> torch.Tensor:
         return setup.cache.decode(batch["targets"])  # dequantize late, on the device
     from mdcache.teachers import run_teacher
 
-    t = setup.teacher
-    return run_teacher(t, data.normalize(batch["images"], t.mean, t.std), setup.teacher_precision)
+    return run_teacher(setup.teacher, batch["images"], setup.teacher_precision)
 
 
 def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: PretrainConfig, precision: str,
@@ -223,7 +240,8 @@ def build_optimizer(cfg: PretrainConfig, student: Student, eff_batch: int) -> tu
     from timm.optim import create_optimizer_v2
 
     lr = cfg.lr if cfg.lr is not None else cfg.blr * eff_batch / 256
-    return create_optimizer_v2(student, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas)), lr
+    return create_optimizer_v2(student, opt="adamw", lr=lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas),
+                               fused=next(student.parameters()).is_cuda), lr
 
 
 def build_scheduler(cfg: PretrainConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
@@ -251,6 +269,7 @@ class Run:
     scheduler: Any
     outdir: OutputDir
     steps: int                             # batches per epoch per rank (a multiple of accum_iter)
+    scaler: Any = None                     # GradScaler, enabled for fp16 only
     on_step: Callable[[dict], None] | None = None
     step: int = 0                          # optimizer steps so far (all runs of this training)
     run_steps: int = 0                     # optimizer steps in this process (--stop-after)
@@ -277,9 +296,11 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
     """Train; returns a summary (steps, final loss, paths). Safe to call under torchrun."""
     check_config(cfg)
     cfg = resolve(cfg)
+    if cfg.deterministic:
+        make_deterministic()
     device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    dist = init_distributed(device)
+    dist = init_distributed(device, cfg.dist_timeout)
     configure_threads(device, cfg.workers, dist.world)
     setup = setup_data(cfg, device, dist)
     steps = data.steps_per_epoch(setup.plan, setup.stream, cfg.epochs)
@@ -301,7 +322,8 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
             student, device_ids=[device.index] if device.type == "cuda" else None)
     torch.manual_seed(cfg.seed + dist.rank)  # per-rank drop-path noise
     r = Run(cfg=cfg, setup=setup, dist=dist, device=device, precision=precision, model=model, optimizer=optimizer,
-            scheduler=scheduler, outdir=OutputDir(cfg.out, cfg.storage_options), steps=steps, on_step=on_step)
+            scheduler=scheduler, outdir=OutputDir(cfg.out, cfg.storage_options), steps=steps, on_step=on_step,
+            scaler=grad_scaler(device, precision))
     resume_path = checkpoint.resolve_resume(cfg.resume, r.outdir.local)
     start_epoch, start_batch = resume(r, resume_path)
     open_logs(r, resume_path, start_epoch, start_batch, lr, eff_batch)
@@ -322,48 +344,57 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
 
 
 def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
-    """Optimizer steps over one epoch, from batch `skip` on: (batches consumed, stopped early)."""
+    """Optimizer steps over one epoch, from batch `skip` on: (batches consumed, stopped early). No step waits
+    for the device: the loss and the gradient norm stay there until a logging step reads them, and the ranks
+    agree on stopping over the host's control group."""
     cfg, model, opt = r.cfg, r.model, r.optimizer
     if cfg.stop_after is not None and r.run_steps >= cfg.stop_after:  # --stop-after 0: save the initial state
         return skip, True
     loader = data.make_loader(make_stream(r.setup, epoch, skip), cfg.workers, pin_memory=r.device.type == "cuda",
                               worker_init_fn=ignore_sigint)
     batches = iter(loader)
-    i, t0, seen = skip, time.perf_counter(), 0
+    i, t0, seen, waited = skip, time.perf_counter(), 0, 0.0
     while i < r.steps:
-        acc_loss = 0.0
+        loss_sum = torch.zeros((), device=r.device)
         for micro in range(cfg.accum_iter):
-            batch = data.to_device(next(batches), r.device)
+            t_wait = time.perf_counter()
+            batch = data.to_device(next(batches), r.device, r.setup.stream)
+            waited += time.perf_counter() - t_wait
             if r.samples:
                 r.samples.write({"epoch": epoch, "batch": i, "keys": batch["keys"], "views": batch["views"]})
             sync = r.dist.world == 1 or micro == cfg.accum_iter - 1  # DDP all-reduces on the last micro-step only
             with nullcontext() if sync else model.no_sync():
                 loss = student_loss(model, r.setup, batch, cfg, r.precision, r.device)
-                (loss / cfg.accum_iter).backward()
-            acc_loss += float(loss.detach()) / cfg.accum_iter
+                r.scaler.scale(loss / cfg.accum_iter).backward()
+            loss_sum += loss.detach()
             seen += len(batch["keys"])
             i += 1
+        r.scaler.unscale_(opt)  # (no-op unless fp16) clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
-        opt.step()
+        r.scaler.step(opt)
+        r.scaler.update()
         opt.zero_grad(set_to_none=True)
         r.step += 1
         r.run_steps += 1
         r.scheduler.step_update(num_updates=r.step)
-        r.loss = all_reduce_mean(acc_loss, r.dist)
-        if not math.isfinite(r.loss):
-            raise FloatingPointError(f"loss is {r.loss} at step {r.step} (epoch {epoch}); stopping")
-        if r.dist.main and r.step % cfg.log_every == 0:
-            dt = time.perf_counter() - t0
-            row = {"step": r.step, "epoch": round(epoch + i / r.steps, 4), "loss": r.loss,
-                   "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen * r.dist.world / max(dt, 1e-9), 2)}
-            if grad_norm is not None:
-                row["grad_norm"] = round(float(grad_norm), 4)
-            r.metrics.write(row)
-            r.progress.update(row)
-            if r.on_step:
-                r.on_step(row)
-            t0, seen = time.perf_counter(), 0
-        if any_rank(cfg.stop_after is not None and r.run_steps >= cfg.stop_after or r.stop.requested, r.dist):
+        stop_after = cfg.stop_after is not None and r.run_steps >= cfg.stop_after
+        if r.step % cfg.log_every == 0 or stop_after or (i >= r.steps and epoch + 1 == cfg.epochs):
+            r.loss = mean_over_ranks(loss_sum / cfg.accum_iter, r.dist)  # the step's one read from the device
+            if not math.isfinite(r.loss):
+                raise FloatingPointError(f"loss is {r.loss} at step {r.step} (epoch {epoch}); stopping")
+            if r.dist.main:
+                dt = time.perf_counter() - t0
+                row = {"step": r.step, "epoch": round(epoch + i / r.steps, 4), "loss": r.loss,
+                       "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen * r.dist.world / max(dt, 1e-9), 2),
+                       "data_wait": round(waited / max(dt, 1e-9), 4)}
+                if grad_norm is not None:
+                    row["grad_norm"] = round(float(grad_norm), 4)
+                r.metrics.write(row)
+                r.progress.update(row)
+                if r.on_step:
+                    r.on_step(row)
+            t0, seen, waited = time.perf_counter(), 0, 0.0
+        if any_rank(stop_after or r.stop.requested, r.dist):  # over the host's control group: no device sync
             return i, True  # every rank stops on the same step, or DDP deadlocks
         if cfg.save_every and r.step % cfg.save_every == 0 and i < r.steps:
             save_all(r, epoch, i)
@@ -380,6 +411,8 @@ def resume(r: Run, path: str | None) -> tuple[int, int]:
         unwrap(r.model).load_state_dict(ckpt["model"])
         r.optimizer.load_state_dict(ckpt["optimizer"])
         r.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            r.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"][r.dist.rank], r.device)
         position, r.step = (ckpt["epoch"], ckpt["batch_in_epoch"]), ckpt["step"]
     r.scheduler.step_update(num_updates=r.step)
@@ -413,11 +446,17 @@ def open_logs(r: Run, resumed: str | None, epoch: int, batch: int, lr: float, ef
 def save_all(r: Run, epoch: int, batch: int) -> None:
     """Every rank contributes its RNG state; rank 0 writes last.ckpt and student.safetensors, then uploads."""
     rngs = checkpoint.gather_rng_states(r.device, r.dist.world)
-    if not r.dist.main:
-        return
+    if r.dist.main:
+        write_checkpoint(r, epoch, batch, rngs)
+    if r.dist.world > 1:  # the others wait here, on the host, for as long as --dist-timeout allows
+        torch.distributed.barrier(group=control_group())
+
+
+def write_checkpoint(r: Run, epoch: int, batch: int, rngs: list) -> None:
     cfg, student = r.cfg, unwrap(r.model)
     checkpoint.save_trainer_state(r.outdir.path(checkpoint.CKPT_NAME), "pretrain", {
         "model": student.state_dict(), "optimizer": r.optimizer.state_dict(), "scheduler": r.scheduler.state_dict(),
+        "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
         "epoch": epoch, "batch_in_epoch": batch, "step": r.step, "rng": rngs, **r.layout, "config": public_config(cfg),
         **r.meta})
     meta = {"model": cfg.student, "image_size": r.setup.stream.image_size, "kind": "pretrain-student",

@@ -10,6 +10,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Iterator
 
 import numpy as np
@@ -31,14 +32,21 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: torch.device) -> Dist:
-    """Under torchrun (WORLD_SIZE > 1): bind this rank's GPU, then join the group (NCCL when the
-    device is a GPU, gloo on CPU, whatever else the machine has). Otherwise one process."""
+_CONTROL: list = []  # the gloo group for host-side agreement, once joined
+
+
+def init_distributed(device: torch.device, timeout_min: float = 60.0) -> Dist:
+    """Under torchrun (WORLD_SIZE > 1): bind this rank's GPU, then join the group (NCCL when the device is a
+    GPU, gloo on CPU), and a gloo group beside NCCL for host-side agreement (`control_group`). Collectives
+    time out after `timeout_min` minutes (NCCL's default, 10, is shorter than rank 0 may spend saving and
+    uploading a checkpoint while the others wait). Otherwise one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not tdist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = timedelta(minutes=timeout_min)
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        _CONTROL[:] = [tdist.new_group(backend="gloo", timeout=timeout) if device.type == "cuda" else None]
     if tdist.is_initialized():
         return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Dist()
@@ -87,19 +95,29 @@ def shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
         yield buf[j]
 
 
+def control_group():
+    """The process group for host-side agreement (stop flags, counts, RNG states): gloo, so these collectives
+    run on CPU tensors and never wait for the GPU (no host-device sync) nor need device buffers. Under NCCL
+    it is a second group beside it; under gloo, the default group (None)."""
+    return _CONTROL[0] if _CONTROL else None
+
+
 def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
-    """Sum a few numbers over ranks (float64 on the CPU: gloo and NCCL-with-CPU-copies both work)."""
+    """Sum a few host numbers over ranks (float64, over the control group)."""
     if dist.world == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    if tdist.get_backend() == "nccl":
-        t = t.cuda()
-    tdist.all_reduce(t)
-    return t.cpu().tolist()
+    tdist.all_reduce(t, group=control_group())
+    return t.tolist()
 
 
-def all_reduce_mean(value: float, dist: Dist) -> float:
-    return all_reduce_sum([value], dist)[0] / dist.world
+def mean_over_ranks(t: torch.Tensor, dist: Dist) -> float:
+    """A device scalar averaged over ranks and read on the host: a sync, for logging steps only."""
+    if dist.world > 1:
+        t = t.detach().clone()
+        tdist.all_reduce(t)
+        t /= dist.world
+    return float(t)
 
 
 def any_rank(flag: bool, dist: Dist) -> bool:
@@ -110,6 +128,18 @@ def any_rank(flag: bool, dist: Dist) -> bool:
 def all_ranks(flag: bool, dist: Dist) -> bool:
     """True on every rank only if it is true on all (e.g. every rank still has a batch)."""
     return all_reduce_sum([1.0 if flag else 0.0], dist)[0] == dist.world
+
+
+def make_deterministic() -> None:
+    """Bitwise-reproducible GPU runs (exact resume, online == offline on a GPU): deterministic algorithms,
+    cuBLAS's fixed workspace, and the math attention kernel (the fused ones' backward is not deterministic).
+    Costs speed; CPU runs are deterministic without it."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def configure_threads(device: torch.device, workers: int, world: int) -> None:

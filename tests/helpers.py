@@ -71,7 +71,7 @@ def shard_contents(cache, name: str):
 STUDENT = "vit_tiny_patch16_224"
 # Small, fast, deterministic training flags shared by the CLI tests.
 TRAIN_FLAGS = ["--student", STUDENT, "--batch-size", "8", "--warmup-epochs", "0", "--lr", "1e-3",
-               "--workers", "2", "--shuffle-buffer", "8", "--no-progress"]
+               "--workers", "2", "--shuffle-buffer", "8", "--no-progress", "--log-every", "1"]
 
 
 def make_cache(root: Path, source: str, **kw) -> str:

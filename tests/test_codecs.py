@@ -15,7 +15,7 @@ from mdcache.views import ViewRecipe
 def feats(train_spec) -> torch.Tensor:
     t = teachers.load_teacher(TINY_TEACHER, random_init=True, image_size=64)
     recipe = ViewRecipe(image_size=64, views=2)
-    xs = [image_views(s, recipe, t.mean, t.std)[0] for _, s in zip(range(16), iter_samples(list_source(train_spec)[0]))]
+    xs = [image_views(s, recipe)[0] for _, s in zip(range(16), iter_samples(list_source(train_spec)[0]))]
     return teachers.run_teacher(t, torch.cat(xs))
 
 

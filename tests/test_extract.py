@@ -18,6 +18,7 @@ import torch
 from helpers import ROOT, TINY_CLIP, TINY_TEACHER, extract_cfg, run_cli, shard_contents, verify_partial
 
 from mdcache import open_cache, store, views
+from mdcache.errors import ConfigError
 from mdcache.extract import extract
 from mdcache.sources import iter_samples, list_source
 from mdcache.teachers import load_teacher, run_teacher
@@ -31,8 +32,7 @@ def teacher_on_replayed_views(cache, source_spec):
         images = {s.key: views.decode_image(s.data) for s in iter_samples(shards[name])}
         for v in range(cache.manifest["views"]):
             keys, targets, params = cache.read(name, v)
-            x = torch.stack([views.to_tensor(views.replay(images[k], p, 64), t.mean, t.std)
-                             for k, p in zip(keys, params)])
+            x = torch.stack([views.view_pixels(images[k], p, 64, cache.replay) for k, p in zip(keys, params)])
             yield run_teacher(t, x), torch.from_numpy(targets)
 
 
@@ -299,9 +299,10 @@ def test_bench_without_teacher_measures_the_cpu_side_per_core(train_spec):
     p = run_cli("bench", "--no-teacher", "--source", train_spec, "--teacher", TINY_TEACHER, "--image-size", "64",
                 "--shards", "0:2", "--workers", "1", "--calib-images", "8")
     assert "images: 60 x 2 views" in p.stdout and "teacher forward only" not in p.stdout
-    total, cores, per_core = re.search(r"no teacher: +([\d.]+) images/s on (\d+) cores = ([\d.]+) images/s per core",
-                                       p.stdout).groups()
+    total, cores, per_core, views = re.search(r"no teacher: +([\d.]+) images/s on (\d+) cores = ([\d.]+) images/s "
+                                              r"\(([\d.]+) views/s\) per core", p.stdout).groups()
     assert float(total) > 0 and math.isclose(float(total) / int(cores), float(per_core), rel_tol=0.01)
+    assert math.isclose(float(views), 2 * float(per_core), rel_tol=0.01)
 
 
 def test_color_jitter_views_are_replayed_exactly(tmp_path, train_spec):
@@ -314,3 +315,17 @@ def test_color_jitter_views_are_replayed_exactly(tmp_path, train_spec):
     ok = verify_partial(url, "--teacher-check", "8")
     tc = float(ok.stderr.split("worst")[1].split()[0].rstrip(","))
     assert tc > 0.9999
+
+
+def test_views_replayed_on_the_device_give_the_same_cache(tmp_path, train_spec):
+    """--replay-on device: workers only decode, the teacher's device crops, resizes and jitters. The cache is
+    the same one (where views are replayed is not part of its identity), byte for byte on the CPU."""
+    a, _ = extract(extract_cfg(train_spec, str(tmp_path / "a"), shards="0:1", color_jitter=0.4), progress=False)
+    b, _ = extract(extract_cfg(train_spec, str(tmp_path / "b"), shards="0:1", color_jitter=0.4, replay_on="device",
+                               workers=1), progress=False)
+    assert a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
+    ca, cb = open_cache(a), open_cache(b)
+    assert ca.commits["train-000000"]["checksums"] == cb.commits["train-000000"]["checksums"]
+    with pytest.raises(ConfigError, match="--replay-on device needs the tensor replay"):
+        extract(extract_cfg(train_spec, str(tmp_path / "c"), shards="0:1", replay_on="device",
+                            replay="pil-rgb-crop-bicubic-flip-enhance-v1"), progress=False)

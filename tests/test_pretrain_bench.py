@@ -16,8 +16,10 @@ def test_bench_reports_all_phases(tmp_path_factory, train_spec):
     p = mdtrain("bench", "--cache", url, "--student", STUDENT, "--teacher", TINY_TEACHER, "--random-init",
                 "--batches", "3", "--warmup", "1", "--loader-batches", "5", "--json")
     r = json.loads(p.stdout[p.stdout.index("{"):])
-    for key in ("loader_targets_ips", "loader_images_ips", "student_only_ips", "cached_step_ips", "online_step_ips"):
+    for key in ("loader_targets_ips", "loader_images_ips", "student_only_ips", "cached_step_ips", "online_step_ips",
+                "online_memory_ips"):
         assert r[key] > 0, key
+    assert r["ratio_cached_vs_online_compute"] == r["student_only_ips"] / r["online_memory_ips"]
     # The online phase really ran a teacher (its module imported, its weights counted); the cached one never did,
     # and running the same step without the teacher's library and weights takes less memory.
     assert r["online_imported_teacher"] and not r["cached_imported_teacher"]

@@ -3,8 +3,8 @@ import io
 import os
 import shutil
 import tarfile
+from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 from helpers import make_cache, shared_cache
@@ -55,22 +55,40 @@ def test_ranks_and_lanes_see_disjoint_data_and_all_views(cache):
     assert data.steps_per_epoch(plan, scfg(rank=0, world=2), epochs=3) == 14
 
 
-def test_targets_and_pixels_are_the_stored_views(cache, train_spec):
-    plan = data.plan_from_cache(cache)
-    batch = next(iter(data.ShardStream(plan, scfg(lanes=1), 0, cache=cache)))
+@pytest.mark.parametrize("replay", views.REPLAYS)
+def test_targets_and_pixels_are_the_stored_views_replayed_as_the_cache_was(tmp_path_factory, demo_data, replay):
+    """The trainer replays with the implementation the cache was extracted with (recorded in its
+    fingerprint), whatever the default of this mdcache is."""
+    from mdcache.sources import iter_samples
+    from mdtrain.pretrain import PretrainConfig, make_stream, setup_data
+
+    source = str(demo_data / "train-000000.tar")
+    url = make_cache(tmp_path_factory.getbasetemp() / f"replay-{replay}", source, replay=replay, color_jitter=0.4)
+    cache = open_cache(url)
+    assert cache.replay == replay == cache.manifest["fingerprint"]["views"]["replay"]
+    setup = setup_data(PretrainConfig(cache=url, batch_size=4, workers=0, seed=3), torch.device("cpu"))
+    assert setup.stream.replay == replay
+    batch = next(iter(make_stream(setup, 0)))
     shard = batch["shards"][0]
     keys, targets, params = cache.read(shard, batch["views"][0])
-    src = {s.name: s for s in list_source(train_spec)}[shard]
-    from mdcache.sources import iter_samples
-    images = {s.key: s.data for s in iter_samples(src)}
+    images = {s.key: s.data for s in iter_samples(list_source(source)[0])}
     decoded = cache.decode(batch["targets"])
+    other = next(r for r in views.REPLAYS if r != replay)
     for j, key in enumerate(batch["keys"]):
         i = keys.index(key)
         assert torch.equal(decoded[j], torch.from_numpy(targets[i]))
-        view = views.replay(views.decode_image(images[key]), params[i], 64)
-        assert np.array_equal(batch["images"][j].permute(1, 2, 0).numpy(), np.asarray(view))
+        image = views.decode_image(images[key])
+        assert torch.equal(batch["images"][j], views.view_pixels(image, params[i], 64, replay))
+        assert not torch.equal(batch["images"][j], views.view_pixels(image, params[i], 64, other))
         student = data.normalize(batch["images"][j:j + 1], data.STUDENT_MEAN, data.STUDENT_STD)[0]
-        assert torch.equal(student, views.to_tensor(view, data.STUDENT_MEAN, data.STUDENT_STD))
+        assert torch.equal(student, views.to_tensor(views.replay(image, params[i], 64, replay), data.STUDENT_MEAN,
+                                                    data.STUDENT_STD))
+
+
+def test_the_cli_default_replay_is_the_library_default():
+    from mdcache.commands import ViewOptions
+
+    assert ViewOptions().replay == views.REPLAY_IMPL
 
 
 def test_order_is_seeded_and_independent_of_loader_workers(cache):
@@ -195,3 +213,17 @@ def test_fresh_crops_are_new_every_epoch_and_a_pure_function_of_seed_epoch_key(t
     replay = [data.ShardStream(plan, scfg(with_targets=False), e, recipe=recipe) for e in (0, 1, 2, 3)]
     crops = [{k: img for b in s for k, img in zip(b["keys"], b["images"])} for s in replay]
     assert all(any(torch.equal(crops[e][k], crops[f][k]) for f in (0, 1)) for e in (2, 3) for k in crops[e])
+
+
+def test_views_replayed_on_the_device_equal_the_workers(cache):
+    """--replay-on device: workers ship decoded images, the step's device replays the views with the cache's
+    implementation. On the CPU that is the same kernel: the same pixels, bit for bit (on a GPU within 2
+    levels, tests/test_views_sources.py), with the same targets and masks."""
+    plan = data.plan_from_cache(cache)
+    cfg = scfg(lanes=1, replay=cache.replay)
+    here = next(iter(data.ShardStream(plan, cfg, 0, cache=cache)))
+    there = next(iter(data.ShardStream(plan, replace(cfg, replay_on_device=True), 0, cache=cache)))
+    assert isinstance(there["images"], list) and there["images"][0].shape[1:] != (64, 64)  # decoded, not replayed
+    on = data.to_device(there, torch.device("cpu"), replace(cfg, replay_on_device=True))
+    assert torch.equal(on["images"], here["images"]) and torch.equal(on["mask"], here["mask"])
+    assert all(torch.equal(on["targets"][n], here["targets"][n]) for n in here["targets"]) and "params" not in on

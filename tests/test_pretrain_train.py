@@ -87,8 +87,12 @@ def test_offline_loss_decreases_outputs_load_and_no_teacher_is_imported(cache_ur
     assert torch.equal(ft.blocks[0].mlp.fc1.weight, weights["blocks.0.mlp.fc1.weight"]) and ft.pos_embed.shape[1] == 197
 
 
+EXACT = ["--deterministic", "--precision", "fp32"]  # bitwise equal on a GPU too (`pytest -m cuda` there)
+
+
+@pytest.mark.cuda
 def test_resume_mid_epoch_reproduces_order_and_weights(cache_url, tmp_path):
-    flags = ["--cache", cache_url, "--epochs", "2", "--warmup-epochs", "1", "--log-samples", *TRAIN_FLAGS]
+    flags = ["--cache", cache_url, "--epochs", "2", "--warmup-epochs", "1", "--log-samples", *TRAIN_FLAGS, *EXACT]
     mdtrain("pretrain", *flags, "--out", str(tmp_path / "full"))
     mdtrain("pretrain", *flags, "--out", str(tmp_path / "cut"), "--stop-after", "5")  # odd position, drop path on
     ck = load_ckpt(tmp_path / "cut" / "last.ckpt")
@@ -108,8 +112,9 @@ def test_resume_mid_epoch_reproduces_order_and_weights(cache_url, tmp_path):
     assert p.returncode == 2 and "lanes: checkpoint 2 vs now 1" in p.stderr
 
 
+@pytest.mark.cuda
 def test_online_teacher_matches_offline_fp16_cache(cache_url, tmp_path, train_spec):
-    flags = ["--epochs", "1", "--stop-after", "6", *TRAIN_FLAGS]
+    flags = ["--epochs", "1", "--stop-after", "6", *TRAIN_FLAGS, *EXACT]
     mdtrain("pretrain", "--cache", cache_url, "--out", str(tmp_path / "off"), *flags)
     # Online, no cache: the teacher runs on views sampled exactly as `mdcache extract` sampled them.
     mdtrain("pretrain", "--teacher", TINY_TEACHER, "--random-init", "--source", train_spec, "--image-size", "64",
@@ -190,7 +195,7 @@ def test_checkpoints_at_save_every_and_at_each_epoch_end(cache_url, tmp_path, on
         seen[row["step"]] = load_ckpt(path)["step"] if path.exists() else None
 
     cfg = PretrainConfig(cache=cache_url, out=str(out), student=STUDENT, epochs=2, batch_size=8, warmup_epochs=0,
-                         lr=1e-3, workers=0, shuffle_buffer=8, progress=False, save_every=4, stop_after=17)
+                         lr=1e-3, workers=0, shuffle_buffer=8, progress=False, save_every=4, stop_after=17, log_every=1)
     summary = pretrain(cfg, on_step=on_step)  # 15 steps per epoch with one lane
     assert summary["stopped"] and (summary["epoch"], summary["batch_in_epoch"], summary["step"]) == (1, 2, 17)
     assert [seen[s] for s in range(1, 18)] == [None] * 4 + [4] * 4 + [8] * 4 + [12] * 3 + [15, 16]

@@ -332,7 +332,7 @@ def test_trainer_outputs_and_weights_in_the_bucket(s3, bucket_data, tmp_path):
     """--out, --init and --weights take bucket URLs; a second machine resumes from the bucket's last.ckpt."""
     url = run_cli(*extract_args(bucket_data, "s3://team/train"), env=s3.env()).stdout.strip().splitlines()[-1]
     flags = ["--cache", url, "--out", "s3://team/runs/pt", "--student", "vit_tiny_patch16_224", "--batch-size", "8",
-             "--warmup-epochs", "0", "--workers", "1", "--no-progress"]
+             "--warmup-epochs", "0", "--workers", "1", "--no-progress", "--log-every", "1"]
     run_cli("pretrain", *flags, "--epochs", "1", module="mdtrain",
             env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "m1")})
     fs = s3.fs()
