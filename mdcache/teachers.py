@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +23,7 @@ from torch import nn
 from .devices import autocast
 from .errors import TeacherError
 from .views import normalize
-from .weights import read_state_dict
+from .weights import read_metadata, read_state_dict
 
 ALIASES = {"clip-b16": "open_clip:ViT-B-16:openai", "clip-l14": "open_clip:ViT-L-14:openai"}
 TAPS = ("final", "ln_post", "proj")
@@ -218,13 +219,33 @@ def _load_open_clip(model: nn.Module, state: dict, path: str) -> None:
     load_into(model, state, path)
 
 
+def weights_preprocessing(path: str | None) -> dict:
+    """What a weights file says about how it was trained (mdtrain writes it): the input normalization
+    (`mean`, `std`) and the model's arguments (`model_args`, `global_pool`). A teacher must be fed the inputs
+    it learned on: a model trained with ImageNet's mean/std and fed timm's default 0.5/0.5 sees 0.46x
+    the contrast, and its targets are those of another function."""
+    meta = read_metadata(path) if path else {}
+    out: dict = {}
+    try:
+        if "mean" in meta and "std" in meta:
+            out["mean"], out["std"] = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
+        args = json.loads(meta.get("model_args") or "{}")
+    except ValueError as e:
+        raise TeacherError(f"--weights {path}: its metadata is not valid JSON ({e})") from None
+    if meta.get("global_pool"):
+        args["global_pool"] = meta["global_pool"]
+    out["model_args"] = {k: v for k, v in args.items() if k != "img_size"}
+    return out
+
+
 def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str | None, random_init: bool,
           tap: str, image_size: int | None, model_args: dict) -> TeacherParts:
     import sys
 
     import timm
 
-    kw = {**model_args, "num_classes": 0}
+    recorded = weights_preprocessing(path)
+    kw = {**recorded["model_args"], **model_args, "num_classes": 0}  # given arguments win over recorded ones
     if image_size:
         kw["img_size"] = image_size
     if not random_init and state is None:
@@ -253,8 +274,9 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
             return model.forward_features(x)[:, model.num_prefix_tokens:]
     else:
         raise TeacherError(f"tap {tap!r} is not available for timm teachers (use final or ln_post)")
-    cfg = model.pretrained_cfg
-    return TeacherParts(model, features, tuple(cfg["mean"]), tuple(cfg["std"]), int(model.patch_embed.img_size[0]),
+    cfg = model.pretrained_cfg  # the normalization a pretrained timm model expects, unless the weights say theirs
+    mean, std = recorded.get("mean", tuple(cfg["mean"])), recorded.get("std", tuple(cfg["std"]))
+    return TeacherParts(model, features, tuple(mean), tuple(std), int(model.patch_embed.img_size[0]),
                         tuple(model.patch_embed.grid_size), int(model.embed_dim))
 
 

@@ -17,6 +17,20 @@ class WeightsError(UserError):
     """A weights file that is missing, unreadable, unsafe, or holds no state dict. The message names it."""
 
 
+def read_metadata(path: str) -> dict[str, str]:
+    """The string metadata of a .safetensors file ({} for other files): mdtrain writes the model's name,
+    arguments and the input normalization it was trained with there."""
+    if not path.endswith(".safetensors") or not os.path.exists(path):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a local .safetensors file, or the state dict in a weights-only torch file
     (the file itself, or its 'model' / 'state_dict' / 'student' entry; a DDP 'module.' prefix is dropped)."""

@@ -4,6 +4,11 @@ The direct measure of what a cache can lose: the same objective the student was 
 against the teacher run online on views the student never saw (a held-out split, crops and masks drawn
 from `--seed`, identical for every student compared). A cached student that learned only its K stored
 crops shows it here first, before any downstream accuracy does.
+
+With `--cache` the crops are a cache's stored views instead (all K of each image, the teacher run in fp32
+on them, not the stored targets): the loss on the crops a cached student trained on. Against the loss on
+fresh crops of the same images (`--source` = the training images) it is the overfitting signal (Beyer et
+al. saw students trained on precomputed teacher outputs overfit).
 """
 from __future__ import annotations
 
@@ -14,10 +19,10 @@ from typing import Optional
 import torch
 
 from mdcache.commands import ViewOptions, model_args_opt, opt, precision_opt, storage_options_opt
-from mdcache.devices import autocast, resolve_precision, use_device
+from mdcache.devices import resolve_precision, use_device
 from mdcache.errors import ConfigError
 
-from . import checkpoint, data, objective
+from . import checkpoint, data
 from .masking import scaled_min_patches
 from .student import build_student
 
@@ -28,7 +33,10 @@ class DistillLossConfig(ViewOptions):
 
     ckpt: str = opt("", "Pretraining checkpoint (OUT/last.ckpt of `mdtrain pretrain`): student, head, loss settings.",
                     required=True)
-    source: str = opt("", "Held-out images: tar shards (brace pattern, glob, list) or an image folder.", required=True)
+    source: str = opt("", "Held-out images: tar shards (brace pattern, glob, list) or an image folder (with --cache: "
+                          "where the cache's images are, if they moved).")
+    cache: Optional[str] = opt(None, "Use this cache's stored views (every one of its K views per image) instead of "
+                                     "fresh crops of --source.")
     teacher: str = opt("", "The student's teacher (clip-b16, open_clip:ARCH[:TAG], timm:NAME).", required=True)
     teacher_weights: Optional[str] = opt(None, "Teacher weights file (.safetensors or weights-only .pth).")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher")
@@ -45,17 +53,25 @@ class DistillLossConfig(ViewOptions):
 
 @torch.no_grad()
 def distill_loss(cfg: DistillLossConfig) -> dict:
-    """Mean masked-token loss (the pretraining objective) of --ckpt's student on fresh held-out crops."""
-    from mdcache.teachers import load_teacher, run_teacher
+    """Mean masked-token loss (the pretraining objective, through pretrain's own `student_loss`) of --ckpt's
+    student on fresh held-out crops, or on a cache's stored crops (--cache)."""
+    from dataclasses import fields
 
-    if not cfg.ckpt or not cfg.source or not cfg.teacher:
-        raise ConfigError("--ckpt, --source and --teacher are all required")
+    from mdcache import store
+    from mdcache.teachers import load_teacher
+
+    from .pretrain import PretrainConfig, Setup, student_loss
+
+    if not cfg.ckpt or not cfg.teacher or not (cfg.source or cfg.cache):
+        raise ConfigError("--ckpt, --teacher and --source (or --cache) are all required")
     ckpt = checkpoint.load_trainer_state(cfg.ckpt, "pretrain")
-    pcfg, grid, size = ckpt["config"], tuple(ckpt["grid"]), int(ckpt["image_size"])
+    saved, grid, size = ckpt["config"], tuple(ckpt["grid"]), int(ckpt["image_size"])
+    pcfg = PretrainConfig(**{f.name: saved[f.name] for f in fields(PretrainConfig) if f.name in saved
+                             and f.name not in ("storage_options", "log")})
     device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    student = build_student(pcfg["student"], image_size=size, grid=grid, teacher_dim=int(ckpt["teacher_dim"]),
-                            layer_scale=pcfg.get("layer_scale") or None, model_args=pcfg.get("student_args") or {})
+    student = build_student(pcfg.student, image_size=size, grid=grid, teacher_dim=int(ckpt["teacher_dim"]),
+                            layer_scale=pcfg.layer_scale or None, model_args=pcfg.student_args or {})
     student.load_state_dict(ckpt["model"])
     student.to(device).eval()
     teacher = load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
@@ -63,27 +79,32 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     if tuple(teacher.patch_grid) != grid or teacher.dim != int(ckpt["teacher_dim"]):
         raise ConfigError(f"teacher {cfg.teacher!r} gives {teacher.patch_grid} x {teacher.dim} targets, but the "
                           f"student in {cfg.ckpt} was trained on {grid} x {ckpt['teacher_dim']}")
-    recipe = replace(cfg, views=1).view_recipe(size, cfg.seed)  # one fresh crop per held-out image
-    plan = data.plan_from_source(cfg.source, cfg.storage_options)
-    stream_cfg = data.StreamConfig(batch_size=cfg.batch_size, image_size=size, grid=grid, views=1, seed=cfg.seed,
-                                   mask_ratio=pcfg["mask_ratio"], shuffle_buffer=1, lanes=max(1, cfg.workers),
-                                   min_mask_patches=scaled_min_patches(grid[0] * grid[1], pcfg["min_mask_patches"]),
-                                   with_targets=False, storage_options=cfg.storage_options, replay=recipe.replay)
-    stream = data.ShardStream(plan, stream_cfg, epoch=0, recipe=recipe)
+    cache = recipe = None
+    if cfg.cache:  # the stored views: every view of every image, once (epochs 0..K-1 cycle through them)
+        cache = store.open_cache(cfg.cache, cfg.storage_options)
+        plan, k, replay = data.plan_from_cache(cache, cfg.source or None), cache.views, cache.replay
+        epochs = k
+    else:  # one fresh crop per held-out image
+        recipe = replace(cfg, views=1).view_recipe(size, cfg.seed)
+        plan, k, epochs, replay = data.plan_from_source(cfg.source, cfg.storage_options), 1, 1, recipe.replay
+    stream_cfg = data.StreamConfig(batch_size=cfg.batch_size, image_size=size, grid=grid, views=k, seed=cfg.seed,
+                                   mask_ratio=pcfg.mask_ratio, shuffle_buffer=1, lanes=max(1, cfg.workers),
+                                   min_mask_patches=scaled_min_patches(grid[0] * grid[1], pcfg.min_mask_patches),
+                                   with_targets=False, storage_options=cfg.storage_options, replay=replay)
+    setup = Setup(plan=plan, stream=stream_cfg, cache=cache, recipe=recipe, dim=teacher.dim, teacher=teacher,
+                  teacher_precision="fp32")
     total, images = 0.0, 0
-    for batch in data.make_loader(stream, cfg.workers):
-        batch = data.to_device(batch, device, stream_cfg)
-        targets = run_teacher(teacher, batch["images"], "fp32")
-        with autocast(device, precision):
-            pred = student(data.normalize(batch["images"], data.STUDENT_MEAN, data.STUDENT_STD), batch["mask"])
-        loss = objective.distill_loss(pred.float(), targets, batch["mask"], target_norm=pcfg["target_norm"],
-                                      loss=pcfg["loss"], beta=pcfg["beta"])
-        total += float(loss) * len(batch["keys"])
-        images += len(batch["keys"])
+    for epoch in range(epochs):
+        for batch in data.make_loader(data.ShardStream(plan, stream_cfg, epoch=epoch, cache=cache, recipe=recipe),
+                                      cfg.workers):
+            batch = data.to_device(batch, device, stream_cfg)
+            loss = student_loss(student, setup, batch, pcfg, precision, device)
+            total += float(loss) * len(batch["keys"])
+            images += len(batch["keys"])
     if not images:
-        raise ConfigError(f"--source {cfg.source}: no full batch of {cfg.batch_size} images; lower --batch-size")
+        raise ConfigError(f"{cfg.cache or cfg.source}: no full batch of {cfg.batch_size} images; lower --batch-size")
     return {"loss": total / images, "images": images, "ckpt": cfg.ckpt, "step": ckpt["step"], "teacher": cfg.teacher,
-            "tap": cfg.tap, "seed": cfg.seed}
+            "tap": cfg.tap, "seed": cfg.seed, "crops": "stored" if cache else "fresh"}
 
 
 def run_cli(cfg: DistillLossConfig) -> None:

@@ -61,8 +61,10 @@ class FinetuneConfig:
     norm: str = opt("imagenet", "Input mean/std: imagenet (what mdtrain pretrain feeds the student) or model "
                                 "(timm's config).")
     epochs: int = opt(100, "Training epochs.", ge=1)
-    warmup_epochs: float = opt(20.0, "Linear warmup epochs up to the peak lr, where the cosine starts (the lr is "
-                                     "updated every step); less than --epochs.", ge=0)
+    warmup_epochs: Optional[float] = opt(None, "Linear warmup epochs up to the peak lr, where the cosine starts (the "
+                                               "lr is updated every step); less than --epochs. Default: BEiT v2's 20 "
+                                               "of 100 epochs, a fifth of shorter runs (2 of 10), so a short run is "
+                                               "mostly training, not warm-up.", ge=0)
     batch_size: int = opt(128, "Batch size per process (effective batch = batch-size x processes).", ge=1)
     blr: float = opt(1.25e-4, "Base learning rate per 256 images: lr = blr x effective batch / 256: 5e-4 at batch "
                               "1024, BEiT v2's value.", gt=0)
@@ -72,8 +74,11 @@ class FinetuneConfig:
     weight_decay: float = opt(0.05, "AdamW weight decay (not applied to norms, biases, tokens, pos-embed).", ge=0)
     layer_decay: float = opt(0.65, "Layer-wise lr decay (BEiT); 1.0 = off.", gt=0, le=1)
     drop_path: float = opt(0.1, "Stochastic depth rate.", ge=0, lt=1)
-    head_init_scale: float = opt(0.001, "Multiply the new classifier's initial weight and bias by this (BEiT v2 "
-                                        "init_scale: near-zero logits at the start); 1 = timm's init.", gt=0)
+    head_init_scale: float = opt(0.001, "With --init: multiply the new classifier's initial weight and bias by this "
+                                        "(BEiT v2 init_scale: near-zero logits, so its first gradients do not "
+                                        "disturb the pretrained backbone); 1 = timm's init. From scratch the head "
+                                        "keeps timm's init (a near-zero head would starve the new backbone of "
+                                        "gradient).", gt=0)
     clip_grad: Optional[float] = opt(None, "Clip the gradient norm to this value; None = off.", gt=0)
     smoothing: float = opt(0.1, "Label smoothing.", ge=0, lt=1)
     mixup: float = opt(0.8, "Mixup alpha; 0 = off.", ge=0)
@@ -148,6 +153,11 @@ def resolve_lr(cfg: FinetuneConfig, world: int) -> float:
     return cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size * world / 256
 
 
+def warmup_epochs(cfg: FinetuneConfig) -> float:
+    """--warmup-epochs, or BEiT v2's 20 epochs capped at a fifth of the run."""
+    return cfg.warmup_epochs if cfg.warmup_epochs is not None else min(20.0, cfg.epochs / 5)
+
+
 def build_recipe(cfg: FinetuneConfig, net: torch.nn.Module, num_classes: int, world: int) -> Recipe:
     """AdamW with layer decay, per-step cosine schedule with warmup, mixup/cutmix and the matching loss.
 
@@ -159,13 +169,14 @@ def build_recipe(cfg: FinetuneConfig, net: torch.nn.Module, num_classes: int, wo
     from timm.scheduler import CosineLRScheduler
 
     lr = resolve_lr(cfg, world)
-    if cfg.warmup_epochs >= cfg.epochs:
-        raise ConfigError(f"--warmup-epochs {cfg.warmup_epochs} must be less than --epochs {cfg.epochs}")
+    warmup = warmup_epochs(cfg)
+    if warmup >= cfg.epochs:
+        raise ConfigError(f"--warmup-epochs {warmup} must be less than --epochs {cfg.epochs}")
     optimizer = create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
                                     fused=next(net.parameters()).is_cuda)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs - cfg.warmup_epochs, lr_min=cfg.min_lr,
-                                  warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, warmup_prefix=True,
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs - warmup, lr_min=cfg.min_lr,
+                                  warmup_t=warmup, warmup_lr_init=cfg.warmup_lr, warmup_prefix=True,
                                   t_in_epochs=True)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
@@ -221,7 +232,7 @@ def train_one_epoch(model: torch.nn.Module, r: Recipe, ema: Any, batches: Iterat
         if cfg.log_every and n % cfg.log_every == 0:  # a logging step: the one read from the device
             check_finite(loss_sum / done, epoch, n)
             if dist.main:
-                console.print(f"epoch {epoch} step {n}/{steps_est} loss {float(loss):.4f} lr "
+                console.print(f"epoch {epoch} step {n}/{steps_est} loss {float(loss.detach()):.4f} lr "
                               f"{max_lr(r.optimizer):.2e} {images * dist.world / (time.perf_counter() - t0):.1f} img/s")
     loss_sum = float(loss_sum)
     check_finite(loss_sum, epoch, n)
@@ -282,7 +293,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     layer_scale = layer_scale_of(init) if init else None
     model = build_model(cfg.model, num_classes, cfg.image_size, cfg.drop_path, cfg.global_pool, layer_scale,
                         cfg.model_args)
-    if state is None:  # a fresh head (a resume loads its trained one); a head in --init overwrites it
+    if state is None and init:  # a fresh head on a pretrained backbone (a resume loads its trained one)
         scale_head(model, cfg.head_init_scale)
     if init and state is None:
         report = load_backbone(model, init)

@@ -12,7 +12,7 @@ from helpers import mdtrain, read_jsonl
 
 from mdcache.errors import ConfigError
 from mdtrain.checkpoint import CheckpointError, load_trainer_state, save_weights
-from mdtrain.classifier import InitError, build_model, layer_scale_of, load_backbone, scale_head
+from mdtrain.classifier import InitError, build_model, layer_scale_of, load_backbone
 from mdtrain.finetune import FinetuneConfig, build_recipe, finetune, max_lr, resolve_lr
 from mdtrain.runtime import seed_all
 
@@ -127,17 +127,18 @@ def test_cli_finetune_refuses_incompatible_init(tmp_path, data):
 
 # ----------------------------------------------------------------------------- the recipe's defaults
 
-def test_recipe_defaults_are_beit_v2s(tmp_path, data):
+def test_recipe_defaults_are_beit_v2s(tmp_path, data, student):
     """What finetune resolves, without training: lr 5e-4 at an effective batch of 1024 and linear in the
-    batch, mean pooling, a head initialized at 0.001x timm's init, and a cosine that starts at the peak
-    right after warmup (no drop) and reaches --min-lr at the last epoch."""
+    batch, mean pooling, a head on a pretrained backbone initialized at 0.001x timm's init (from scratch:
+    timm's init, or the new backbone gets no gradient), and a cosine that starts at the peak right after
+    warmup (no drop) and reaches --min-lr at the last epoch."""
     assert resolve_lr(FinetuneConfig(batch_size=1024), world=1) == pytest.approx(5e-4)
     assert resolve_lr(FinetuneConfig(batch_size=128), world=8) == pytest.approx(5e-4)
     assert resolve_lr(FinetuneConfig(batch_size=128), world=1) == pytest.approx(5e-4 / 8)
     assert resolve_lr(FinetuneConfig(batch_size=128, lr=3e-3), world=8) == 3e-3  # --lr is absolute
 
     out = str(tmp_path / "ft")
-    finetune(cfg(data, out, lr=None, stop_after=0))  # defaults but the tiny model; batch 16, one process
+    finetune(cfg(data, out, lr=None, stop_after=0, init=student))  # defaults but the tiny model; batch 16
     resolved = json.load(open(os.path.join(out, "config.json")))["resolved"]
     assert resolved["lr"] == pytest.approx(5e-4 * 16 / 1024) and resolved["effective_batch"] == 16
     assert resolved["global_pool"] == "avg"
@@ -148,6 +149,11 @@ def test_recipe_defaults_are_beit_v2s(tmp_path, data):
                                   drop_path_rate=0.1).head.weight.detach()
     assert torch.allclose(start["head.weight"], 0.001 * timm_head)
     assert start["head.weight"].abs().max() < 1e-3 < timm_head.abs().max()
+    finetune(cfg(data, str(tmp_path / "scratch"), stop_after=0))
+    assert torch.equal(load_trainer_state(str(tmp_path / "scratch" / "last.ckpt"), "finetune")["model"]["head.weight"],
+                       timm_head)
+    assert build_recipe(cfg(data, out, epochs=10, warmup_epochs=None), build_model(MODEL, 10, SIZE), 10,
+                        1).scheduler.warmup_t == 2  # a short run warms up for a fifth of it
 
     c = cfg(data, out, epochs=6, warmup_epochs=2)  # peak lr 1e-3
     r = build_recipe(c, build_model(MODEL, 10, SIZE, global_pool="avg"), 10, world=1)
@@ -194,16 +200,14 @@ def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data,
 
 
 def test_from_scratch_baseline_is_the_same_command_without_init(tmp_path, data):
-    """Without --init the run starts from timm's own init for --seed (nothing loaded, the head scaled by
-    --head-init-scale) and learns."""
+    """Without --init the run starts from timm's own init for --seed (nothing loaded, the head too: a head
+    scaled to near zero would starve the new backbone of gradient) and learns."""
     out = str(tmp_path / "scratch")
     kw = dict(epochs=2, warmup_epochs=0, mixup=0.0, cutmix=0.0, aa="none", reprob=0.0, smoothing=0.0)
     r = finetune(cfg(data, out, stop_after=0, **kw))  # a checkpoint of the initial state, no step taken
     assert r["step"] == 0 and json.load(open(os.path.join(out, "config.json")))["init"] is None
     seed_all(0)
-    fresh_model = build_model(MODEL, 10, SIZE, drop_path=0.1, global_pool="avg")
-    assert scale_head(fresh_model, 0.001) == ["head.weight", "head.bias"]
-    fresh = fresh_model.state_dict()
+    fresh = build_model(MODEL, 10, SIZE, drop_path=0.1, global_pool="avg").state_dict()
     start = load_trainer_state(os.path.join(out, "last.ckpt"), "finetune")["model"]
     assert start.keys() == fresh.keys() and all(torch.equal(start[k], fresh[k]) for k in fresh)
     finetune(cfg(data, out, resume="auto", **kw))

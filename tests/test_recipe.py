@@ -120,6 +120,11 @@ def test_distill_loss_and_linprobe_of_a_pretrained_beit_student(tmp_path_factory
     assert trained["loss"] < init["loss"]
     assert heldout("trained")["loss"] == trained["loss"]
     assert heldout("trained", "--seed", "7")["loss"] != trained["loss"]
+    # the crops it trained on: every stored view of every training image (2 views x 120 images), fp32 teacher
+    stored = json.loads(mdtrain("distill-loss", "--ckpt", str(tmp_path / "trained" / "last.ckpt"), "--teacher",
+                                TINY_TEACHER, "--random-init", "--cache", cache, "--batch-size", "8", "--workers",
+                                "0").stdout.strip().splitlines()[-1])
+    assert stored["crops"] == "stored" and stored["images"] == 240 and stored["loss"] < init["loss"]
     r = mdtrain("linprobe", "--weights", str(tmp_path / "trained" / "student.safetensors"), "--train", train_spec,
                 "--val", val, "--epochs", "5", "--workers", "0")
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -129,8 +134,8 @@ def test_distill_loss_and_linprobe_of_a_pretrained_beit_student(tmp_path_factory
 
 @pytest.mark.slow
 def test_study_quick_form_produces_every_output(tmp_path):
-    """pipelines/study/run.py --quick: every stage runs through the real commands and writes its outputs;
-    the trained teacher beats chance (10 classes) and the raw-pixel anchor is far above it."""
+    """pipelines/study/run.py --quick: every stage runs through the real commands and writes its outputs, with
+    every path relative to the run folder; the statistics are those of seed-paired differences."""
     if not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"):
         pytest.fail("the study needs Debian's dataset-fashion-mnist package (scripts/apt-packages.txt installs it)")
     out = tmp_path / "study"
@@ -138,12 +143,34 @@ def test_study_quick_form_produces_every_output(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(out / "results.json"))
-    assert set(r["arms"]) == {"online-fresh", "K=2 int8"}
-    for arm in [*r["arms"].values(), r["floor"]]:
-        assert {"heldout_loss", "knn_top1", "linprobe_top1"} <= set(arm) and len(arm["runs"]) == 1
-    assert r["teacher"]["knn_top1"] > 20 and r["teacher"]["linprobe_top1"] > 20
-    assert r["raw_pixel_knn_top1"] > 50
-    assert (out / "study.png").stat().st_size > 10_000 and (out / "results.md").exists()
+    assert set(r["arms"]) == {"online-fresh", "K=2 int8", "random-init"}
+    for name, arm in r["arms"].items():
+        assert {"heldout_loss", "train_fresh_loss", "knn_top1", "linprobe_top1", "finetune_top1"} <= set(arm)
+        assert len(arm["runs"]) == 1 and "vs_scratch" in arm
+    assert "train_stored_loss" in r["arms"]["K=2 int8"] and r["arms"]["K=2 int8"]["vs_online"]["knn_top1"]["n"] == 1
+    assert r["teacher"]["test_top1"] > 10 and r["raw_pixels"]["knn_top1"] > 50 and r["scratch"]["runs"]
+    assert {"data", "teacher", "students", "metrics", "finetunes"} <= set(r["stage_seconds"])
+    assert str(tmp_path) not in json.dumps(r)  # paths relative to the run folder
+    assert (out / "study.png").stat().st_size > 10_000 and (out / "curves.png").exists()
+    assert "Seed-paired differences" in (out / "results.md").read_text()
+
+
+def test_study_statistics_are_seed_paired_with_a_t_interval():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_run", ROOT / "pipelines" / "study" / "run.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    ref = [{"seed": s, "knn_top1": 80.0 + s} for s in range(3)]
+    same = [{"seed": s, "knn_top1": 80.0 + s + d} for s, d in zip(range(3), (0.1, -0.1, 0.05))]
+    p = study.paired(same, ref, "knn_top1")
+    assert p["n"] == 3 and abs(p["mean"] - 0.05 / 3) < 1e-9 and p["verdict"] == "equivalent"
+    half = 4.303 * float(torch.tensor([0.1, -0.1, 0.05]).std()) / 3 ** 0.5  # t(0.975, 2 df)
+    assert abs((p["ci95"][1] - p["ci95"][0]) / 2 - half) < 1e-6
+    worse = [{"seed": s, "knn_top1": 78.0 + s + d} for s, d in zip(range(3), (0.1, -0.1, 0.05))]
+    assert study.paired(worse, ref, "knn_top1")["verdict"] == "worse"
+    noisy = [{"seed": s, "knn_top1": 80.0 + s + d} for s, d in zip(range(3), (2.0, -2.0, 0.5))]
+    assert study.paired(noisy, ref, "knn_top1")["verdict"] == "inconclusive"
 
 
 def test_weights_files_respect_the_umask(tmp_path):

@@ -82,3 +82,51 @@ def test_weights_that_do_not_fit_name_the_file_and_keys(tmp_path):
         load_teacher(TINY_TEACHER, weights=path, image_size=64)
     with pytest.raises(WeightsError, match="no such weights file"):
         load_teacher(TIMM_TEACHER, weights=str(tmp_path / "nope.pth"), image_size=32)
+
+
+def test_a_teacher_trained_by_finetune_is_fed_what_it_learned_on(tmp_path, demo_data):
+    """mdtrain finetune trains with ImageNet's mean/std and records it (and its pooling) in the weights; the
+    teacher used to take timm's default config instead (0.5/0.5 for this model: 0.46x the contrast it learned
+    on), while `eval` used the recorded one. Now extract, online pretraining, distill-loss, verify and eval
+    all feed it the recorded normalization: its stored targets are its features as eval computes them."""
+    import json
+
+    from helpers import invoke
+
+    from mdcache import open_cache, views
+    from mdcache.extract import extract
+    from mdcache.sources import iter_samples, list_source
+    from mdtrain.evaluate import _mean_std
+
+    out = tmp_path / "teacher"
+    r = invoke("finetune", "--model", "vit_tiny_patch16_224", "--model-arg", "depth=2", "--image-size", "32",
+               "--train", demo_data / "train-000000.tar", "--val", demo_data / "val-000000.tar", "--out", out,
+               "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--workers", "0", "--aa", "none",
+               "--mixup", "0", "--cutmix", "0", module="mdtrain")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    weights = str(out / "best.safetensors")
+    from mdcache.weights import read_metadata
+
+    meta = read_metadata(weights)
+    recorded = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
+    assert recorded == _mean_std("vit_tiny_patch16_224", meta) and recorded[0] != (0.5, 0.5, 0.5)
+    teacher = load_teacher(TIMM_TEACHER, weights=weights, image_size=32)  # depth and pooling from the weights
+    assert (teacher.mean, teacher.std) == recorded and teacher.identity["mean"] == list(recorded[0])
+    from helpers import extract_cfg
+
+    cfg = extract_cfg(str(demo_data / "train-000000.tar"), str(tmp_path / "c"), teacher=TIMM_TEACHER, weights=weights,
+                      random_init=False, image_size=32, views=1, codec="fp16")
+    url, _ = extract(cfg, progress=False)
+    cache = open_cache(url)
+    keys, targets, params = cache.read("train-000000", 0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0, depth=2, global_pool="avg")
+    from mdcache.teachers import load_into
+    from mdcache.weights import read_state_dict
+
+    load_into(model, {k: v for k, v in read_state_dict(weights).items() if not k.startswith("head.")}, weights)
+    sample = next(iter_samples(list_source(str(demo_data / "train-000000.tar"))[0]))
+    x = views.normalize(views.view_pixels(views.decode_image(sample.data), params[0], 32, cache.replay)[None],
+                        *recorded)  # eval's preprocessing: the recorded mean/std
+    with torch.no_grad():
+        ref = model.eval().forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[0]
+    assert keys[0] == sample.key and torch.allclose(torch.from_numpy(targets[0]), ref[0], atol=2e-3, rtol=1e-3)

@@ -4,8 +4,9 @@
 written with webdataset's ShardWriter as .png + .cls members. Samples are shuffled across classes
 before sharding: a class-sorted shard would give every training batch one or two classes.
 
-    python pipelines/study/make_data.py --out data/fmnist [--train-size 60000 --test-size 10000]
-    -> data/fmnist/train-{000000..NNNNNN}.tar, test-{000000..MMMMMM}.tar, classes.json
+    python pipelines/study/make_data.py --out data/fmnist [--train-size 55000 --val-size 5000 --subset-size 2000]
+    -> data/fmnist/train-*.tar, val-*.tar, subset-*.tar (a class-balanced subset of train), test-*.tar,
+       classes.json
 """
 from __future__ import annotations
 
@@ -57,7 +58,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/fmnist")
     p.add_argument("--root", default=PACKAGE_DIR, help="folder with the idx .gz files")
-    p.add_argument("--train-size", type=int, default=60000, help="first N training images (after shuffling)")
+    p.add_argument("--train-size", type=int, default=60000, help="training images (after shuffling)")
+    p.add_argument("--val-size", type=int, default=0, help="validation images, from the training split, disjoint "
+                                                           "from --train-size's (for every selection: val-*.tar)")
+    p.add_argument("--subset-size", type=int, default=0, help="a class-balanced subset of the training images, as "
+                                                              "subset-*.tar (students distil and finetune on it)")
     p.add_argument("--test-size", type=int, default=10000)
     p.add_argument("--shard-size", type=int, default=5000, help="images per shard")
     p.add_argument("--seed", type=int, default=0)
@@ -65,14 +70,26 @@ def main() -> None:
     rng = np.random.default_rng(a.seed)
     os.makedirs(a.out, exist_ok=True)
     counts = {}
-    for split, n in (("train", a.train_size), ("test", a.test_size)):
-        images, labels = load_split(a.root, split)
-        keep = np.sort(rng.permutation(len(images))[:n])  # a class-balanced random subset, in package order
-        counts[split] = write_split(a.out, split, images[keep], labels[keep], a.shard_size, rng)
+    images, labels = load_split(a.root, "train")
+    order = rng.permutation(len(images))
+    if a.train_size + a.val_size > len(images):
+        raise SystemExit(f"--train-size {a.train_size} + --val-size {a.val_size} > {len(images)} training images")
+    train, val = np.sort(order[:a.train_size]), np.sort(order[a.train_size:a.train_size + a.val_size])
+    parts = [("train", train), ("val", val)]
+    if a.subset_size:  # exactly subset/10 images of each class, drawn from the training images
+        per = a.subset_size // len(CLASSES)
+        parts.append(("subset", np.sort(np.concatenate([rng.permutation(train[labels[train] == c])[:per]
+                                                        for c in range(len(CLASSES))]))))
+    t_images, t_labels = load_split(a.root, "test")
+    for split, keep in parts:  # the subset in 8 shards: shard order is part of a training epoch's shuffle
+        size = a.shard_size if split != "subset" else max(1, -(-len(keep) // 8))
+        if len(keep):
+            counts[split] = write_split(a.out, split, images[keep], labels[keep], size, rng)
+    keep = np.sort(rng.permutation(len(t_images))[:a.test_size])  # a random subset, in package order
+    counts["test"] = write_split(a.out, "test", t_images[keep], t_labels[keep], a.shard_size, rng)
     with open(os.path.join(a.out, "classes.json"), "w") as f:
         json.dump(list(CLASSES), f)
-    print(f"Fashion-MNIST: {a.train_size} train images in {counts['train']} shards, {a.test_size} test images in "
-          f"{counts['test']} shards -> {a.out}")
+    print("Fashion-MNIST: " + ", ".join(f"{split} {n} shard(s)" for split, n in counts.items()) + f" -> {a.out}")
 
 
 if __name__ == "__main__":

@@ -1,38 +1,42 @@
-"""What does a teacher cache cost? K stored views (and lossy codecs) against a fresh crop every epoch.
+"""Does a teacher cache preserve MaskDistill? K stored views against a fresh crop every epoch, where learning
+is real and stored views are reused 32-64 times.
 
-One command, real labelled images that install offline (Fashion-MNIST from Debian), every stage through
-the project's own commands:
+One command, real labelled images that install offline (Fashion-MNIST from Debian), every stage through the
+project's own commands:
 
-    1. data      shuffled WebDataset shards of the train and test splits
-    2. teacher   a small ViT trained supervised on the train split (`mdtrain finetune` from scratch),
-                 used through the normal `--teacher timm:...` + `--weights` path
-    3. caches    `mdcache extract` with K views per image, for every K and codec of the study
-    4. students  `mdtrain pretrain`, same architecture, steps, seeds and schedule in every arm:
-                 online with `--fresh-crops` (the paper's recipe), cached with K in KS, each codec at
-                 K=8, equal-storage pairs; random init is the floor, the teacher the ceiling
-    5. metrics   on the TEST split: held-out masked-feature loss on fresh crops (`mdtrain distill-loss`),
-                 k-NN top-1 (`mdtrain knn`), linear-probe top-1 (`mdtrain linprobe`); mean and spread
-                 over seeds
-    6. outputs   runs/study/results.json, runs/study/study.png, and a markdown table (docs/study.md is
-                 written from it with --write-doc)
+    1. data       Fashion-MNIST: the teacher trains on 55,000 training images, 5,000 others are the validation
+                  set for every selection, students distil on a class-balanced 2,000-image subset of the 55,000
+                  (also the finetune labels and the k-NN/probe memory); final numbers on the 10,000 test images
+    2. teacher    a small ViT trained supervised (`mdtrain finetune`, checkpoint chosen on validation), then
+                  used through the normal `--teacher timm:... --weights` path; checked against raw pixels
+    3. students   `mdtrain pretrain`, the same architecture, schedule and view distribution in every arm:
+                  online with `--fresh-crops` (the paper's recipe), cached with K in --ks (`mdcache extract
+                  --views K --seed SEED`: each seed its own views); the random-init floor
+    4. metrics    held-out masked-feature loss on fresh test crops; the same loss on the stored training crops
+                  and on fresh crops of the same images (the overfitting signal); k-NN (k=20) and linear probe;
+                  finetune top-1 against the same model finetuned from scratch for the same epochs
+    5. report     seed-paired differences to the online arm with 95% intervals against a margin fixed before
+                  the run, a verdict per arm, training curves, wall time per stage: results.json (paths
+                  relative to --out), results.md, study.png, curves.png; --write-doc copies them to docs/study/
 
-    python pipelines/study/run.py                 # the full study (about an hour on a 2-core CPU)
-    python pipelines/study/run.py --quick         # minutes: a few hundred images, one epoch, two arms
-    python pipelines/study/run.py --taps final,ln_post,proj --teacher clip-b16 --weights ViT-B-16.safetensors \
-        --data /data/imagenet100 ...            # the same study on other data and teachers (docs/study.md)
+    python pipelines/study/run.py --jobs 2        # the study (hours on 2 CPU cores; resumable, stage by stage)
+    python pipelines/study/run.py --quick         # minutes: CI's form, every stage on a few hundred images
 
-Every size is an option. Each finished stage leaves its outputs in --out and is skipped when the study is
-re-run, so an interrupted study resumes.
+Every size is an option. Each finished step leaves its outputs in --out and is skipped when the study is
+re-run, so an interrupted study resumes where it stopped.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
@@ -40,229 +44,290 @@ PY = sys.executable
 # A small ViT for 28 px images: 7x7 patches of 4 px, width 128, depth 4 (teacher and students alike).
 SMALL_VIT = "vit_tiny_patch16_224"
 SMALL_VIT_ARGS = ("img_size=28", "patch_size=4", "embed_dim=128", "depth=4", "num_heads=4")
+MARGIN = 0.5  # points of top-1: a cached arm is equivalent to online if the 95% interval lies within +-MARGIN
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/study", help="where everything goes (resumable)")
-    p.add_argument("--data", default=None, help="existing shards dir with train-*.tar and test-*.tar (default: build "
-                                                "Fashion-MNIST into OUT/data)")
-    p.add_argument("--train-size", type=int, default=2000, help="training images (Fashion-MNIST subset)")
-    p.add_argument("--test-size", type=int, default=2000, help="test images (Fashion-MNIST subset)")
+    p.add_argument("--train-size", type=int, default=55000, help="the teacher's training images")
+    p.add_argument("--val-size", type=int, default=5000, help="validation images (every selection)")
+    p.add_argument("--subset-size", type=int, default=2000, help="the students' class-balanced subset")
+    p.add_argument("--test-size", type=int, default=10000, help="test images (final numbers only)")
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--model", default=SMALL_VIT, help="timm model of teacher and students")
     p.add_argument("--model-args", default=",".join(SMALL_VIT_ARGS), help="timm model arguments KEY=VALUE,...")
-    p.add_argument("--teacher", default=None, help="teacher spec (default: train a small ViT on the train split)")
-    p.add_argument("--weights", default=None, help="weights of --teacher")
-    p.add_argument("--teacher-epochs", type=int, default=15)
-    p.add_argument("--epochs", type=int, default=16, help="pretraining epochs of every student")
+    p.add_argument("--crop-scale", default="0.6,1.0", help="RandomResizedCrop scale of the teacher's training and of "
+                                                           "every distillation view (the same distribution)")
+    p.add_argument("--teacher-epochs", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=64, help="pretraining epochs of every student")
+    p.add_argument("--warmup-epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--blr", type=float, default=1.5e-3, help="pretraining base lr (per 256 images)")
-    p.add_argument("--ks", default="1,2,4,8,16", help="stored views per image of the cached arms")
-    p.add_argument("--codecs", default="fp16,int8", help="codecs compared at K=8 (int8 is used for the K sweep)")
-    p.add_argument("--equal-budget", default="",
-                   help="extra arms 'K:codec,...' at the same bytes as 8:int8, e.g. 16:int4,16:pca:32")
-    p.add_argument("--taps", default="final", help="teacher taps to compare (tap ablation; one cache per tap)")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="CI form: few images, one epoch, online vs K=2")
-    p.add_argument("--write-doc", action="store_true", help="write docs/study.md from the results")
-    a = p.parse_args()
+    p.add_argument("--lr", type=float, default=1e-3, help="pretraining peak lr")
+    p.add_argument("--ks", default="1,2,8", help="stored views per image of the cached arms")
+    p.add_argument("--codec", default="int8")
+    p.add_argument("--seeds", default="0,1,2", help="each seed: its own init, masks, order and views")
+    p.add_argument("--finetune-epochs", type=int, default=30)
+    p.add_argument("--jobs", type=int, default=1, help="students trained at once (one CPU thread each)")
+    p.add_argument("--workers", type=int, default=0, help="loader workers per command (28 px images: 0 is fastest)")
+    p.add_argument("--quick", action="store_true", help="CI form: a few hundred images, short schedules, K=2 only")
+    p.add_argument("--write-doc", action="store_true", help="copy the outputs to docs/study/")
+    a = p.parse_args(argv)
     if a.quick:
-        a.train_size, a.test_size, a.teacher_epochs, a.epochs = 400, 200, 2, 1
-        a.ks, a.codecs, a.seeds, a.equal_budget, a.batch_size = "2", "int8", "0", "", 32
+        a.train_size, a.val_size, a.subset_size, a.test_size = 1000, 200, 200, 200
+        a.teacher_epochs, a.epochs, a.warmup_epochs, a.finetune_epochs = 1, 2, 1, 2
+        a.ks, a.seeds, a.batch_size = "2", "0", 32
     return a
 
 
-def run(*cmd: str, log: str) -> str:
-    """Run a project command, tee its output to a log file; stdout's last line is returned."""
-    t0 = time.time()
-    print("$ " + " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}\n")
-    if p.returncode != 0:
-        sys.exit(f"study: command failed ({p.returncode}), see {log}:\n{p.stderr[-3000:]}")
-    print(f"  ({time.time() - t0:.0f}s)", flush=True)
-    return p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+class Study:
+    """The runner: logs, the resumable steps and the wall time of each stage."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.a, self.out = a, os.path.abspath(a.out)
+        self.logs = os.path.join(self.out, "logs")
+        self.stage_seconds: dict[str, float] = {}
+        self.lock = threading.Lock()
+        os.makedirs(self.logs, exist_ok=True)
+
+    def rel(self, path: str) -> str:
+        return os.path.relpath(path, self.out)
+
+    def run(self, *cmd: str, log: str, threads: int | None = None) -> str:
+        """A project command, its output appended to a log; stdout's last line is returned."""
+        t0 = time.time()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+        with self.lock, open(os.path.join(self.logs, log), "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}\n")
+        if p.returncode != 0:
+            raise SystemExit(f"study: command failed ({p.returncode}), see {self.logs}/{log}:\n{p.stderr[-3000:]}")
+        with self.lock:
+            print(f"  {time.time() - t0:5.0f}s  {' '.join(cmd[2:5])} ...", flush=True)
+        return p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+
+    def timed(self, stage: str, fn, *args):
+        t0 = time.time()
+        out = fn(*args)
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.time() - t0
+        return out
+
+    def cached_json(self, path: str, fn) -> dict:
+        """fn() once: its JSON is kept at `path`, so a resumed study does not measure twice."""
+        if os.path.exists(path):
+            with open(path) as f:
+                return json.load(f)
+        out = fn()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f)
+        return out
 
 
 def model_flags(a: argparse.Namespace, flag: str) -> list[str]:
     return [x for kv in a.model_args.split(",") if kv for x in (flag, kv)]
 
 
-def main() -> None:
-    a = parse()
-    out = os.path.abspath(a.out)
-    logs = os.path.join(out, "logs")
-    t_start = time.time()
-    results: dict = {"config": vars(a), "arms": {}, "machine": machine()}
-
-    # 1. data
-    data = a.data or os.path.join(out, "data")
-    if not a.data and not os.path.exists(os.path.join(data, "classes.json")):
-        run(PY, "pipelines/study/make_data.py", "--out", data, "--train-size", str(a.train_size),
-            "--test-size", str(a.test_size), "--shard-size", str(max(100, a.train_size // 8)), log=f"{logs}/data.log")
-    train, test = shards(data, "train"), shards(data, "test")
-    anchor = os.path.join(out, "anchor.json")
-    if os.path.exists(anchor):
-        with open(anchor) as f:
-            results.update(json.load(f))
-    else:
-        results["raw_pixel_knn_top1"] = raw_pixel_knn(*load_pixels(train), *load_pixels(test))
-    if "raw_pixel_knn_top1_full" not in results and not a.data and not a.quick:  # as published (about 85%)
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("make_data", os.path.join(ROOT, "pipelines/study/make_data.py"))
-        md = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(md)
-        (xt, yt), (xv, yv) = md.load_split(md.PACKAGE_DIR, "train"), md.load_split(md.PACKAGE_DIR, "test")
-        results["raw_pixel_knn_top1_full"] = raw_pixel_knn(*tensors(xt, yt), *tensors(xv, yv))
-    with open(anchor, "w") as f:
-        json.dump({k: v for k, v in results.items() if k.startswith("raw_pixel")}, f)
-
-    # 2. teacher
-    if a.teacher:
-        teacher, tweights = a.teacher, a.weights
-    else:
-        tdir = os.path.join(out, "teacher")
-        tweights = os.path.join(tdir, "best.safetensors")
-        if not os.path.exists(tweights):
-            run(PY, "-m", "mdtrain", "finetune", "--model", a.model, *model_flags(a, "--model-arg"),
-                "--train", train, "--val", test, "--out", tdir, "--epochs", str(a.teacher_epochs),
-                "--warmup-epochs", "1", "--batch-size", str(a.batch_size), "--lr", "1e-3", "--layer-decay", "1.0",
-                "--image-size", str(a.image_size), "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
-                "--drop-path", "0.1", "--global-pool", "avg", "--crop-scale", "0.35", "1.0", "--color-jitter", "0",
-                "--workers", str(a.workers), log=f"{logs}/teacher.log")
-        teacher = f"timm:{a.model}"
-    teacher_flags = ["--teacher", teacher]
-    if not a.teacher:  # the trained classifier pools patch tokens (fc_norm): build the teacher the same way
-        teacher_flags += [*model_flags(a, "--teacher-arg"), "--teacher-arg", "global_pool=avg"]
-    results["teacher"] = {"spec": teacher, "weights": tweights}
-    if not a.teacher:  # a trained timm classifier: its own features are the ceiling
-        done = os.path.join(out, "teacher", "eval.json")
-        if not os.path.exists(done):
-            with open(done, "w") as f:
-                json.dump(evaluate_backbone(a, tweights, train, test, logs, "teacher"), f)
-        with open(done) as f:
-            results["teacher"].update(json.load(f))
-
-    # 3. caches, 4. students, 5. metrics
-    ks = [int(k) for k in a.ks.split(",") if k]
-    arms = [("online-fresh", None, None, tap) for tap in a.taps.split(",")]
-    for tap in a.taps.split(","):
-        arms += [(f"K={k} int8" + tap_suffix(tap, a), k, "int8", tap) for k in ks]
-        arms += [(f"K=8 {c}" + tap_suffix(tap, a), 8, c, tap) for c in a.codecs.split(",") if c != "int8"]
-        budget = [kc.split(":", 1) for kc in a.equal_budget.split(",") if kc]  # K:CODEC, CODEC may be pca:R
-        arms += [(f"K={k} {codec}" + tap_suffix(tap, a), int(k), codec, tap) for k, codec in budget]
-    seeds = [int(s) for s in a.seeds.split(",")]
-    floor, tap0 = [], a.taps.split(",")[0]
-    for seed in seeds:  # the same students before any step (--stop-after 0)
-        rdir = os.path.join(out, "students", "random-init", f"seed{seed}")
-        pretrain(a, rdir, seed, [*online_flags(a, teacher_flags, tweights, tap0, train), "--stop-after", "0"], logs)
-        floor.append({"seed": seed, **evaluate_student(a, rdir, teacher_flags, tweights, tap0, train, test, logs)})
-    results["floor"] = {"runs": floor, **summarize(floor)}
-    for name, k, codec, tap in arms:
-        cache = None
-        if k is not None:
-            cache = run(PY, "-m", "mdcache", "extract", *teacher_flags, "--weights", tweights, "--tap", tap,
-                        "--source", train, "--cache", os.path.join(out, "caches"), "--views", str(k), "--codec", codec,
-                        "--image-size", str(a.image_size), "--batch-size", "64", "--workers", str(a.workers),
-                        log=f"{logs}/extract.log")
-        runs = []
-        for seed in seeds:
-            sdir = os.path.join(out, "students", slug(name), f"seed{seed}")
-            source = ["--cache", cache] if cache else online_flags(a, teacher_flags, tweights, tap, train)
-            pretrain(a, sdir, seed, source, logs)
-            runs.append({"seed": seed, **evaluate_student(a, sdir, teacher_flags, tweights, tap, train, test, logs)})
-        results["arms"][name] = {"k": k, "codec": codec, "tap": tap, "cache": cache, "runs": runs,
-                                 **summarize(runs)}
-    results["wall_seconds"] = round(time.time() - t_start, 1)
-
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    plot(results, os.path.join(out, "study.png"))
-    table = markdown(results)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table)
-    print(table)
-    if a.write_doc:
-        write_doc(results, table, out)
-    print(f"study done in {results['wall_seconds'] / 60:.1f} min: {out}/results.json, {out}/study.png")
-
-
-def online_flags(a: argparse.Namespace, teacher_flags: list[str], tweights: str, tap: str, train: str) -> list[str]:
-    return [*teacher_flags, "--teacher-weights", tweights, "--tap", tap, "--source", train, "--fresh-crops",
-            "--image-size", str(a.image_size)]
-
-
-def pretrain(a: argparse.Namespace, sdir: str, seed: int, source_flags: list[str], logs: str) -> None:
-    """One student: same architecture, schedule and seed handling in every arm. An interrupted student
-    resumes from its last checkpoint; a finished one (SDIR/done) is skipped."""
-    done = os.path.join(sdir, "done")
-    if os.path.exists(done):
-        return
-    run(PY, "-m", "mdtrain", "pretrain", *source_flags, "--student", a.model, *model_flags(a, "--student-arg"),
-        "--epochs", str(a.epochs), "--warmup-epochs", "1", "--batch-size", str(a.batch_size), "--blr", str(a.blr),
-        "--seed", str(seed), "--workers", str(a.workers), "--out", sdir, "--no-progress", "--resume", "auto",
-        log=f"{logs}/pretrain.log")
-    open(done, "w").close()
-
-
-def tap_suffix(tap: str, a: argparse.Namespace) -> str:
-    return f" tap={tap}" if len(a.taps.split(",")) > 1 else ""
-
-
-def slug(name: str) -> str:
-    return name.replace("=", "").replace(" ", "-").replace(":", "-")
+def view_flags(a: argparse.Namespace) -> list[str]:
+    lo, hi = a.crop_scale.split(",")
+    return ["--image-size", str(a.image_size), "--crop-scale", lo, hi, "--color-jitter", "0"]
 
 
 def shards(data: str, split: str) -> str:
     names = sorted(f for f in os.listdir(data) if f.startswith(f"{split}-") and f.endswith(".tar"))
     if not names:
-        sys.exit(f"study: no {split}-*.tar shards in {data}")
+        raise SystemExit(f"study: no {split}-*.tar shards in {data}")
     first, last = names[0][len(split) + 1:-4], names[-1][len(split) + 1:-4]
     return os.path.join(data, f"{split}-{{{first}..{last}}}.tar") if first != last else os.path.join(data, names[0])
 
 
-def evaluate_backbone(a: argparse.Namespace, weights: str, train: str, test: str, logs: str, tag: str) -> dict:
-    knn = json.loads(run(PY, "-m", "mdtrain", "knn", "--weights", weights, "--train", train, "--val", test,
-                         "--workers", str(a.workers), log=f"{logs}/knn.log"))
-    lp = json.loads(run(PY, "-m", "mdtrain", "linprobe", "--weights", weights, "--train", train, "--val", test,
-                        "--workers", str(a.workers), log=f"{logs}/linprobe.log"))
+# ----------------------------------------------------------------------------- stages
+
+def make_data(s: Study) -> dict:
+    a, data = s.a, os.path.join(s.out, "data")
+    if not os.path.exists(os.path.join(data, "classes.json")):
+        s.run(PY, "pipelines/study/make_data.py", "--out", data, "--train-size", str(a.train_size), "--val-size",
+              str(a.val_size), "--subset-size", str(a.subset_size), "--test-size", str(a.test_size),
+              "--shard-size", str(max(100, a.train_size // 10)), log="data.log")
+    return {split: shards(data, split) for split in ("train", "val", "subset", "test")}
+
+
+def train_teacher(s: Study, d: dict) -> str:
+    """The teacher: supervised from scratch on the training images, its checkpoint chosen on validation."""
+    a, tdir = s.a, os.path.join(s.out, "teacher")
+    weights = os.path.join(tdir, "best.safetensors")
+    if not os.path.exists(os.path.join(tdir, "done")):
+        lo, hi = a.crop_scale.split(",")
+        s.run(PY, "-m", "mdtrain", "finetune", "--model", a.model, *model_flags(a, "--model-arg"),
+              "--image-size", str(a.image_size), "--train", d["train"], "--val", d["val"], "--out", tdir,
+              "--epochs", str(a.teacher_epochs), "--batch-size", "128", "--lr", "1e-3",
+              "--layer-decay", "1.0", "--drop-path", "0.05", "--smoothing", "0.1", "--aa", "none", "--reprob", "0",
+              "--mixup", "0", "--cutmix", "0", "--crop-scale", lo, hi, "--crop-pct", "1.0", "--color-jitter", "0",
+              "--global-pool", "avg", "--workers", str(max(1, a.workers)), "--resume", "auto", log="teacher.log")
+        open(os.path.join(tdir, "done"), "w").close()
+    return weights
+
+
+def evaluate_backbone(s: Study, weights: str, d: dict, log: str, threads: int | None = None) -> dict:
+    """k-NN (k=20) and linear probe of frozen features: memory/probe training on the subset, test images queried."""
+    a = s.a
+    flags = ["--weights", weights, "--train", d["subset"], "--val", d["test"], "--crop-pct", "1.0",
+             "--workers", str(a.workers)]
+    knn = json.loads(s.run(PY, "-m", "mdtrain", "knn", *flags, "--k", "20", log=log, threads=threads))
+    lp = json.loads(s.run(PY, "-m", "mdtrain", "linprobe", *flags, log=log, threads=threads))
     return {"knn_top1": knn["top1"], "linprobe_top1": lp["top1"]}
 
 
-def evaluate_student(a: argparse.Namespace, sdir: str, teacher_flags: list[str], tweights: str, tap: str, train: str,
-                     test: str, logs: str) -> dict:
-    """Held-out masked-feature loss on fresh test crops, k-NN and linear probe of one student (kept in
-    SDIR/eval.json, so a resumed study does not measure twice)."""
-    done = os.path.join(sdir, "eval.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            return json.load(f)
-    loss = json.loads(run(PY, "-m", "mdtrain", "distill-loss", "--ckpt", os.path.join(sdir, "last.ckpt"),
-                          *teacher_flags, "--teacher-weights", tweights,
-                          "--tap", tap, "--source", test, "--image-size", str(a.image_size),
-                          "--workers", str(a.workers), log=f"{logs}/distill-loss.log"))
-    out = {"heldout_loss": loss["loss"],
-           **evaluate_backbone(a, os.path.join(sdir, "student.safetensors"), train, test, logs, sdir)}
-    with open(done, "w") as f:
-        json.dump(out, f)
-    return out
+def anchors(s: Study, d: dict, tweights: str) -> dict:
+    """The teacher's test top-1 (as a classifier, from its validation-chosen checkpoint), its frozen features,
+    and raw pixels at the same crop (the whole 28x28 image) with the same k-NN and a linear probe."""
+    def measure():
+        ev = json.loads(s.run(PY, "-m", "mdtrain", "eval", "--weights", tweights, "--val", d["test"],
+                              "--workers", str(s.a.workers), log="teacher.log"))
+        teacher = {"test_top1": ev["top1"], **evaluate_backbone(s, tweights, d, "teacher.log")}
+        return {"teacher": teacher, "raw_pixels": raw_pixel_baselines(d["subset"], d["test"])}
+    return s.cached_json(os.path.join(s.out, "teacher", "anchors.json"), measure)
 
+
+def cache_for(s: Study, k: int, seed: int, tweights: str, d: dict) -> str:
+    """The K-view cache of the subset with this seed's views (one extraction per (K, seed))."""
+    a = s.a
+    return s.run(PY, "-m", "mdcache", "extract", "--teacher", f"timm:{a.model}", "--weights", tweights,
+                 "--source", d["subset"], "--cache", os.path.join(s.out, "caches"), "--views", str(k),
+                 "--codec", a.codec, "--seed", str(seed), *view_flags(a), "--batch-size", "256",
+                 "--workers", str(a.workers), log="extract.log", threads=1 if a.jobs > 1 else None)
+
+
+def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
+    """One student; an interrupted one resumes from its checkpoint, a finished one (SDIR/done) is skipped."""
+    a = s.a
+    if os.path.exists(os.path.join(sdir, "done")):
+        return
+    s.run(PY, "-m", "mdtrain", "pretrain", *source, "--student", a.model, *model_flags(a, "--student-arg"),
+          "--epochs", str(a.epochs), "--warmup-epochs", str(a.warmup_epochs), "--batch-size", str(a.batch_size),
+          "--lr", str(a.lr), "--seed", str(seed), "--workers", str(a.workers), "--out", sdir, "--no-progress",
+          "--log-every", "10", "--resume", "auto", log="pretrain.log", threads=1 if a.jobs > 1 else None)
+    open(os.path.join(sdir, "done"), "w").close()
+
+
+def distill_loss(s: Study, sdir: str, tweights: str, source: list[str], seed: int) -> float:
+    a = s.a
+    r = s.run(PY, "-m", "mdtrain", "distill-loss", "--ckpt", os.path.join(sdir, "last.ckpt"), "--teacher",
+              f"timm:{a.model}", "--teacher-weights", tweights, *source, *view_flags(a), "--seed", str(seed),
+              "--workers", str(a.workers), log="distill-loss.log", threads=1 if a.jobs > 1 else None)
+    return json.loads(r)["loss"]
+
+
+def finetune(s: Study, fdir: str, init: str | None, seed: int, d: dict) -> float:
+    """Finetune on the subset's labels (checkpoint chosen on validation), then top-1 on the test images. The
+    same recipe and epochs for a pretrained student and for scratch (scratch without layer decay)."""
+    a = s.a
+
+    def measure():
+        lo, hi = a.crop_scale.split(",")
+        s.run(PY, "-m", "mdtrain", "finetune", *(["--init", init] if init else []), "--model", a.model,
+              *model_flags(a, "--model-arg"), "--image-size", str(a.image_size), "--train", d["subset"],
+              "--val", d["val"], "--out", fdir, "--epochs", str(a.finetune_epochs), "--batch-size", "64",
+              "--lr", "1e-3", "--layer-decay",
+              "0.75" if init else "1.0", "--drop-path", "0.1", "--smoothing", "0.1", "--aa", "none", "--reprob",
+              "0", "--mixup", "0", "--cutmix", "0", "--crop-scale", lo, hi, "--crop-pct", "1.0",
+              "--color-jitter", "0", "--global-pool", "avg", "--seed", str(seed), "--workers", str(a.workers),
+              "--log-every", "0", "--resume", "auto", log="finetune.log", threads=1 if a.jobs > 1 else None)
+        ev = json.loads(s.run(PY, "-m", "mdtrain", "eval", "--weights", os.path.join(fdir, "best.safetensors"),
+                              "--val", d["test"], "--workers", str(a.workers), log="finetune.log"))
+        return {"finetune_top1": ev["top1"]}
+    return s.cached_json(os.path.join(fdir, "result.json"), measure)["finetune_top1"]
+
+
+def student(s: Study, arm: str, k: int | None, seed: int, tweights: str, d: dict) -> dict:
+    """Everything of one (arm, seed): its cache, its student, every metric. Kept in SDIR/eval.json."""
+    a, sdir = s.a, os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}")
+    teacher = ["--teacher", f"timm:{a.model}", "--teacher-weights", tweights]
+
+    def run_all():
+        t0 = time.time()
+        cache = s.timed("caches", cache_for, s, k, seed, tweights, d) if k else None
+        if arm == "random-init":
+            source = [*teacher, "--source", d["subset"], "--fresh-crops", *view_flags(a), "--stop-after", "0"]
+        elif cache:
+            source = ["--cache", cache]
+        else:
+            source = [*teacher, "--source", d["subset"], "--fresh-crops", *view_flags(a)]
+        s.timed("students", pretrain, s, sdir, seed, source)
+        fresh_seed = 10_000 + seed  # crops no student trained on
+        out = {"seed": seed, "cache": s.rel(cache) if cache else None,
+               "heldout_loss": s.timed("metrics", distill_loss, s, sdir, tweights, ["--source", d["test"]],
+                                       fresh_seed),
+               "train_fresh_loss": s.timed("metrics", distill_loss, s, sdir, tweights, ["--source", d["subset"]],
+                                           fresh_seed),
+               **s.timed("metrics", evaluate_backbone, s, os.path.join(sdir, "student.safetensors"), d, "eval.log",
+                         1 if a.jobs > 1 else None)}
+        if cache:  # the crops it trained on, all K of them, against the fp32 teacher
+            out["train_stored_loss"] = s.timed("metrics", distill_loss, s, sdir, tweights, ["--cache", cache], seed)
+        out["finetune_top1"] = s.timed("finetunes", finetune, s, os.path.join(sdir, "finetune"),
+                                       os.path.join(sdir, "student.safetensors"), seed, d)
+        out["seconds"] = round(time.time() - t0, 1)
+        return out
+    return s.cached_json(os.path.join(sdir, "eval.json"), run_all)
+
+
+# ----------------------------------------------------------------------------- statistics
 
 def summarize(runs: list[dict]) -> dict:
     import numpy as np
 
     out = {}
-    for key in ("heldout_loss", "knn_top1", "linprobe_top1"):
-        vals = np.array([r[key] for r in runs], dtype=float)
-        out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-                    "min": float(vals.min()), "max": float(vals.max())}
+    for key in ("heldout_loss", "train_fresh_loss", "train_stored_loss", "knn_top1", "linprobe_top1",
+                "finetune_top1"):
+        vals = np.array([r[key] for r in runs if key in r], dtype=float)
+        if len(vals):
+            out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                        "min": float(vals.min()), "max": float(vals.max())}
     return out
+
+
+def paired(arm: list[dict], ref: list[dict], key: str) -> dict:
+    """arm - reference per seed: mean and 95% t-interval; the verdict against +-MARGIN (top-1 metrics)."""
+    import numpy as np
+
+    by_seed = {r["seed"]: r[key] for r in ref}
+    diffs = np.array([r[key] - by_seed[r["seed"]] for r in arm if r["seed"] in by_seed], dtype=float)
+    n = len(diffs)
+    mean = float(diffs.mean()) if n else float("nan")
+    half = T_975.get(n - 1, 1.96) * float(diffs.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
+    lo, hi = mean - half, mean + half
+    if key.endswith("loss"):
+        verdict = "lower" if hi < 0 else "higher" if lo > 0 else "no difference detected"
+    elif -MARGIN <= lo and hi <= MARGIN:
+        verdict = "equivalent"
+    elif hi < -MARGIN or lo > MARGIN:
+        verdict = "worse" if hi < -MARGIN else "better"
+    elif hi < 0 or lo > 0:
+        verdict = "lower, within the margin undecided" if hi < 0 else "higher, within the margin undecided"
+    else:
+        verdict = "inconclusive"
+    return {"n": n, "diffs": diffs.tolist(), "mean": mean, "ci95": [lo, hi], "verdict": verdict}
+
+
+def raw_pixel_baselines(train: str, test: str) -> dict:
+    """k-NN (k=20, cosine, as mdtrain knn) and a linear probe (as mdtrain linprobe) on raw pixels of the whole
+    28x28 image: what any learned feature must beat."""
+    sys.path.insert(0, ROOT)
+    from mdtrain.evaluate import knn_classify, train_probe
+
+    xt, yt = load_pixels(train)
+    xv, yv = load_pixels(test)
+    mean = xt.mean(0)
+    probe = train_probe(xt - mean, yt, 10, epochs=100, warmup_epochs=10, batch_size=256, lr=0.1, weight_decay=0.0,
+                        seed=0)
+    import torch
+
+    with torch.no_grad():
+        lp = float((probe(xv - mean).argmax(1) == yv).float().mean() * 100)
+    return {"knn_top1": knn_classify(xt - mean, yt, xv - mean, yv, k=20)["top1"], "linprobe_top1": lp}
 
 
 def load_pixels(spec: str):
@@ -276,25 +341,10 @@ def load_pixels(spec: str):
 
     xs, ys = [], []
     for shard in list_source(spec):
-        for s in iter_samples(shard):
-            xs.append(np.asarray(decode_image(s.data).convert("L"), dtype=np.float32).reshape(-1))
-            ys.append(s.label)
+        for smp in iter_samples(shard):
+            xs.append(np.asarray(decode_image(smp.data).convert("L"), dtype=np.float32).reshape(-1) / 255)
+            ys.append(smp.label)
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys)
-
-
-def tensors(images, labels):
-    import torch
-
-    return torch.from_numpy(images.reshape(len(images), -1).astype("float32")), torch.from_numpy(labels.astype("int64"))
-
-
-def raw_pixel_knn(xt, yt, xv, yv, k: int = 20) -> float:
-    """Sanity anchor: the project's k-NN evaluator on raw pixels (the dataset's published benchmark puts
-    k-NN on raw pixels near 85% on the full 60k/10k split)."""
-    sys.path.insert(0, ROOT)
-    from mdtrain.evaluate import knn_classify
-
-    return knn_classify(xt - xt.mean(0), yt, xv - xt.mean(0), yv, k=k)["top1"]
 
 
 def machine() -> dict:
@@ -304,70 +354,170 @@ def machine() -> dict:
             "python": platform.python_version(), "cuda": torch.cuda.is_available()}
 
 
-def plot(results: dict, png: str) -> None:
+# ----------------------------------------------------------------------------- the run
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    s = Study(a)
+    t_start = time.time()
+    d = s.timed("data", make_data, s)
+    tweights = s.timed("teacher", train_teacher, s, d)
+    anchor = s.timed("teacher", anchors, s, d, tweights)
+    ks, seeds = [int(k) for k in a.ks.split(",") if k], [int(x) for x in a.seeds.split(",")]
+    arms = [("online-fresh", None), *((f"K={k} {a.codec}", k) for k in ks), ("random-init", None)]
+    jobs = [(arm, k, seed) for arm, k in arms for seed in seeds]
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        done = list(pool.map(lambda job: student(s, *job, tweights, d), jobs))
+    runs: dict[str, list[dict]] = {}
+    for (arm, _, _), r in zip(jobs, done):
+        runs.setdefault(arm, []).append(r)
+    scratch = [{"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, os.path.join(
+        s.out, "students", "scratch", f"seed{seed}"), None, seed, d)} for seed in seeds]
+    results = {"config": vars(a), "machine": machine(), "margin_points": MARGIN, "data": {k: s.rel(v) for k, v in
+                                                                                        d.items()},
+               "teacher": {"weights": s.rel(tweights), **anchor["teacher"]}, "raw_pixels": anchor["raw_pixels"],
+               "arms": {}, "scratch": {"runs": scratch, **summarize(scratch)},
+               "reuse_per_stored_view": {f"K={k}": a.epochs / k for k in ks}}
+    for arm, k in arms:
+        entry = {"k": k, "codec": a.codec if k else None, "runs": runs[arm], **summarize(runs[arm])}
+        if arm != "online-fresh":
+            ref = runs["online-fresh"] if arm != "random-init" else None
+            entry["vs_online"] = {key: paired(runs[arm], ref, key) for key in
+                                  ("knn_top1", "linprobe_top1", "finetune_top1", "heldout_loss")} if ref else {}
+        entry["vs_scratch"] = paired(runs[arm], scratch, "finetune_top1")
+        results["arms"][arm] = entry
+    results["stage_seconds"] = {k: round(v, 1) for k, v in s.stage_seconds.items()}
+    results["wall_seconds"] = round(time.time() - t_start, 1)
+    results["curves"] = curves(s, arms, seeds)
+    with open(os.path.join(s.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown(results)
+    with open(os.path.join(s.out, "results.md"), "w") as f:
+        f.write(table)
+    plot(results, os.path.join(s.out, "study.png"))
+    plot_curves(results, os.path.join(s.out, "curves.png"))
+    print(table)
+    if a.write_doc:
+        write_doc(s)
+    print(f"study done in {results['wall_seconds'] / 60:.1f} min: {s.out}/results.json, study.png, curves.png")
+
+
+def curves(s: Study, arms: list, seeds: list[int]) -> dict:
+    """Pretraining loss per logged step, per arm and seed (from each student's metrics.jsonl)."""
+    out = {}
+    for arm, _ in arms:
+        if arm == "random-init":
+            continue
+        for seed in seeds:
+            path = os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}",
+                                "metrics.jsonl")
+            if os.path.exists(path):
+                with open(path) as f:
+                    rows = [json.loads(x) for x in f if x.strip()]
+                out.setdefault(arm, {})[str(seed)] = [[r["epoch"], r["loss"]] for r in rows]
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def fmt(m: dict | None, digits: int = 2) -> str:
+    return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}" if m else "-"
+
+
+def ci(p: dict) -> str:
+    lo, hi = p["ci95"]
+    scale = 4 if abs(p["mean"]) < 0.1 else 2
+    return f"{p['mean']:+.{scale}f} [{lo:+.{scale}f}, {hi:+.{scale}f}]: {p['verdict']}"
+
+
+def markdown(r: dict) -> str:
+    rows = ["| arm | held-out loss | stored-crop loss | fresh-crop loss (train images) | k-NN top-1 % | "
+            "linear probe % | finetune top-1 % |", "|---|---|---|---|---|---|---|"]
+    for name, v in r["arms"].items():
+        rows.append(f"| {name} | {fmt(v.get('heldout_loss'), 4)} | {fmt(v.get('train_stored_loss'), 4)} | "
+                    f"{fmt(v.get('train_fresh_loss'), 4)} | {fmt(v.get('knn_top1'))} | {fmt(v.get('linprobe_top1'))} | "
+                    f"{fmt(v.get('finetune_top1'))} |")
+    rows.append(f"| from scratch (finetune only) | - | - | - | - | - | {fmt(r['scratch'].get('finetune_top1'))} |")
+    t, px = r["teacher"], r["raw_pixels"]
+    rows.append(f"| teacher (frozen features; {t['test_top1']:.2f}% as a classifier) | - | - | - | "
+                f"{t['knn_top1']:.2f} | {t['linprobe_top1']:.2f} | - |")
+    rows.append(f"| raw pixels (the same crop) | - | - | - | {px['knn_top1']:.2f} | {px['linprobe_top1']:.2f} | - |")
+    rows += ["", f"Seed-paired differences to online-fresh (mean [95% interval]), margin ±{r['margin_points']} "
+             "points:", "", "| arm | k-NN | linear probe | finetune | held-out loss |", "|---|---|---|---|---|"]
+    for name, v in r["arms"].items():
+        if v.get("vs_online"):
+            o = v["vs_online"]
+            rows.append(f"| {name} | {ci(o['knn_top1'])} | {ci(o['linprobe_top1'])} | {ci(o['finetune_top1'])} | "
+                        f"{ci(o['heldout_loss'])} |")
+    rows += ["", "Finetune top-1, pretrained minus from scratch (same epochs, seed-paired):", "",
+             "| arm | difference |", "|---|---|"]
+    rows += [f"| {name} | {ci(v['vs_scratch'])} |" for name, v in r["arms"].items()]
+    return "\n".join(rows) + "\n"
+
+
+def plot(r: dict, png: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("heldout_loss", "held-out masked-feature loss (fresh test crops)"), ("knn_top1", "k-NN top-1 (%)"),
-               ("linprobe_top1", "linear-probe top-1 (%)"))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    sweep = sorted(((v["k"], v) for n, v in results["arms"].items() if v["codec"] == "int8"), key=lambda t: t[0])
+    metrics = (("heldout_loss", "held-out masked-feature loss"), ("knn_top1", "k-NN top-1 (%)"),
+               ("linprobe_top1", "linear probe top-1 (%)"), ("finetune_top1", "finetune top-1 (%)"))
+    names = list(r["arms"])
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     for ax, (key, title) in zip(axes, metrics):
-        if sweep:
-            ax.errorbar([k for k, _ in sweep], [v[key]["mean"] for _, v in sweep],
-                        yerr=[v[key]["std"] for _, v in sweep], marker="o", capsize=3, label="cached, int8")
-        for name, v in results["arms"].items():
-            if v["k"] is None:
-                ax.axhline(v[key]["mean"], color="C1", ls="--", label=name)
-            elif v["codec"] != "int8":
-                ax.errorbar([v["k"]], [v[key]["mean"]], yerr=[v[key]["std"]], marker="s", capsize=3, ls="",
-                            label=f"cached, {v['codec']} (K={v['k']})")
-        ax.axhline(results["floor"][key]["mean"], color="gray", ls=":", label="random init")
-        if key in results["teacher"]:
-            ax.axhline(results["teacher"][key], color="C2", ls="-.", label="teacher")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("stored views per image K")
+        for i, name in enumerate(names):
+            runs = [x[key] for x in r["arms"][name]["runs"] if key in x]
+            ax.scatter([i] * len(runs), runs, s=14, color="C0", alpha=0.6)
+            if runs:
+                ax.errorbar([i], [sum(runs) / len(runs)], yerr=[r["arms"][name][key]["std"]], marker="o",
+                            color="C1", capsize=4)
+        if key == "finetune_top1":
+            ax.axhline(r["scratch"]["finetune_top1"]["mean"], color="gray", ls=":", label="from scratch")
+        if key in ("knn_top1", "linprobe_top1"):
+            ax.axhline(r["teacher"][key], color="C2", ls="-.", label="teacher")
+            ax.axhline(r["raw_pixels"][key], color="gray", ls="--", label="raw pixels")
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
+        ax.set_ylabel(title, fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+        if key != "heldout_loss":
+            ax.legend(fontsize=7)
+    fig.suptitle("Fashion-MNIST test split: students per arm (dots: seeds; orange: mean and spread)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
 
 
-def fmt(m: dict) -> str:
-    return f"{m['mean']:.4f} ± {m['std']:.4f}" if m["mean"] < 10 else f"{m['mean']:.2f} ± {m['std']:.2f}"
+def plot_curves(r: dict, png: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (arm, by_seed) in enumerate(r["curves"].items()):
+        for j, rows in enumerate(by_seed.values()):
+            ax.plot([x for x, _ in rows], [y for _, y in rows], color=f"C{i}", lw=0.8, alpha=0.7,
+                    label=arm if j == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("masked-token loss (training batches)")
+    ax.set_title("pretraining loss per arm (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
-def markdown(results: dict) -> str:
-    rows = ["| arm | held-out loss (lower is better) | k-NN top-1 % | linear probe top-1 % |", "|---|---|---|---|"]
-    for name, v in results["arms"].items():
-        rows.append(f"| {name} | {fmt(v['heldout_loss'])} | {fmt(v['knn_top1'])} | {fmt(v['linprobe_top1'])} |")
-    f = results["floor"]
-    rows.append(f"| random init (floor) | {fmt(f['heldout_loss'])} | {fmt(f['knn_top1'])} "
-                f"| {fmt(f['linprobe_top1'])} |")
-    t = results["teacher"]
-    if "knn_top1" in t:
-        rows.append(f"| teacher (ceiling) | - | {t['knn_top1']:.2f} | {t['linprobe_top1']:.2f} |")
-    rows.append(f"| raw pixels, study subset (sanity) | - | {results['raw_pixel_knn_top1']:.2f} | - |")
-    if "raw_pixel_knn_top1_full" in results:
-        rows.append(f"| raw pixels, full 60k/10k (sanity, published ~85) | - | "
-                    f"{results['raw_pixel_knn_top1_full']:.2f} | - |")
-    return "\n".join(rows) + "\n"
-
-
-def write_doc(results: dict, table: str, out: str) -> None:
+def write_doc(s: Study) -> None:
     import shutil
 
-    os.makedirs(os.path.join(ROOT, "docs", "study"), exist_ok=True)
-    shutil.copy(os.path.join(out, "study.png"), os.path.join(ROOT, "docs", "study", "study.png"))
-    shutil.copy(os.path.join(out, "results.json"), os.path.join(ROOT, "docs", "study", "results.json"))
-    path = os.path.join(ROOT, "docs", "study", "table.md")
-    with open(path, "w") as f:
-        f.write(table)
-    print("wrote docs/study/study.png, results.json, table.md (docs/study.md embeds them)")
+    dst = os.path.join(ROOT, "docs", "study")
+    os.makedirs(dst, exist_ok=True)
+    for name in ("results.json", "results.md", "study.png", "curves.png"):
+        shutil.copy(os.path.join(s.out, name), os.path.join(dst, name))
+    print(f"copied results.json, results.md, study.png, curves.png to {dst}")
 
 
 if __name__ == "__main__":
