@@ -144,7 +144,7 @@ def test_study_quick_form_produces_every_output(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(out / "results.json"))
     assert set(r["arms"]) == {"online-fresh", "K=2 int8", "random-init"}
-    for name, arm in r["arms"].items():
+    for arm in r["arms"].values():
         assert {"heldout_loss", "train_fresh_loss", "knn_top1", "linprobe_top1", "finetune_top1"} <= set(arm)
         assert len(arm["runs"]) == 1 and "vs_scratch" in arm
     assert "train_stored_loss" in r["arms"]["K=2 int8"] and r["arms"]["K=2 int8"]["vs_online"]["knn_top1"]["n"] == 1
