@@ -12,15 +12,19 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
 from rich.console import Console
 
 from . import sources
 from .commands import opt
 from .errors import ConfigError
 from .extract import ExtractConfig, Prepared, extract, prepare, shard_batches
-from .teachers import Teacher, run_teacher
+from .lazy import lazy
+
+torch = lazy("torch")
+if TYPE_CHECKING:
+    from .teachers import Teacher
 
 console = Console()
 
@@ -29,11 +33,13 @@ console = Console()
 class BenchConfig(ExtractConfig):
     """Measure extraction images/s against teacher-forward-only images/s on the same batches."""
 
-    cache: str = opt("", "Cache root for the benchmark's extraction (default: a temporary directory, removed after).")
+    root: str = opt("", "Cache root for the benchmark's extraction (default: a temporary directory, removed after).",
+                    old=("--cache",))
     repeats: int = opt(1, "Teacher-only passes over the batches (the best is reported).", ge=1)
-    json_out: str = opt("", "Also write the result as JSON to this file (what `mdcache plan --bench` reads).")
+    json: bool = opt(False, "Print the result as JSON only (`> bench.json` is what `mdcache plan --bench` reads).")
+    json_out: str = opt("", "Deprecated: write the JSON to this file (use --json > FILE).", hidden=True)
     no_teacher: bool = opt(False, "Measure the CPU pipeline alone (decode, views, encode, write): the teacher returns "
-                                  "zeros of its real shape; reports images/s per core.")
+                                  "noise of its real shape; reports images/s per core.", param="--no-teacher")
 
 
 def null_teacher(t: Teacher) -> Teacher:
@@ -47,10 +53,10 @@ def null_teacher(t: Teacher) -> Teacher:
 
 
 def cpu_bench(cfg: BenchConfig) -> dict:
-    p = prepare(replace(cfg, random_init=True, weights=None))  # the architecture gives the shape; weights unused
+    p = prepare(replace(cfg, random_init=True, teacher_weights=None))  # the architecture gives the shape
     p = replace(p, teacher=null_teacher(p.teacher))
     with tempfile.TemporaryDirectory(prefix="mdcache-bench-") as tmp:
-        url, summary = extract(replace(cfg, cache=tmp), progress=False, prepared=p)
+        url, summary = extract(replace(cfg, root=tmp), progress=False, prepared=p)
     ips = summary["images"] / summary["seconds"]
     cores = min(max(1, cfg.workers) + 1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                 else os.cpu_count() or 1)  # the workers decode and crop; the main process encodes and writes
@@ -65,6 +71,8 @@ def synchronize(device: torch.device) -> None:
 
 def warm_up(cfg: BenchConfig, p: Prepared) -> None:
     """The first forwards pay for kernel selection and memory pools: not part of either rate."""
+    from .teachers import run_teacher
+
     x = torch.zeros(cfg.batch_size * cfg.views, 3, p.recipe.image_size, p.recipe.image_size, dtype=torch.uint8)
     for _ in range(2):
         run_teacher(p.teacher, x, p.precision)
@@ -82,10 +90,12 @@ def device_report(p: Prepared) -> dict:
 def bench(cfg: BenchConfig) -> dict:
     """Full extraction vs the teacher alone on the same batches, with the same fidelity work (fp32 forwards of
     each shard's first images) in both, after a synchronized warm-up; rates in views/s."""
+    from .teachers import run_teacher
+
     p = prepare(cfg)  # the same setup as extract: weights fetched from any URL, one teacher for both runs
     warm_up(cfg, p)
     with tempfile.TemporaryDirectory(prefix="mdcache-bench-") as tmp:
-        url, summary = extract(replace(cfg, cache=cfg.cache or tmp), progress=False, prepared=p)
+        url, summary = extract(replace(cfg, root=cfg.root or tmp), progress=False, prepared=p)
         if summary["reused"]:
             raise ConfigError(f"bench: {url} already had committed shards; use an empty --cache root")
         extract_ips = summary["images"] / summary["seconds"]
@@ -115,25 +125,34 @@ def bench(cfg: BenchConfig) -> dict:
             **device_report(p)}
 
 
-def save(cfg: BenchConfig, r: dict) -> None:
-    if cfg.json_out:
-        import json
+def save(cfg: BenchConfig, r: dict) -> bool:
+    """--json: the result on stdout, nothing else (what `mdcache plan --bench` reads); True if printed."""
+    import json
 
+    out = {**r, "teacher": cfg.teacher, "codec": cfg.codec, "no_teacher": cfg.no_teacher}
+    if cfg.json_out:  # the deprecated form: a file
+        Console(stderr=True).print("[yellow]warning:[/] --json-out FILE is now --json (> FILE); it works for this "
+                                   "release", highlight=False)
         with open(cfg.json_out, "w") as f:
-            json.dump({**r, "teacher": cfg.teacher, "codec": cfg.codec, "no_teacher": cfg.no_teacher}, f, indent=1)
+            json.dump(out, f, indent=1)
+    if cfg.json:
+        print(json.dumps(out, indent=1))
+    return cfg.json
 
 
 def run_cli(cfg: BenchConfig) -> None:
     if cfg.no_teacher:
         r = cpu_bench(cfg)
-        save(cfg, r)
+        if save(cfg, r):
+            return
         console.print(f"images: {r['images']} x {r['views']} views, {cfg.teacher}'s output shape, codec {cfg.codec}, "
                       f"{cfg.workers} worker(s)")
         console.print(f"CPU pipeline, no teacher: {r['ips']:8.2f} images/s on {r['cores']} cores = "
                       f"{r['ips_per_core']:.2f} images/s ({r['views_per_s_per_core']:.1f} views/s) per core")
         return
     r = bench(cfg)
-    save(cfg, r)
+    if save(cfg, r):
+        return
     console.print(f"images: {r['images']} x {r['views']} views ({r['extract_images']} extracted), "
                   f"teacher {cfg.teacher}, codec {cfg.codec}")
     console.print(f"teacher forward only : {r['teacher_only_ips']:8.2f} images/s = "

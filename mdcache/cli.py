@@ -13,7 +13,7 @@ from . import bench, cleanup, extract, plan, show, store, transcode, verify
 from .commands import opt, storage_options_opt, typer_command
 from .plan import human_bytes
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="Offline teacher-feature cache for MaskDistill: extract once, train many times, share.")
 console = Console()
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .errors import ConfigError
+from .lazy import lazy
+
+torch, F = lazy("torch"), lazy("torch.nn.functional")
 
 LN_EPS = 1e-6
 
@@ -54,9 +55,9 @@ class Codec:
         return sum(np.dtype(dt).itemsize * (1 if w is None else w) for dt, w in self.arrays(dim).values())
 
 
-def _t(calib: dict, key: str, device, dtype=torch.float32) -> torch.Tensor:
-    """A calibration entry as a tensor on `device` (a no-op when the store already put it there)."""
-    return torch.as_tensor(calib[key], device=device, dtype=dtype)
+def _t(calib: dict, key: str, device) -> torch.Tensor:
+    """A calibration entry as a float32 tensor on `device` (a no-op when the store already put it there)."""
+    return torch.as_tensor(calib[key], device=device, dtype=torch.float32)
 
 
 def _mean_std(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

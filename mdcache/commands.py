@@ -15,7 +15,7 @@ import dataclasses
 import inspect
 import math
 import typing
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -29,12 +29,16 @@ STORAGE_HELP = "fsspec storage option KEY=VALUE for remote URLs (repeatable), e.
 
 def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Callable] | None = None,
         required: bool = False, shown: str | None = None, ge: float | None = None, gt: float | None = None,
-        le: float | None = None, lt: float | None = None) -> Any:
+        le: float | None = None, lt: float | None = None, old: tuple[str, ...] = (), group: str | None = None,
+        hidden: bool = False) -> Any:
     """A config field: default + help (+ an explicit --flag name, + a (CLI type, parser) pair when the
     shell spelling differs from the API value; required: the command line must give it; shown: how
     --help writes the default, e.g. '75/196' rather than 0.3826530612244898). A numeric field says its
-    bounds (ge/gt/le/lt; for a pair, of each value), checked by `check_options` at the edge."""
-    meta: dict[str, Any] = {"help": help, "required": required, "shown": shown}
+    bounds (ge/gt/le/lt; for a pair, of each value), checked by `check_options` at the edge. `old`:
+    spellings of earlier releases, still accepted with a one-line deprecation warning (CHANGELOG.md);
+    `group`: the panel --help lists the option in."""
+    meta: dict[str, Any] = {"help": help, "required": required, "shown": shown, "old": tuple(old), "group": group,
+                            "hidden": hidden}
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if bounds:
         meta["bounds"] = bounds
@@ -47,16 +51,16 @@ def opt(default: Any, help: str, *, param: str | None = None, cli: tuple[Any, Ca
     return dataclasses.field(default=default, metadata=meta)
 
 
-def precision_opt(what: str = "Autocast") -> Any:
+def precision_opt(what: str = "Autocast", group: str | None = None) -> Any:
     """The `precision` field of every command that runs a model."""
     return opt("auto", f"{what}: auto (bf16 on GPUs with native bf16, fp16 on older GPUs with a loss scaler when "
-                       "training, fp32 on CPUs), fp32, bf16, fp16.")
+                       "training, fp32 on CPUs), fp32, bf16, fp16.", group=group)
 
 
-def storage_options_opt(help: str = STORAGE_HELP) -> Any:
+def storage_options_opt(help: str = STORAGE_HELP, group: str | None = None) -> Any:
     """The `storage_options` field every command that reads URLs has: a dict in Python, repeatable
     `--storage-option KEY=VALUE` on the command line."""
-    return opt({}, help, param="--storage-option", cli=(list[str], parse_storage_options))
+    return opt({}, help, param="--storage-option", cli=(list[str], parse_storage_options), group=group)
 
 
 BOUND_TEXT = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
@@ -110,11 +114,11 @@ def parse_model_args(items: list[str]) -> dict:
     return out
 
 
-def model_args_opt(flag: str, what: str) -> Any:
+def model_args_opt(flag: str, what: str, group: str | None = None) -> Any:
     """A `dict` of timm model arguments, spelled `--FLAG KEY=VALUE` (repeatable) on the command line, so
     small custom ViTs work everywhere (e.g. img_size=28 patch_size=4 embed_dim=128 depth=4 num_heads=4)."""
     return opt({}, f"timm model argument KEY=VALUE for the {what} (repeatable), e.g. depth=4 embed_dim=128.",
-               param=flag, cli=(list[str], parse_model_args))
+               param=flag, cli=(list[str], parse_model_args), group=group)
 
 
 def print_error(e: BaseException) -> None:
@@ -158,7 +162,7 @@ def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], na
     `arguments` are positional."""
     hints = typing.get_type_hints(cfg_cls)
     CONFIGS[f"{cfg_cls.__module__.split('.')[0]} {name}"] = cfg_cls
-    params, annotations, parsers = [], {}, {}
+    params, annotations, parsers, renamed = [], {}, {}, {}
     for f in dataclasses.fields(cfg_cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         decls = [f.metadata["param"]] if "param" in f.metadata else []
@@ -170,14 +174,33 @@ def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], na
             info = typer.Argument(... if default is None else default, help=f.metadata.get("help", ""),
                                   show_default=default is not None)
         else:
-            info = typer.Option(... if f.metadata.get("required") else default, *decls,
-                                help=f.metadata.get("help", "") + bounds_text(f), show_default=f.metadata.get("shown")
-                                or True)
+            info = typer.Option(... if f.metadata.get("required") and not f.metadata.get("old") else default,
+                                *decls, help=escape(f.metadata.get("help", "") + bounds_text(f)),
+                                show_default=f.metadata.get("shown") or True, hidden=f.metadata.get("hidden", False),
+                                rich_help_panel=f.metadata.get("group") or None)
         annotations[f.name] = hint
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=hint))
+        for i, old in enumerate(f.metadata.get("old", ())):  # an earlier spelling: hidden, warned about, mapped
+            key = f"{f.name}__old{i}"
+            renamed[key] = (f.name, old, decls[0] if decls else "--" + f.name.replace("_", "-"), default)
+            params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[hint],
+                                            default=typer.Option(None, old, hidden=True)))
+            annotations[key] = Optional[hint]
 
     def command(**kwargs):
         def build_and_run(kw):
+            for key, (field, old, new, default) in renamed.items():
+                value = kw.pop(key)
+                if value is not None:
+                    Console(stderr=True, soft_wrap=True).print(
+                        f"[yellow]warning:[/] {old} is now {new} (the old spelling works for this release)",
+                        highlight=False)
+                    if kw[field] in (default, None, ...):
+                        kw[field] = value
+            missing = [f for f in dataclasses.fields(cfg_cls) if f.metadata.get("required") and kw.get(f.name) in
+                       (None, "", ...)]
+            if missing:
+                raise ConfigError(f"missing option {flag_name(missing[0])}")
             cfg = cfg_cls(**{k: parsers[k](v) if k in parsers else v for k, v in kw.items()})
             check_options(cfg)
             return run(cfg)
@@ -195,22 +218,24 @@ def typer_command(app: typer.Typer, cfg_cls: type, run: Callable[[Any], Any], na
 class ViewOptions:
     """The view recipe's options, shared by `mdcache extract` and `mdtrain pretrain`'s online mode."""
 
-    views: int = opt(2, "Views (augmented crops) per image.", ge=1)
-    image_size: int = opt(224, "Teacher/student input size in pixels.", ge=1)
-    crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.", gt=0, le=1)
+    views: int = opt(2, "Views (augmented crops) per image.", ge=1, group="Views")
+    image_size: int = opt(224, "Teacher/student input size in pixels.", ge=1, group="Views")
+    crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.",
+                                          gt=0, le=1, group="Views")
     crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.",
-                                          shown="3/4 4/3", gt=0)
-    flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.")
+                                          shown="3/4 4/3", gt=0, group="Views")
+    flip: bool = opt(True, "Random horizontal flip (p=0.5), recorded per view.", group="Views")
     color_jitter: float = opt(0.4, "ColorJitter strength for brightness, contrast and saturation, recorded per view "
-                                   "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).", ge=0)
+                                   "and replayed (BEiT v2 and MaskDistill re-implementations: 0.4; 0: off).",
+                              ge=0, group="Views")
     replay: str = opt("tensor-bicubic-aa-v1", "How stored view parameters become pixels (recorded in the cache; "
                                               "readers always use the cache's): tensor-bicubic-aa-v1 (uint8 torch "
                                               "ops, 3x faster, runs on a GPU too) or pil-rgb-crop-bicubic-flip-"
-                                              "enhance-v1 (PIL, the replay of caches made before).")
+                                              "enhance-v1 (PIL, the replay of caches made before).", group="Views")
 
     replay_on: str = opt("workers", "Where views are replayed: workers (the loader processes) or device (workers only "
                                     "decode; the model's device crops, resizes and jitters: a GPU when CPU cores are "
-                                    "short; the tensor replay only).")
+                                    "short; the tensor replay only).", group="Views")
 
     def view_recipe(self, image_size: int, seed: int):
         from .views import ViewRecipe, check_replay

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from .errors import ConfigError
+from .lazy import lazy
+
+torch = lazy("torch")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -13,10 +13,9 @@ import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -26,7 +25,11 @@ from .claims import Claims, Renewer, new_owner
 from .commands import ViewOptions, check_options, model_args_opt, opt, precision_opt, storage_options_opt
 from .devices import resolve_precision, use_device
 from .errors import CacheError, CacheNotFound
-from .teachers import Teacher, load_teacher, run_teacher
+from .lazy import lazy
+
+torch = lazy("torch")
+if TYPE_CHECKING:
+    from .teachers import Teacher
 
 console = Console(stderr=True)
 
@@ -40,13 +43,16 @@ class ExtractConfig(ViewOptions):
     teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config "
                                    ".json), timm:MODEL.")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher (timm teachers; recorded in the fingerprint)")
-    cache: str = opt("./cache", "Cache root (local path or fsspec URL); the cache lands in <root>/<cache-id>/.")
+    root: str = opt("./cache", "Cache root (local path or fsspec URL); the cache lands in <root>/<cache-id>/.",
+                    old=("--cache",))
     codec: str = opt("int8", "Target codec: int8 (per-channel calibrated, per-token scale), int4 (half of int8's "
                              "bytes), pca:R (R components per token, e.g. pca:192) or fp16 (reference).")
     tap: str = opt("final", "Teacher feature: final (last block, before ln_post), ln_post, or proj (ln_post + CLIP "
                             "projection).")
     seed: int = opt(0, "Seed for view sampling (per image key, so independent of sharding and workers).", ge=0)
-    weights: Optional[str] = opt(None, "Teacher weights file (.safetensors/.bin/.pt state dict), a path or fsspec URL.")
+    teacher_weights: Optional[str] = opt(None, "Teacher weights file (.safetensors/.bin/.pt state dict), a path or "
+                                               "fsspec URL.", old=("--weights",))
+    teacher_seed: int = opt(0, "Init seed of a --random-init teacher (recorded in the fingerprint).", ge=0)
     random_init: bool = opt(False, "Use randomly initialised teacher weights (tests/demos only; recorded in the "
                                    "fingerprint).")
     shards: Optional[str] = opt(None, "Subset of source shards to compute: 'start:stop' or 'i,j,k' (the cache id is "
@@ -142,27 +148,45 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
     yield batch(True)
 
 
-class ShardStream(torch.utils.data.IterableDataset):
-    """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
+def _shard_stream_class() -> type:
+    """ShardStream subclasses torch's IterableDataset: made on first use (`mdcache.extract.ShardStream`), so
+    that importing this module (and the CLI) does not import torch."""
+    class ShardStream(torch.utils.data.IterableDataset):
+        """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
-    def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
-                 on_device: bool = False):
-        self.shards, self.recipe, self.on_device = shards, recipe, on_device
-        self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
+        def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
+                     on_device: bool = False):
+            self.shards, self.recipe, self.on_device = shards, recipe, on_device
+            self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
 
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        for shard in self.shards[wid::nw]:
-            t0 = time.perf_counter()
-            why_not = self.claims.acquire(shard.name) if self.claims else None
-            claim_seconds = time.perf_counter() - t0
-            if why_not:  # committed meanwhile, or another extractor is on it
-                yield Batch(shard.name, skip=why_not)
-                continue
-            for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device):
-                b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
-                yield b
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            wid, nw = (info.id, info.num_workers) if info else (0, 1)
+            for shard in self.shards[wid::nw]:
+                t0 = time.perf_counter()
+                why_not = self.claims.acquire(shard.name) if self.claims else None
+                claim_seconds = time.perf_counter() - t0
+                if why_not:  # committed meanwhile, or another extractor is on it
+                    yield Batch(shard.name, skip=why_not)
+                    continue
+                for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device):
+                    b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
+                    yield b
+
+    ShardStream.__module__, ShardStream.__qualname__ = __name__, "ShardStream"  # picklable by name
+    return ShardStream
+
+
+def _stream_cls() -> type:
+    if "ShardStream" not in globals():
+        globals()["ShardStream"] = _shard_stream_class()
+    return globals()["ShardStream"]
+
+
+def __getattr__(name: str):
+    if name == "ShardStream":
+        return _stream_cls()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -181,15 +205,17 @@ class Prepared:
 
 def prepare(cfg: ExtractConfig) -> Prepared:
     """Check the options, list the source, and load the teacher (weights fetched from any URL first)."""
+    from .teachers import load_teacher
+
     check_options(cfg)
     so = cfg.storage_options
     codecs.get_codec(cfg.codec)
     shards = sources.list_source(cfg.source, so, cfg.folder_shard_size)
     device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    teacher = load_teacher(cfg.teacher, weights=mfs.fetch(cfg.weights, so) if cfg.weights else None,
+    teacher = load_teacher(cfg.teacher, weights=mfs.fetch(cfg.teacher_weights, so) if cfg.teacher_weights else None,
                            random_init=cfg.random_init, tap=cfg.tap, image_size=cfg.image_size, device=device,
-                           seed=cfg.seed, model_args=cfg.teacher_args)
+                           seed=cfg.teacher_seed, model_args=cfg.teacher_args)
     if cfg.random_init:
         console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos "
                       "only")
@@ -201,6 +227,8 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     """Codec calibration from the first usable images of the source, in shard order: deterministic, so
     every extractor of this cache (resumed, concurrent, other ranks) derives the same numbers. An
     unreadable shard is passed over (it fails again, by name, when its turn comes)."""
+    from .teachers import run_teacher
+
     codec = codecs.get_codec(cfg.codec)
     if codec.calibrate is None:
         return None
@@ -229,7 +257,7 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
 
 def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
     fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision, cfg.calib_images)
-    url = mfs.join(cfg.cache, store.cache_id(fp))
+    url = mfs.join(cfg.root, store.cache_id(fp))
 
     def manifest() -> dict:
         calibration = store.put_calibration(url, calibrate(cfg, p), p.storage_options)
@@ -548,9 +576,11 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
 def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sources.SourceShard], summary: dict,
              progress: bool, claims: Claims | None) -> None:
     """One pass over the shards still to do: workers decode and crop, the teacher runs here, the writer commits."""
+    from .teachers import run_teacher
+
     teacher, k = p.teacher, p.recipe.views
     loader = torch.utils.data.DataLoader(
-        ShardStream(todo, p.recipe, cfg.batch_size, p.storage_options, claims,
+        _stream_cls()(todo, p.recipe, cfg.batch_size, p.storage_options, claims,
                     on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay)),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .commands import opt, storage_options_opt
 from .errors import CacheError, ConfigError, TeacherError
+from .lazy import lazy
+
+torch = lazy("torch")
 
 console = Console(stderr=True)
 
@@ -34,7 +36,8 @@ class ShowConfig:
     n: int = opt(6, "Samples to draw (from the first committed shard, or --shard).", ge=1)
     view: int = opt(0, "Which stored view of each sample.", ge=0)
     shard: Optional[str] = opt(None, "Shard to draw from (default: the first committed one).")
-    weights: Optional[str] = opt(None, "Teacher weights, for the fidelity histogram (a random-init cache needs none).")
+    teacher_weights: Optional[str] = opt(None, "Teacher weights, for the fidelity histogram (a random-init cache needs "
+                                               "none).", old=("--weights",))
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
@@ -96,8 +99,8 @@ def fidelity(cache: store.Cache, replayed: list, stored: torch.Tensor, cfg: Show
     from .teachers import load_cache_teacher, run_teacher
 
     try:
-        teacher = load_cache_teacher(cache, weights=mfs.fetch(cfg.weights, cfg.storage_options) if cfg.weights
-                                     else None)
+        weights = mfs.fetch(cfg.teacher_weights, cfg.storage_options) if cfg.teacher_weights else None
+        teacher = load_cache_teacher(cache, weights=weights)
     except TeacherError as e:
         console.print(f"[yellow]no fidelity histogram:[/] {e}")
         return None

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import codecs, local_copies
 from . import fs as mfs
 from . import views as views_mod
 from .errors import CacheError, CacheNotFound, UserError
 from .fs import is_local, join, now, read_json, read_json_many, url_to_fs, who, write_json
+from .lazy import lazy
+
+torch = lazy("torch")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

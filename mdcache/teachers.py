@@ -116,9 +116,10 @@ def _missing_weights(spec: str, what: str, err: Exception) -> TeacherError:
     return TeacherError(
         f"teacher {spec!r}: could not load {what} ({where}).\n"
         "Provide the weights one of these ways:\n"
-        "  --weights PATH   a local checkpoint (.safetensors, .bin or .pt state dict) for this architecture\n"
+        "  --teacher-weights PATH   a local checkpoint (.safetensors, .bin or .pt state dict) for this architecture\n"
         "  a populated Hugging Face cache (HF_HOME) copied from a machine with access, used offline\n"
-        "(docs/quickstart.md, 'Teacher weights': one command turns open_clip's weights into a --weights file.)\n"
+        "(docs/quickstart.md, 'Teacher weights': one command turns open_clip's weights into a --teacher-weights "
+        "file.)\n"
         "Use --random-init only for tests and demos (recorded in the cache fingerprint).")
 
 
@@ -140,9 +141,10 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> No
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise TeacherError(f"--weights {path}: does not fit this teacher: {str(e).splitlines()[-1].strip()}") from None
+        why = str(e).splitlines()[-1].strip()
+        raise TeacherError(f"--teacher-weights {path}: does not fit this teacher: {why}") from None
     if missing or unexpected:
-        raise TeacherError(f"--weights {path}: does not fit this teacher: missing keys {missing[:5]}"
+        raise TeacherError(f"--teacher-weights {path}: does not fit this teacher: missing keys {missing[:5]}"
                            f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                            f"{' ...' if len(unexpected) > 5 else ''}")
 
@@ -160,7 +162,7 @@ def _open_clip(spec: str, arch: str, tag: str | None, state: dict | None, path: 
         raise TeacherError(f"open_clip has no architecture {arch!r} (see open_clip.list_models())")
     kw = {"force_image_size": image_size} if image_size else {}
     if state is None and not random_init and not tag:
-        raise TeacherError(f"teacher {spec!r} names no weights: pass --weights PATH or --random-init")
+        raise TeacherError(f"teacher {spec!r} names no weights: pass --teacher-weights PATH or --random-init")
     pretrained = tag if state is None and not random_init else None  # a named tag: open_clip's own (hub) loader
     if pretrained:
         hub_offline()
@@ -231,7 +233,7 @@ def weights_preprocessing(path: str | None) -> dict:
             out["mean"], out["std"] = tuple(json.loads(meta["mean"])), tuple(json.loads(meta["std"]))
         args = json.loads(meta.get("model_args") or "{}")
     except ValueError as e:
-        raise TeacherError(f"--weights {path}: its metadata is not valid JSON ({e})") from None
+        raise TeacherError(f"--teacher-weights {path}: its metadata is not valid JSON ({e})") from None
     if meta.get("global_pool"):
         args["global_pool"] = meta["global_pool"]
     out["model_args"] = {k: v for k, v in args.items() if k != "img_size"}
@@ -292,7 +294,7 @@ def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = F
     if tap not in TAPS:
         raise TeacherError(f"unknown tap {tap!r}; choose one of {', '.join(TAPS)}")
     if weights and random_init:
-        raise TeacherError("--weights and --random-init exclude each other")
+        raise TeacherError("--teacher-weights and --random-init exclude each other")
     family, arch, tag = parse_spec(spec)
     state = read_state_dict(weights) if weights else None
     if random_init:
@@ -324,7 +326,7 @@ def load_cache_teacher(cache, spec: str | None = None, weights: str | None = Non
     from_file = ident["weights"].startswith("file:")
     if from_file and not weights:
         raise TeacherError(f"cache {cache.url} was made with teacher weights from a file "
-                           f"({ident['weights'][5:]}); pass it with --weights PATH")
+                           f"({ident['weights'][5:]}); pass it with --teacher-weights PATH")
     if random_init is None:
         random_init = ident["weights"] == "random-init"
     teacher = load_teacher(spec or cache.teacher_spec, weights=weights, random_init=random_init,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import codecs, sources, store
@@ -23,6 +22,9 @@ from .commands import check_options, opt, storage_options_opt
 from .devices import use_device
 from .errors import CacheError, ConfigError
 from .extract import Batch, ShardWriter, console, open_or_create_cache, report, resume, run_claimed
+from .lazy import lazy
+
+torch = lazy("torch")
 
 
 @dataclass
@@ -31,7 +33,7 @@ class TranscodeConfig:
 
     src: str = opt(None, "Source cache (<root>/<cache-id>), local path or fsspec URL; fp16 or int8 is best.")
     codec: str = opt("", "The new cache's codec: int8, int4, pca:R (e.g. pca:192) or fp16.", required=True)
-    cache: Optional[str] = opt(None, "Cache root for the new cache (default: the source's root).")
+    root: Optional[str] = opt(None, "Cache root for the new cache (default: the source's root).", old=("--cache",))
     shards: Optional[str] = opt(None, "Subset of source shards to transcode: 'start:stop' or 'i,j,k'.")
     calib_images: int = opt(store.CALIB_IMAGES, "Images (the source's first committed ones, all their views) to "
                                                 "calibrate on (part of the new cache's identity).", ge=1)
@@ -83,7 +85,7 @@ def default_root(src_url: str) -> str:
 def open_or_create(cfg: TranscodeConfig, src: store.Cache, device) -> store.Cache:
     codec = codecs.get_codec(cfg.codec)
     fp = fingerprint(src, codec.name, cfg.calib_images)
-    url = mfs.join(cfg.cache or default_root(src.url), store.cache_id(fp))
+    url = mfs.join(cfg.root or default_root(src.url), store.cache_id(fp))
     m = src.manifest
     tokens = int(m["teacher"]["tokens"])
     codec.shapes(tokens, src.teacher_dim)  # refused now (odd channels for int4, R too large), not after calibrating

@@ -9,14 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from rich.console import Console
 
 from . import codecs, sources, store, views
 from . import fs as mfs
 from .commands import opt, storage_options_opt
 from .devices import use_device
-from .teachers import load_cache_teacher, run_teacher
+from .lazy import lazy
+
+torch = lazy("torch")
 
 console = Console(stderr=True)
 
@@ -30,7 +31,8 @@ class VerifyConfig:
                                 "targets (0: skip).", ge=0)
     min_cosine: float = opt(0.99, "Teacher check fails if any token's cosine similarity (after LayerNorm) is "
                                   "below this.", ge=-1, le=1)
-    weights: Optional[str] = opt(None, "Teacher weights file, if the cache was made with --weights.")
+    teacher_weights: Optional[str] = opt(None, "Teacher weights file, if the cache was made with a weights file.",
+                                         old=("--weights",))
     source: Optional[str] = opt(None, "Where the source shards are now, if they moved (same shard names).")
     device: str = opt("auto", "Device for the teacher check.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
@@ -54,6 +56,8 @@ def check_checksums(cache: store.Cache, missing: list[str]) -> list[str]:
 def teacher_check(cache: store.Cache, n: int, weights: str | None = None, source: str | None = None,
                   device: str = "auto", storage_options: dict | None = None, skip: tuple[str, ...] = ()) -> dict:
     """Fidelity of stored targets vs the fp32 teacher on n replayed views (spread over views and shards)."""
+    from .teachers import load_cache_teacher, run_teacher
+
     teacher = load_cache_teacher(cache, weights=weights, device=use_device(device))
     shard_list = cache.sources()
     if source:
@@ -98,7 +102,7 @@ def verify(cfg: VerifyConfig) -> dict:
     if cache.index_problems:  # only a shortcut, but a wrong one misleads every reader until rewritten
         report["index_rewritten"] = cache.write_index()
     if cfg.teacher_check:
-        weights = mfs.fetch(cfg.weights, so) if cfg.weights else None
+        weights = mfs.fetch(cfg.teacher_weights, so) if cfg.teacher_weights else None
         tc = teacher_check(cache, cfg.teacher_check, weights, cfg.source, cfg.device, so, skip=tuple(missing))
         report["teacher_check"] = tc
         if not tc.get("views"):

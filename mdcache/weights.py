@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 from .errors import UserError
+from .lazy import lazy
+
+torch = lazy("torch")
 
 
 class WeightsError(UserError):

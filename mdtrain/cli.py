@@ -7,7 +7,7 @@ from mdcache.commands import typer_command
 
 from . import bench, bench_storage, distill_loss, evaluate, ffcv_loader, finetune, pretrain
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   help="MaskDistill student training from cached teacher targets: pretrain, finetune, eval.")
 
 

@@ -60,72 +60,87 @@ class PretrainConfig(ViewOptions):
     The view options (--views ... --color-jitter) apply to online mode without a cache; a cache brings its own."""
 
     cache: Optional[str] = opt(None, "Cache directory (<root>/<cache-id>) made by `mdcache extract`, local path or "
-                                     "fsspec URL.")
+                                     "fsspec URL.", group="Data")
     source: Optional[str] = opt(None, "Source shards: overrides where the cache's images are; required online "
-                                      "without --cache.")
-    student: str = opt("vit_base_patch16_224", "timm model name of the student (vit_*, deit_*, beitv2_*, ...).")
-    student_args: dict = model_args_opt("--student-arg", "student")
+                                      "without --cache.", group="Data")
+    student: str = opt("vit_base_patch16_224", "timm model name of the student (vit_*, deit_*, beitv2_*, ...).",
+                       group="Student")
+    student_args: dict = model_args_opt("--student-arg", "student", group="Student")
     out: str = opt("runs/pretrain", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every "
-                                    "checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.")
-    epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).", ge=1)
+                                    "checkpoint): metrics.jsonl, last.ckpt, student.safetensors, loss.png.",
+                   group="Run")
+    epochs: int = opt(300, "Epochs (passes over the cache; each uses one stored view per image).",
+                      ge=1, group="Optimization")
     batch_size: int = opt(256, "Images per process per micro-step (effective batch = this x accum-iter x processes).",
-                          ge=1)
-    accum_iter: int = opt(1, "Micro-steps accumulated per optimizer step.", ge=1)
+                          ge=1, group="Optimization")
+    accum_iter: int = opt(1, "Micro-steps accumulated per optimizer step.", ge=1, group="Optimization")
     blr: float = opt(1.875e-4, "Base learning rate: lr = blr x effective batch / 256 (MaskDistill: 1.5e-3 at "
-                               "batch 2048).", gt=0)
-    lr: Optional[float] = opt(None, "Absolute peak learning rate (overrides --blr).", gt=0)
-    min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.", ge=0)
-    warmup_epochs: int = opt(10, "Linear warmup epochs.", ge=0)
-    weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, position/cls/mask tokens).", ge=0)
+                               "batch 2048).", gt=0, group="Optimization")
+    lr: Optional[float] = opt(None, "Absolute peak learning rate (overrides --blr).", gt=0, group="Optimization")
+    min_lr: float = opt(1e-5, "Learning rate at the end of the cosine schedule.", ge=0, group="Optimization")
+    warmup_epochs: int = opt(10, "Linear warmup epochs.", ge=0, group="Optimization")
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on norms, biases, position/cls/mask tokens).",
+                              ge=0, group="Optimization")
     betas: Optional[tuple[float, float]] = opt(None, "AdamW betas B1 B2 (default: BEiT v2's rule, 0.9 0.98 for runs "
-                                                     "up to 300 epochs, 0.9 0.999 for longer ones).", ge=0, lt=1)
-    clip_grad: float = opt(3.0, "Gradient norm clipping (0 disables).", ge=0)
+                                                     "up to 300 epochs, 0.9 0.999 for longer ones).",
+                                               ge=0, lt=1, group="Optimization")
+    clip_grad: float = opt(3.0, "Gradient norm clipping (0 disables).", ge=0, group="Optimization")
     drop_path: Optional[float] = opt(None, "Stochastic depth rate of the student (default: BEiT v2's rule, 0.0 for "
-                                           "runs up to 300 epochs, 0.1 for longer ones).", ge=0, lt=1)
+                                           "runs up to 300 epochs, 0.1 for longer ones).", ge=0, lt=1, group="Student")
     layer_scale: Optional[float] = opt(None, "LayerScale init value (timm init_values; default: 0.1, or 1e-5 for "
-                                             "large/huge/giant students; 0: no LayerScale).", ge=0)
+                                             "large/huge/giant students; 0: no LayerScale).", ge=0, group="Student")
     mask_ratio: float = opt(DEFAULT_MASK_RATIO, "Fraction of patches masked (exactly round(ratio x patches)); "
-                                                "75/196 by default.", shown="75/196", gt=0, lt=1)
+                                                "75/196 by default.", shown="75/196", gt=0, lt=1, group="Objective")
     min_mask_patches: int = opt(DEFAULT_MIN_PATCHES, "Smallest mask block on a 196-patch grid (scaled to the "
-                                                     "cache's grid).", ge=1)
-    target_norm: str = opt("layernorm", "Target normalization: layernorm (per token, no affine) or none.")
-    loss: str = opt("smooth_l1", "Loss on masked tokens: smooth_l1, mse or cosine.")
-    beta: float = opt(2.0, "Smooth-L1 beta (OPEN in MaskDistill: 1.0 or 2.0).", gt=0)
+                                                     "cache's grid).", ge=1, group="Objective")
+    target_norm: str = opt("layernorm", "Target normalization: layernorm (per token, no affine) or none.",
+                           group="Objective")
+    loss: str = opt("smooth_l1", "Loss on masked tokens: smooth_l1, mse or cosine.", group="Objective")
+    beta: float = opt(2.0, "Smooth-L1 beta (OPEN in MaskDistill: 1.0 or 2.0).", gt=0, group="Objective")
     seed: int = opt(0, "Seed: shard order, shuffle, view choice, masks, init (online without a cache: also views).",
-                    ge=0)
-    workers: int = opt(2, "Loader worker processes per rank (exact resume needs the same number).", ge=0)
-    shuffle_buffer: int = opt(256, "Shuffle buffer size inside each shard (samples).", ge=1)
-    device: str = opt("auto", "Device: auto (CUDA at LOCAL_RANK if available, else CPU), cpu, cuda, cuda:N.")
-    precision: str = precision_opt()
-    resume: Optional[str] = opt(None, "Resume from a last.ckpt (or 'auto': OUT/last.ckpt if it exists).")
+                    ge=0, group="Run")
+    workers: int = opt(2, "Loader worker processes per rank (exact resume needs the same number).", ge=0, group="Data")
+    shuffle_buffer: int = opt(256, "Shuffle buffer size inside each shard (samples).", ge=1, group="Data")
+    device: str = opt("auto", "Device: auto (CUDA at LOCAL_RANK if available, else CPU), cpu, cuda, cuda:N.",
+                      group="Run")
+    precision: str = precision_opt(group="Run")
+    resume: Optional[str] = opt(None, "Resume from a last.ckpt (or 'auto': OUT/last.ckpt if it exists).", group="Run")
     save_every: Optional[int] = opt(None, "Also checkpoint every N optimizer steps (default: at the end of each "
-                                          "epoch only).", ge=1)
-    log_every: int = opt(10, "Log every N optimizer steps (and the last): a logged step reads the loss from the "
-                             "device, the only host-device sync of a step.", ge=1)
+                                          "epoch only).", ge=1, group="Run")
+    log_every: int = opt(10, "Log every N optimizer steps, and the last (0: only the last): a logged step reads the "
+                             "loss from the device, the only host-device sync of a step.", ge=0, group="Run")
     log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
-                             "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
+                             "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.", group="Run")
     stop_after: Optional[int] = opt(None, "Stop after N optimizer steps in this process, with a checkpoint "
-                                          "(default: run to the end).", ge=0)
-    log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).")
-    progress: bool = opt(True, "Rich progress bar on rank 0 (when stderr is a terminal).")
+                                          "(default: run to the end).", ge=0, group="Run")
+    log_samples: bool = opt(False, "Write OUT/samples-rank<R>.jsonl: the keys of every batch (audit data order).",
+                            group="Run")
+    progress: bool = opt(True, "Rich progress bar on rank 0 (when stderr is a terminal).", group="Run")
     deterministic: bool = opt(False, "Deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS workspace, "
-                                     "no fused attention): exact resume and online == offline on a GPU too, slower.")
+                                     "no fused attention): exact resume and online == offline on a GPU too, slower.",
+                              group="Run")
     dist_timeout: float = opt(60.0, "Minutes a collective may wait under torchrun (rank 0 saves and uploads "
-                                    "checkpoints while the others wait; NCCL's own default is 10).", gt=0)
+                                    "checkpoints while the others wait; NCCL's own default is 10).", gt=0, group="Run")
     teacher: Optional[str] = opt(None, "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
-                                       "timm:NAME).")
-    teacher_weights: Optional[str] = opt(None, "Online mode: local teacher weights file.")
-    teacher_args: dict = model_args_opt("--teacher-arg", "online teacher (timm teachers)")
+                                       "timm:NAME).", group="Online teacher")
+    teacher_weights: Optional[str] = opt(None, "Online mode: local teacher weights file.", group="Online teacher")
+    teacher_args: dict = model_args_opt("--teacher-arg", "online teacher (timm teachers)", group="Online teacher")
     fresh_crops: bool = opt(False, "Online mode without a cache: draw a NEW crop (and jitter) of every image every "
                                    "epoch, a pure function of (seed, epoch, key) - the paper's recipe, the reference "
-                                   "a cached run is compared with. Without it, online mode replays --views views.")
-    random_init: bool = opt(False, "Online mode: randomly initialised teacher (tests/benchmarks only).")
-    tap: str = opt("final", "Online mode without a cache: teacher feature tap (final, ln_post, proj).")
-    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for cache and source (repeatable).")
+                                   "a cached run is compared with. Without it, online mode replays --views views.",
+                            group="Online teacher")
+    random_init: bool = opt(False, "Online mode: randomly initialised teacher (tests/benchmarks only).",
+                            group="Online teacher")
+    teacher_seed: int = opt(0, "Online mode: init seed of a --random-init teacher (with a cache: the cache's).",
+                            ge=0, group="Online teacher")
+    tap: str = opt("final", "Online mode without a cache: teacher feature tap (final, ln_post, proj).",
+                   group="Online teacher")
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE for cache and source (repeatable).",
+                                                group="Data")
     local_cache: Optional[str] = opt(None, "Local directory for a read-through copy of a remote cache: each shard "
-                                           "is downloaded once per machine.")
+                                           "is downloaded once per machine.", group="Data")
     local_cache_gb: float = opt(100.0, "Size bound of --local-cache in GB (least recently used shards are evicted).",
-                                gt=0)
+                                gt=0, group="Data")
 
 
 def check_config(cfg: PretrainConfig) -> None:
@@ -204,7 +219,7 @@ def load_online_teacher(cfg: PretrainConfig, cache: store.Cache | None, device: 
 
     if cache is None:
         return teachers.load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
-                                     image_size=cfg.image_size, device=device, seed=cfg.seed,
+                                     image_size=cfg.image_size, device=device, seed=cfg.teacher_seed,
                                      model_args=cfg.teacher_args)
     return teachers.load_cache_teacher(cache, spec=cfg.teacher, weights=cfg.teacher_weights, device=device,
                                        random_init=cfg.random_init)
@@ -378,7 +393,7 @@ def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
         r.run_steps += 1
         r.scheduler.step_update(num_updates=r.step)
         stop_after = cfg.stop_after is not None and r.run_steps >= cfg.stop_after
-        if r.step % cfg.log_every == 0 or stop_after or (i >= r.steps and epoch + 1 == cfg.epochs):
+        if (cfg.log_every and r.step % cfg.log_every == 0) or stop_after or (i >= r.steps and epoch + 1 == cfg.epochs):
             r.loss = mean_over_ranks(loss_sum / cfg.accum_iter, r.dist)  # the step's one read from the device
             if not math.isfinite(r.loss):
                 raise FloatingPointError(f"loss is {r.loss} at step {r.step} (epoch {epoch}); stopping")

@@ -22,6 +22,8 @@ def render() -> str:
             out += [f"### `{prog} {name}`", "", (cmd.help or "").strip().split("\n\n")[0], "",
                     "| option | default | meaning |", "| --- | --- | --- |"]
             for p in cmd.params:
+                if getattr(p, "hidden", False):  # an old spelling (CHANGELOG.md), kept working for a release
+                    continue
                 if p.param_type_name == "argument":  # typer vendors click: duck-type
                     flag = f"`{p.name.upper()}` (argument)"
                 else:

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Set up (if needed), lint, and run the whole test suite. Extra arguments go to pytest.
+# Set up (if needed), lint, and run the tests: the fast tier (a few minutes), or with --all every tier
+# (end-to-end runs, torchrun, S3, benches; CI runs this form through .ci/run). Other arguments go to pytest.
+#   bash scripts/test.sh            # fast tier
+#   bash scripts/test.sh --all      # everything
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -11,4 +14,10 @@ if ! .venv/bin/python -c "import ffcv" 2>/dev/null; then
   exit 1
 fi
 .venv/bin/ruff check mdcache mdtrain tests scripts pipelines docs/examples
-exec .venv/bin/python -m pytest -q -ra --durations=15 "$@"
+tier=()
+args=()
+for a in "$@"; do
+  if [ "$a" = "--all" ]; then tier=(-m "slow or not slow"); else args+=("$a"); fi
+done
+# --durations: the slowest tests, so that the tiers stay honest
+exec .venv/bin/python -m pytest -q -ra --durations=20 "${tier[@]}" "${args[@]}"

@@ -18,20 +18,28 @@ TINY_CLIP = str(ROOT / "tests" / "assets" / "tiny-clip.json")
 TINY_TEACHER = f"open_clip:{TINY_CLIP}"
 
 
-def extract_cfg(source: str, cache: str, **kw):
+def extract_cfg(source: str, root: str, **kw):
     from mdcache.extract import ExtractConfig
 
-    base = dict(source=source, cache=cache, teacher=TINY_TEACHER, random_init=True, image_size=64, views=2,
+    base = dict(source=source, root=root, teacher=TINY_TEACHER, random_init=True, image_size=64, views=2,
                 codec="fp16", workers=0, batch_size=8, calib_images=16)
     base.update(kw)
     return ExtractConfig(**base)
 
 
-def run_cli(*args: str, check: bool = True, env: dict | None = None,
-            module: str = "mdcache") -> subprocess.CompletedProcess:
-    """Run `python -m mdcache ...` as a user would, in a fresh process."""
-    p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "COLUMNS": "200", **(env or {})})
+def run_cli(*args: str, check: bool = True, env: dict | None = None, module: str = "mdcache",
+            process: bool | None = None) -> subprocess.CompletedProcess:
+    """`mdcache ...` as a user runs it. mdcache commands without their own environment run in this process
+    (Typer's CliRunner: no interpreter start-up, no imports paid again); with `env` (credentials, endpoints:
+    s3fs caches filesystems per process), for mdtrain, or with process=True, in a fresh process."""
+    if process is None:
+        process = env is not None or module != "mdcache"
+    if not process:
+        r = invoke(*args, module=module)
+        p = subprocess.CompletedProcess([module, *args], r.exit_code, r.stdout, r.stderr)
+    else:
+        p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "COLUMNS": "200", **(env or {})})
     if check and p.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -46,7 +54,8 @@ def invoke(*args: str, module: str = "mdcache", env: dict | None = None):
     from typer.testing import CliRunner
 
     app = importlib.import_module(f"{module}.cli").app
-    return CliRunner().invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
+    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})},
+                              catch_exceptions=False)
 
 
 def verify_partial(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -203,6 +203,7 @@ def test_a_finetune_step_reads_nothing_from_the_device(demo_data, tmp_path):
     assert mode.reads == {"finetune.py:train_one_epoch": 1}, mode.reads
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
     """pipelines/bench/gpu_check.sh is ready for the first GPU: every stage runs here with tiny models, and
     --dry-run writes its plan. One JSON either way."""

@@ -134,7 +134,7 @@ def test_cluster_scripts_dry_run_commands_that_the_clis_accept(tmp_path):
             "mdtrain eval"} <= set(seen)
     extract = subprocess.run(["bash", "pipelines/imagenet/slurm_extract.sh", "--dry-run"], cwd=ROOT, env=env,
                              capture_output=True, text=True).stdout
-    assert "#SBATCH --array=0-5" in extract and "--cache s3://bucket/mdcache" in extract.replace('"', "")
+    assert "#SBATCH --array=0-5" in extract and "--root s3://bucket/mdcache" in extract.replace('"', "")
     pretrain = subprocess.run(["bash", "pipelines/imagenet/slurm_pretrain.sh", "--dry-run"], cwd=ROOT, env=env,
                               capture_output=True, text=True).stdout
     assert "#SBATCH --nodes=2" in pretrain and "--nnodes 2 --nproc-per-node 8" in pretrain

@@ -101,7 +101,7 @@ def assert_same_cache(url_a, url_b):
 
 
 def extract_args(source, cache, *extra):
-    return ["extract", "--source", source, "--cache", cache, "--teacher", TINY_TEACHER, "--random-init",
+    return ["extract", "--source", source, "--root", cache, "--teacher", TINY_TEACHER, "--random-init",
             "--image-size", "64", "--views", "2", "--codec", "int8", "--workers", "0", "--batch-size", "2",
             "--calib-images", "8", "--folder-shard-size", "10", *extra]
 
@@ -118,6 +118,7 @@ def folder_source(demo_data, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_killed_run_then_rerun_equals_uninterrupted_run(tmp_path, folder_source):
     killed_root, clean_root = str(tmp_path / "killed"), str(tmp_path / "clean")
     proc = subprocess.Popen([sys.executable, "-m", "mdcache", *extract_args(str(folder_source), killed_root)],
@@ -237,13 +238,14 @@ def test_verify_refuses_another_teacher(tmp_path, train_spec):
         m = open_clip.create_model("tiny-clip")
         paths.append(str(tmp_path / f"w{seed}.safetensors"))
         save_file({k: v.contiguous() for k, v in m.state_dict().items()}, paths[-1])
-    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "c"), random_init=False, weights=paths[0], shards="0:1"),
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "c"), random_init=False, teacher_weights=paths[0],
+                                 shards="0:1"),
                      progress=False)
-    verify_partial(url, "--teacher-check", "4", "--weights", paths[0])
-    other = run_cli("verify", url, "--teacher-check", "4", "--weights", paths[1], check=False)
+    verify_partial(url, "--teacher-check", "4", "--teacher-weights", paths[0])
+    other = run_cli("verify", url, "--teacher-check", "4", "--teacher-weights", paths[1], check=False)
     assert other.returncode == 2 and "made by another teacher" in other.stderr
     nope = run_cli("verify", url, "--teacher-check", "4", check=False)
-    assert nope.returncode == 2 and "--weights" in nope.stderr
+    assert nope.returncode == 2 and "--teacher-weights" in nope.stderr
 
 
 def test_folder_source_virtual_shards(tmp_path, folder_source):
@@ -271,13 +273,13 @@ def test_info_and_ls(tmp_path, train_spec):
 
 
 def test_missing_weights_say_how_to_provide_them(tmp_path, train_spec):
-    p = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path), "--teacher", "clip-b16", check=False,
+    p = run_cli("extract", "--source", train_spec, "--root", str(tmp_path), "--teacher", "clip-b16", check=False,
                 env={"HF_HUB_OFFLINE": "1"})
-    assert p.returncode == 2 and "--weights PATH" in p.stderr and "--random-init" in p.stderr
+    assert p.returncode == 2 and "--teacher-weights PATH" in p.stderr and "--random-init" in p.stderr
     assert "Traceback" not in p.stderr and "unreachable or offline mode is set" in p.stderr
     # No offline flag, a hub that refuses connections: the same message at once, not a minute of retries
     # (whose warnings used to be printed twice before it)
-    dead = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path), "--teacher", "clip-b16", check=False,
+    dead = run_cli("extract", "--source", train_spec, "--root", str(tmp_path), "--teacher", "clip-b16", check=False,
                    env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")})
     assert dead.returncode == 2 and "Hub (http://127.0.0.1:9) is unreachable" in dead.stderr
     assert "Connection refused" not in dead.stderr and "WARNING" not in dead.stderr

@@ -24,9 +24,7 @@ from mdtrain.ffcv_loader import BenchLoaderConfig, FfcvBuildConfig, bench_loader
 from mdtrain.finetune import FinetuneConfig, finetune
 
 MODEL, SIZE = "vit_tiny_patch16_224", 32
-
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.ffcv, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +86,7 @@ def test_ffcv_build_names_an_undecodable_image(tmp_path, data):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_ffcv_and_default_loaders_train_the_same_model(tmp_path, data, betons):
     """Same recipe, same data, same init: both loaders start from the same model (equal tensors at step 0),
     see the same number of images per epoch, and both beat chance (10%) on the validation images; the

@@ -247,6 +247,8 @@ def test_resume_refuses_a_changed_recipe(tmp_path, data):
         finetune(cfg(data, out, epochs=2, batch_size=8, resume="auto"))
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_ddp_torchrun_two_processes_gloo(tmp_path, data, student):
     """Real torchrun, 2 CPU processes: 4 train shards split by rank, 1 val shard split by sample;
     every val image is counted once and the DDP val top-1 equals a single-process `mdtrain eval`."""

@@ -10,11 +10,12 @@ from pathlib import Path
 from helpers import ROOT
 
 PACKAGES = ("mdcache", "mdtrain")
-# Command modules of mdtrain: none imports another, except the benches, which measure pretrain's step.
+# Command modules of mdtrain: none imports another, except the benches, which measure pretrain's step, and
+# distill-loss, which computes pretrain's own objective (its `student_loss`) on held-out or stored crops.
 COMMANDS = {"mdtrain.pretrain", "mdtrain.finetune", "mdtrain.evaluate", "mdtrain.ffcv_loader", "mdtrain.bench",
             "mdtrain.bench_storage", "mdtrain.distill_loss"}
 ALLOWED_COMMAND_IMPORTS = {("mdtrain.bench", "mdtrain.pretrain"), ("mdtrain.bench_storage", "mdtrain.pretrain"),
-                           ("mdtrain.bench_storage", "mdtrain.bench")}
+                           ("mdtrain.bench_storage", "mdtrain.bench"), ("mdtrain.distill_loss", "mdtrain.pretrain")}
 
 
 def project_imports(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
@@ -89,3 +90,25 @@ def test_the_checker_sees_a_lazy_cycle(tmp_path):
     (pkg / "a.py").write_text("from . import b\n")
     (pkg / "b.py").write_text("def f():\n    from .a import g\n    return g\n")
     assert find_cycle(project_imports(tmp_path, ("pkgx",))) == ["pkgx.a", "pkgx.b", "pkgx.a"]
+
+
+def test_the_mdcache_cli_starts_without_torch(tmp_path):
+    """`mdcache --help`, `ls`, `info`, `plan`, `gc` and `rm` took about 3 s, 2 of them importing torch: none of
+    them runs a tensor op. Importing the CLI and running `plan` and `ls` imports neither torch, timm nor
+    open_clip (a fresh process: this one has them loaded)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = ("import sys, json, runpy\n"
+             "import mdcache.cli\n"
+             "for argv in (['plan'], ['ls', sys.argv[1]]):\n"
+             "    sys.argv = ['mdcache', *argv]\n"
+             "    try:\n"
+             "        runpy.run_module('mdcache', run_name='__main__')\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "print(json.dumps([m for m in ('torch', 'timm', 'open_clip') if m in sys.modules]), file=sys.stderr)\n")
+    p = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stderr.strip().splitlines()[-1]) == [] and "no caches under" in p.stdout

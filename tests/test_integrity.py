@@ -190,7 +190,7 @@ def test_a_failed_write_is_named_and_leaves_no_attempt_behind(tmp_path, train_sp
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
 
     root = tmp_path / "root"
-    p = subprocess.run([sys.executable, "-m", "mdcache", "extract", "--source", train_spec, "--cache", str(root),
+    p = subprocess.run([sys.executable, "-m", "mdcache", "extract", "--source", train_spec, "--root", str(root),
                         "--teacher", TINY_TEACHER, "--random-init", "--image-size", "64", "--views", "2", "--codec",
                         "fp16", "--workers", "0", "--shards", "0:1"], cwd=ROOT, capture_output=True, text=True,
                        preexec_fn=limit_file_size)
@@ -224,6 +224,7 @@ def test_opening_a_cache_reads_the_compacted_index_and_trusts_only_the_listing(t
     assert open_cache(url).unindexed == 0  # the writer compacted the records again
 
 
+@pytest.mark.slow
 def test_a_hung_storage_server_times_out_with_a_message(tmp_path):
     """A server that accepts connections and never answers: timeouts and a bounded number of retries, then one
     line naming the URL, instead of botocore's minutes of silent waiting."""

@@ -11,6 +11,7 @@ from helpers import STUDENT, TINY_TEACHER, mdtrain, shared_cache
 from mdtrain import bench
 
 
+@pytest.mark.slow
 def test_bench_reports_all_phases(tmp_path_factory, train_spec):
     url = shared_cache(tmp_path_factory, train_spec)
     p = mdtrain("bench", "--cache", url, "--student", STUDENT, "--teacher", TINY_TEACHER, "--random-init",

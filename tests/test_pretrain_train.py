@@ -91,6 +91,7 @@ EXACT = ["--deterministic", "--precision", "fp32"]  # bitwise equal on a GPU too
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 def test_resume_mid_epoch_reproduces_order_and_weights(cache_url, tmp_path):
     flags = ["--cache", cache_url, "--epochs", "2", "--warmup-epochs", "1", "--log-samples", *TRAIN_FLAGS, *EXACT]
     mdtrain("pretrain", *flags, "--out", str(tmp_path / "full"))
@@ -130,6 +131,8 @@ def test_online_teacher_matches_offline_fp16_cache(cache_url, tmp_path, train_sp
     assert config["mode"] == "online"
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
 def test_two_process_torchrun_ranks_see_disjoint_data(cache_url, tmp_path):
     out = tmp_path / "ddp"
     mdtrain("pretrain", "--cache", cache_url, "--out", str(out), "--epochs", "2", "--log-samples",
@@ -149,6 +152,7 @@ def test_two_process_torchrun_ranks_see_disjoint_data(cache_url, tmp_path):
     assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])  # per-rank drop-path noise
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(cache_url, tmp_path):
     out = tmp_path / "int"
     cmd = [sys.executable, "-m", "mdtrain", "pretrain", "--cache", cache_url, "--out", str(out), "--epochs", "500",

@@ -29,7 +29,7 @@ def caches(tmp_path_factory, demo_data) -> dict[str, str]:
     out = {"fp16": make_cache(root, str(demo_data / "train-{000000..000001}.tar"))}
     for codec in ("int8", "int4", "pca:8"):
         url, summary = transcode.transcode(transcode.TranscodeConfig(
-            src=out["fp16"], codec=codec, cache=str(root), device="cpu", batch_size=16, calib_images=16),
+            src=out["fp16"], codec=codec, root=str(root), device="cpu", batch_size=16, calib_images=16),
             progress=False)
         assert not summary["failed"]
         out[codec] = url
@@ -89,7 +89,7 @@ def test_a_basis_whose_data_type_was_edited_is_refused(copy_of):
 
 
 def tc(src: str, root: Path, calib_images: int) -> str:
-    url, _ = transcode.transcode(transcode.TranscodeConfig(src=src, codec="pca:8", cache=str(root), device="cpu",
+    url, _ = transcode.transcode(transcode.TranscodeConfig(src=src, codec="pca:8", root=str(root), device="cpu",
                                                            batch_size=16, calib_images=calib_images), progress=False)
     return url
 

@@ -96,6 +96,7 @@ def test_linear_probe_learns_separable_features_and_not_noise():
     assert (probe(x[400:]).argmax(1) == noise[400:]).float().mean() < 0.45  # chance is 0.2
 
 
+@pytest.mark.slow
 def test_distill_loss_and_linprobe_of_a_pretrained_beit_student(tmp_path_factory, tmp_path, train_spec, demo_data):
     """A BEiT v2 student (relative position bias + LayerScale, as the ImageNet recipe uses) pretrains from
     the cache; knn/linprobe load it from its own metadata; the held-out loss on fresh crops of unseen

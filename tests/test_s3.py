@@ -15,6 +15,8 @@ from helpers import ROOT, TINY_CLIP, TINY_TEACHER, TRAIN_FLAGS, run_cli, verify_
 from mdcache import local_copies, open_cache, store
 from mdcache.sources import iter_samples, list_source
 
+pytestmark = [pytest.mark.s3, pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def bucket_data(s3, demo_data):
@@ -29,7 +31,7 @@ def bucket_data(s3, demo_data):
 
 
 def extract_args(source, cache, *extra):
-    return ["extract", "--source", source, "--cache", cache, "--teacher", TINY_TEACHER, "--random-init",
+    return ["extract", "--source", source, "--root", cache, "--teacher", TINY_TEACHER, "--random-init",
             "--image-size", "64", "--views", "2", "--codec", "int8", "--workers", "0", "--batch-size", "4",
             "--calib-images", "8", "--folder-shard-size", "10", *extra]
 
@@ -160,7 +162,7 @@ def test_lost_commit_race_on_s3(s3):
 
 
 def test_bench_fetches_teacher_weights_from_the_bucket(s3, bucket_data, tmp_path):
-    """`mdcache bench --weights s3://...` fetches the file like extract does (a full open_clip state dict)."""
+    """`mdcache bench --teacher-weights s3://...` fetches the file like extract does (a full open_clip state dict)."""
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -170,7 +172,7 @@ def test_bench_fetches_teacher_weights_from_the_bucket(s3, bucket_data, tmp_path
     model = open_clip.create_model("tiny-clip")  # what open_clip saves: the full CLIP state dict
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
     s3.fs().put_file(str(tmp_path / "w.safetensors"), "team/weights/w.safetensors")
-    p = run_cli("bench", "--source", bucket_data, "--teacher", TINY_TEACHER, "--weights", "s3://team/weights/w.safetensors",
+    p = run_cli("bench", "--source", bucket_data, "--teacher", TINY_TEACHER, "--teacher-weights", "s3://team/weights/w.safetensors",
                 "--image-size", "64", "--shards", "0:1", "--workers", "0", "--codec", "fp16", "--repeats", "1",
                 env={**s3.env(), "MDCACHE_HOME": str(tmp_path / "home")})
     assert "images: 30 x 2 views (30 extracted)" in p.stdout, p.stdout + p.stderr

@@ -28,8 +28,8 @@ def test_pickled_weights_are_refused_and_never_run(tmp_path, train_spec):
     marker = tmp_path / "MARKER"
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": Evil(str(marker))}, evil)
-    p = run_cli("extract", "--source", train_spec, "--cache", str(tmp_path / "c"), "--teacher", TINY_TEACHER,
-                "--image-size", "64", "--weights", str(evil), "--workers", "0", check=False)
+    p = run_cli("extract", "--source", train_spec, "--root", str(tmp_path / "c"), "--teacher", TINY_TEACHER,
+                "--image-size", "64", "--teacher-weights", str(evil), "--workers", "0", check=False)
     assert p.returncode == 2, p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "evil.pth" in lines[-1] and "refused" in lines[-1], p.stderr
@@ -114,7 +114,8 @@ def test_a_teacher_trained_by_finetune_is_fed_what_it_learned_on(tmp_path, demo_
     assert (teacher.mean, teacher.std) == recorded and teacher.identity["mean"] == list(recorded[0])
     from helpers import extract_cfg
 
-    cfg = extract_cfg(str(demo_data / "train-000000.tar"), str(tmp_path / "c"), teacher=TIMM_TEACHER, weights=weights,
+    cfg = extract_cfg(str(demo_data / "train-000000.tar"), str(tmp_path / "c"), teacher=TIMM_TEACHER,
+                      teacher_weights=weights,
                       random_init=False, image_size=32, views=1, codec="fp16")
     url, _ = extract(cfg, progress=False)
     cache = open_cache(url)

@@ -28,7 +28,7 @@ def fp16_cache(tmp_path_factory, train_spec):
 
 
 def tc(src, codec, root, **kw):
-    url, summary = transcode.transcode(transcode.TranscodeConfig(src=src, codec=codec, cache=str(root), device="cpu",
+    url, summary = transcode.transcode(transcode.TranscodeConfig(src=src, codec=codec, root=str(root), device="cpu",
                                                                  batch_size=8, calib_images=16, **kw), progress=False)
     assert not summary["failed"], summary
     return url, summary
@@ -81,7 +81,7 @@ def test_transcode_refuses_what_it_cannot_do(fp16_cache, tmp_path):
 
 
 def test_transcode_cli_partial_then_resume_and_last_line_is_the_url(fp16_cache, tmp_path):
-    p = run_cli("transcode", fp16_cache, "--codec", "int4", "--cache", str(tmp_path), "--shards", "0:1")
+    p = run_cli("transcode", fp16_cache, "--codec", "int4", "--root", str(tmp_path), "--shards", "0:1")
     url = p.stdout.strip().splitlines()[-1]
     assert store.open_cache(url).shard_names == [store.open_cache(fp16_cache).shard_names[0]]
     p = run_cli("transcode", fp16_cache, "--codec", "int4", "--cache", str(tmp_path))

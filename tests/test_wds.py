@@ -74,6 +74,7 @@ def test_a_sample_without_a_target_names_its_shard_and_key(cache, demo_data, tmp
         stage_samples(cache, str(tmp_path / "train-000009.tar"), epoch=0)
 
 
+@pytest.mark.slow
 def test_the_docs_example_matches_mdtrains_objective_and_trains(cache, demo_data):
     spec = importlib.util.spec_from_file_location("wds_maskdistill", EXAMPLE)
     example = importlib.util.module_from_spec(spec)

@@ -64,7 +64,7 @@ def teacher_flags(name: str, a: argparse.Namespace) -> list[str]:
     if not weights.exists():
         sys.exit(f"{weights} is missing: run `python pipelines/study/run.py --out {a.study}` first (or pass --study)")
     return ["--teacher", f"timm:{SMALL_VIT}", *[x for kv in SMALL_VIT_ARGS for x in ("--teacher-arg", kv)],
-            "--teacher-arg", "global_pool=avg", "--weights", str(weights), "--image-size", "28",
+            "--teacher-arg", "global_pool=avg", "--teacher-weights", str(weights), "--image-size", "28",
             "--source", f"{a.study}/data/train-{{000000..000007}}.tar"]
 
 
@@ -131,7 +131,7 @@ def main() -> None:
     results = {"machine": {"cpu": os.cpu_count(), "torch": torch.__version__}, "teachers": {}}
     for name in a.teachers.split(","):
         flags = teacher_flags(name, a)
-        ref_url = run(PY, "-m", "mdcache", "extract", *flags, "--codec", "fp16", "--views", "2", "--cache",
+        ref_url = run(PY, "-m", "mdcache", "extract", *flags, "--codec", "fp16", "--views", "2", "--root",
                       str(out / name), "--fidelity-images", "100000", "--workers", "1").strip().splitlines()[-1]
         ref = open_cache(ref_url)
         shards = held_out(ref, a.calib_images)

@@ -57,7 +57,7 @@ def extraction(s: dict, spec: str, root: str, device: str) -> dict:
     for where in ("workers", "device"):
         cfg = bench.BenchConfig(source=spec, teacher=s["teacher"], random_init=True, image_size=s["size"],
                                 views=s["views"], codec="int8", batch_size=s["batch"], workers=s["workers"],
-                                device=device, cache=os.path.join(root, f"extract-{where}"), repeats=2,
+                                device=device, root=os.path.join(root, f"extract-{where}"), repeats=2,
                                 replay_on=where)
         r = bench.bench(cfg)
         out[f"replay_on_{where}"] = {k: r[k] for k in ("extract_views_per_s", "teacher_only_views_per_s", "ratio",

@@ -98,7 +98,7 @@ def extraction(shards, repeats: int, k: int, size: int) -> dict:
 def make_cache(spec: str, root: str, replay: str, size: int) -> str:
     """A K=2 int8 cache of the photos with CLIP-B/16-shaped random targets (a null teacher that returns noise:
     realistic bytes, no teacher compute)."""
-    cfg = ExtractConfig(source=spec, cache=root, teacher=TEACHER, random_init=True, views=2, image_size=size,
+    cfg = ExtractConfig(source=spec, root=root, teacher=TEACHER, random_init=True, views=2, image_size=size,
                         codec="int8", workers=1, batch_size=32, calib_images=32, replay=replay)
     p = prepare(cfg)
     url, summary = extract(cfg, progress=False, prepared=replace(p, teacher=null_teacher(p.teacher)))

@@ -2,7 +2,7 @@
 
     python pipelines/bench/s3_local.py [--data runs/photos]
 
-1. `mdcache bench --cache s3://...`: extraction into the bucket; prints the share of shard time spent
+1. `mdcache bench --root s3://...`: extraction into the bucket; prints the share of shard time spent
    on claims and commit records (target < 2%).
 2. `mdtrain bench-storage`: the trainer's loader reading that cache from the bucket, directly and
    through a cold and a warm --local-cache, vs a local-disk copy (target warm >= 0.8x local).
@@ -37,7 +37,7 @@ def main() -> None:
         env = {**os.environ, **server.env()}
         source = "s3://team/data/train-{000000..000003}.tar"
         subprocess.run([sys.executable, "-m", "mdcache", "bench", "--teacher", a.teacher, "--random-init",
-                        "--image-size", a.image_size, "--source", source, "--cache", "s3://team/bench",
+                        "--image-size", a.image_size, "--source", source, "--root", "s3://team/bench",
                         "--batch-size", "16", "--workers", "1", "--calib-images", "8"], env=env, check=True)
         url = "s3://team/bench/" + fs.ls("team/bench")[0].rsplit("/", 1)[-1]
         subprocess.run([sys.executable, "-m", "mdtrain", "bench-storage", "--cache", url, "--batch-size", "16",

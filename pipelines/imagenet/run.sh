@@ -12,9 +12,9 @@
 # Smooth-L1, LayerNorm targets from the last block (tap final), ColorJitter 0.4 stored per view;
 # a BEiT v2 student (relative position bias, LayerScale 0.1), AdamW betas 0.9/0.98, no drop path;
 # finetune 100 epochs, lr 5e-4 at batch 1024, layer decay 0.65, mean pooling.
-# The tap is an open question: settle it first with the study's tap ablation on an ImageNet subset,
-#   python pipelines/study/run.py --data IMAGENET100_SHARDS --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
-#       --taps final,ln_post,proj --image-size 224 --model vit_base_patch16_224 --model-args ""
+# The tap is an open question: settle it first with the study on an ImageNet subset, once per tap,
+#   python pipelines/study/run.py --data IMAGENET100_SHARDS --teacher clip-b16 --teacher-weights "$CLIP_WEIGHTS" \
+#       --tap ln_post --image-size 224 --model vit_base_patch16_224 --model-args "" --out runs/study-ln_post
 set -euo pipefail
 DRY_RUN=0; [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 run() { if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi; }  # dry run: paste-able
@@ -28,15 +28,15 @@ TRAIN="$IMAGENET/train-{000000..001023}.tar"
 VAL="$IMAGENET/val-{000000..000063}.tar"
 
 # 1. Teacher targets, once for the whole team (resumable; run it on several machines at once if you like).
-run torchrun --nproc-per-node "$GPUS" -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" \
-    --source "$TRAIN" --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 --batch-size 128 --workers 8
+run torchrun --nproc-per-node "$GPUS" -m mdcache extract --teacher clip-b16 --teacher-weights "$CLIP_WEIGHTS" \
+    --source "$TRAIN" --root "$CACHE_ROOT" --views "$VIEWS" --codec int8 --batch-size 128 --workers 8
 if [ "$DRY_RUN" = 1 ]; then
   CACHE="$CACHE_ROOT/<cache-id>"
 else  # all shards committed: the same command prints the cache URL at once
-  CACHE=$(python -m mdcache extract --teacher clip-b16 --weights "$CLIP_WEIGHTS" --source "$TRAIN" \
-      --cache "$CACHE_ROOT" --views "$VIEWS" --codec int8 | tail -n 1)
+  CACHE=$(python -m mdcache extract --teacher clip-b16 --teacher-weights "$CLIP_WEIGHTS" --source "$TRAIN" \
+      --root "$CACHE_ROOT" --views "$VIEWS" --codec int8 | tail -n 1)
 fi
-run python -m mdcache verify "$CACHE" --teacher-check 256 --weights "$CLIP_WEIGHTS"
+run python -m mdcache verify "$CACHE" --teacher-check 256 --teacher-weights "$CLIP_WEIGHTS"
 
 # 2. Pretrain (2048 = 8 GPUs x 256).
 run torchrun --nproc-per-node "$GPUS" -m mdtrain pretrain --cache "$CACHE" --student beitv2_base_patch16_224 \

@@ -37,7 +37,7 @@ source "$VENV/bin/activate"
 export HF_HUB_OFFLINE=1
 # Every task runs the same command: the claims decide who computes which shard.
 torchrun --standalone --nproc-per-node $GPUS_PER_TASK -m mdcache extract --teacher clip-b16 \\
-    --weights "$CLIP_WEIGHTS" --source "$IMAGENET/train-{000000..001023}.tar" --cache "$CACHE_ROOT" \\
+    --teacher-weights "$CLIP_WEIGHTS" --source "$IMAGENET/train-{000000..001023}.tar" --root "$CACHE_ROOT" \\
     --views $VIEWS --codec int8 --batch-size 128 --workers $((CPUS_PER_TASK / GPUS_PER_TASK - 1))
 SCRIPT
 )

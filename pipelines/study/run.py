@@ -56,6 +56,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subset-size", type=int, default=2000, help="the students' class-balanced subset")
     p.add_argument("--test-size", type=int, default=10000, help="test images (final numbers only)")
     p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--data", default=None, help="shards to use instead of Fashion-MNIST: a folder with train-*, val-*, "
+                                                "subset-* and test-*.tar (with .cls labels)")
+    p.add_argument("--teacher", default=None, help="an existing teacher (clip-b16, open_clip:..., timm:...) instead of "
+                                                   "training one; with --teacher-weights")
+    p.add_argument("--teacher-weights", default=None)
+    p.add_argument("--tap", default="final", help="teacher feature tap (final, ln_post, proj): one per study run")
     p.add_argument("--model", default=SMALL_VIT, help="timm model of teacher and students")
     p.add_argument("--model-args", default=",".join(SMALL_VIT_ARGS), help="timm model arguments KEY=VALUE,...")
     p.add_argument("--crop-scale", default="0.6,1.0", help="RandomResizedCrop scale of the teacher's training and of "
@@ -71,6 +77,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--finetune-epochs", type=int, default=30)
     p.add_argument("--jobs", type=int, default=1, help="students trained at once (one CPU thread each)")
     p.add_argument("--workers", type=int, default=0, help="loader workers per command (28 px images: 0 is fastest)")
+    p.add_argument("--only-teacher", action="store_true", help="stop after training the teacher (the demo's)")
     p.add_argument("--quick", action="store_true", help="CI form: a few hundred images, short schedules, K=2 only")
     p.add_argument("--write-doc", action="store_true", help="copy the outputs to docs/study/")
     a = p.parse_args(argv)
@@ -131,6 +138,11 @@ def model_flags(a: argparse.Namespace, flag: str) -> list[str]:
     return [x for kv in a.model_args.split(",") if kv for x in (flag, kv)]
 
 
+def teacher_flags(a: argparse.Namespace, tweights: str) -> list[str]:
+    """The teacher as every command takes it: the study's own (a timm model of --model), or --teacher."""
+    return ["--teacher", a.teacher or f"timm:{a.model}", "--teacher-weights", tweights, "--tap", a.tap]
+
+
 def view_flags(a: argparse.Namespace) -> list[str]:
     lo, hi = a.crop_scale.split(",")
     return ["--image-size", str(a.image_size), "--crop-scale", lo, hi, "--color-jitter", "0"]
@@ -147,8 +159,8 @@ def shards(data: str, split: str) -> str:
 # ----------------------------------------------------------------------------- stages
 
 def make_data(s: Study) -> dict:
-    a, data = s.a, os.path.join(s.out, "data")
-    if not os.path.exists(os.path.join(data, "classes.json")):
+    a, data = s.a, s.a.data or os.path.join(s.out, "data")
+    if not a.data and not os.path.exists(os.path.join(data, "classes.json")):
         s.run(PY, "pipelines/study/make_data.py", "--out", data, "--train-size", str(a.train_size), "--val-size",
               str(a.val_size), "--subset-size", str(a.subset_size), "--test-size", str(a.test_size),
               "--shard-size", str(max(100, a.train_size // 10)), log="data.log")
@@ -158,6 +170,8 @@ def make_data(s: Study) -> dict:
 def train_teacher(s: Study, d: dict) -> str:
     """The teacher: supervised from scratch on the training images, its checkpoint chosen on validation."""
     a, tdir = s.a, os.path.join(s.out, "teacher")
+    if a.teacher:
+        return a.teacher_weights
     weights = os.path.join(tdir, "best.safetensors")
     if not os.path.exists(os.path.join(tdir, "done")):
         lo, hi = a.crop_scale.split(",")
@@ -185,6 +199,8 @@ def anchors(s: Study, d: dict, tweights: str) -> dict:
     """The teacher's test top-1 (as a classifier, from its validation-chosen checkpoint), its frozen features,
     and raw pixels at the same crop (the whole 28x28 image) with the same k-NN and a linear probe."""
     def measure():
+        if s.a.teacher:  # not a classifier of these classes: no top-1 or frozen features to report
+            return {"teacher": {}, "raw_pixels": raw_pixel_baselines(d["subset"], d["test"])}
         ev = json.loads(s.run(PY, "-m", "mdtrain", "eval", "--weights", tweights, "--val", d["test"],
                               "--workers", str(s.a.workers), log="teacher.log"))
         teacher = {"test_top1": ev["top1"], **evaluate_backbone(s, tweights, d, "teacher.log")}
@@ -195,8 +211,8 @@ def anchors(s: Study, d: dict, tweights: str) -> dict:
 def cache_for(s: Study, k: int, seed: int, tweights: str, d: dict) -> str:
     """The K-view cache of the subset with this seed's views (one extraction per (K, seed))."""
     a = s.a
-    return s.run(PY, "-m", "mdcache", "extract", "--teacher", f"timm:{a.model}", "--weights", tweights,
-                 "--source", d["subset"], "--cache", os.path.join(s.out, "caches"), "--views", str(k),
+    return s.run(PY, "-m", "mdcache", "extract", *teacher_flags(a, tweights),
+                 "--source", d["subset"], "--root", os.path.join(s.out, "caches"), "--views", str(k),
                  "--codec", a.codec, "--seed", str(seed), *view_flags(a), "--batch-size", "256",
                  "--workers", str(a.workers), log="extract.log", threads=1 if a.jobs > 1 else None)
 
@@ -215,8 +231,8 @@ def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
 
 def distill_loss(s: Study, sdir: str, tweights: str, source: list[str], seed: int) -> float:
     a = s.a
-    r = s.run(PY, "-m", "mdtrain", "distill-loss", "--ckpt", os.path.join(sdir, "last.ckpt"), "--teacher",
-              f"timm:{a.model}", "--teacher-weights", tweights, *source, *view_flags(a), "--seed", str(seed),
+    r = s.run(PY, "-m", "mdtrain", "distill-loss", "--ckpt", os.path.join(sdir, "last.ckpt"),
+              *teacher_flags(a, tweights), *source, *view_flags(a), "--seed", str(seed),
               "--workers", str(a.workers), log="distill-loss.log", threads=1 if a.jobs > 1 else None)
     return json.loads(r)["loss"]
 
@@ -245,7 +261,7 @@ def finetune(s: Study, fdir: str, init: str | None, seed: int, d: dict) -> float
 def student(s: Study, arm: str, k: int | None, seed: int, tweights: str, d: dict) -> dict:
     """Everything of one (arm, seed): its cache, its student, every metric. Kept in SDIR/eval.json."""
     a, sdir = s.a, os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}")
-    teacher = ["--teacher", f"timm:{a.model}", "--teacher-weights", tweights]
+    teacher = teacher_flags(a, tweights)
 
     def run_all():
         t0 = time.time()
@@ -362,6 +378,9 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     d = s.timed("data", make_data, s)
     tweights = s.timed("teacher", train_teacher, s, d)
+    if a.only_teacher:
+        print(tweights)
+        return
     anchor = s.timed("teacher", anchors, s, d, tweights)
     ks, seeds = [int(k) for k in a.ks.split(",") if k], [int(x) for x in a.seeds.split(",")]
     arms = [("online-fresh", None), *((f"K={k} {a.codec}", k) for k in ks), ("random-init", None)]
@@ -439,8 +458,9 @@ def markdown(r: dict) -> str:
                     f"{fmt(v.get('finetune_top1'))} |")
     rows.append(f"| from scratch (finetune only) | - | - | - | - | - | {fmt(r['scratch'].get('finetune_top1'))} |")
     t, px = r["teacher"], r["raw_pixels"]
-    rows.append(f"| teacher (frozen features; {t['test_top1']:.2f}% as a classifier) | - | - | - | "
-                f"{t['knn_top1']:.2f} | {t['linprobe_top1']:.2f} | - |")
+    if "test_top1" in t:
+        rows.append(f"| teacher (frozen features; {t['test_top1']:.2f}% as a classifier) | - | - | - | "
+                    f"{t['knn_top1']:.2f} | {t['linprobe_top1']:.2f} | - |")
     rows.append(f"| raw pixels (the same crop) | - | - | - | {px['knn_top1']:.2f} | {px['linprobe_top1']:.2f} | - |")
     rows += ["", f"Seed-paired differences to online-fresh (mean [95% interval]), margin ±{r['margin_points']} "
              "points:", "", "| arm | k-NN | linear probe | finetune | held-out loss |", "|---|---|---|---|---|"]
@@ -475,7 +495,8 @@ def plot(r: dict, png: str) -> None:
         if key == "finetune_top1":
             ax.axhline(r["scratch"]["finetune_top1"]["mean"], color="gray", ls=":", label="from scratch")
         if key in ("knn_top1", "linprobe_top1"):
-            ax.axhline(r["teacher"][key], color="C2", ls="-.", label="teacher")
+            if key in r["teacher"]:
+                ax.axhline(r["teacher"][key], color="C2", ls="-.", label="teacher")
             ax.axhline(r["raw_pixels"][key], color="gray", ls="--", label="raw pixels")
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
