@@ -60,17 +60,20 @@ class Claims:
         self.__dict__.update(state)
         self._lock, self._released = threading.Lock(), set()
 
-    def _paths(self, shard: str) -> tuple:
+    def _paths(self, shard: str, stem: str | None = None) -> tuple:
+        """The claim's file, and the commit record whose existence means the work is done (`stem`: the
+        record of the K being made, <shard>@<K>; a cache grows by new records)."""
         fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
-        return fs, mfs.join(path, "claims", f"{shard}.json"), mfs.join(path, "commits", f"{shard}.json")
+        return fs, mfs.join(path, "claims", f"{shard}.json"), mfs.join(path, "commits", f"{stem or shard}.json")
 
     def _record(self, shard: str) -> dict:
         return {"shard": shard, "owner": self.owner, "expires": time.time() + self.ttl, "ttl": self.ttl,
                 "renewed_at": mfs.now()}
 
-    def acquire(self, shard: str) -> str | None:
-        """Claim `shard`. Returns None on success, else why not: 'committed' or the live owner."""
-        fs, claim, commit = self._paths(shard)
+    def acquire(self, shard: str, stem: str | None = None) -> str | None:
+        """Claim `shard` (to make commit record `stem`). Returns None on success, else why not: 'committed' or
+        the live owner."""
+        fs, claim, commit = self._paths(shard, stem)
         fs.invalidate_cache(commit.rsplit("/", 1)[0])
         if fs.exists(commit):
             return "committed"

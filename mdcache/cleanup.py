@@ -79,11 +79,11 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
         except CacheError:  # damaged: no owner can be renewing it
             out.append((p, "damaged claim"))
             continue
-        if rec.get("expires", 0) < now or owner_is_dead(rec.get("owner", "")) or rec.get("shard") in cache.commits:
+        if rec.get("expires", 0) < now or owner_is_dead(rec.get("owner", "")):  # (a committed shard may be growing)
             out.append((p, f"expired claim of {rec.get('owner')}"))
         else:
             live_claims.add(rec.get("shard"))
-    referenced = {rec["path"].rsplit("/", 1)[-1] for rec in cache.commits.values()}
+    referenced = {rec["path"].rsplit("/", 1)[-1] for rec in cache.records.values()}  # every K a shard grew through
     sdir = mfs.join(path, "shards")
     for p in fs.ls(sdir, detail=False) if fs.exists(sdir) else []:
         attempt = p.rstrip("/").rsplit("/", 1)[-1]
@@ -154,9 +154,10 @@ def rm(cfg: RmConfig) -> list[tuple[str, str]]:
     if unknown:
         raise store.CacheError(f"{cache.url}: shard(s) not committed: {', '.join(unknown)}")
     items = []
-    for s in cfg.shard:  # the record first: from then on no reader trusts the data
-        items += [(mfs.join(path, "commits", f"{s}.json"), "commit record"),
-                  (mfs.join(path, cache.commits[s]["path"]), "shard data")]
+    for s in cfg.shard:  # the records first (every K it grew through): from then on no reader trusts the data
+        recs = [(stem, r) for stem, r in cache.records.items() if store.shard_of(stem) == s]
+        items += [(mfs.join(path, "commits", f"{stem}.json"), "commit record") for stem, _ in recs]
+        items += [(mfs.join(path, r["path"]), "shard data") for _, r in recs]
     _delete(fs, items, cfg.yes)
     return items
 

@@ -46,7 +46,7 @@ def info(cfg: InfoConfig) -> None:
                          f"sha256 {fp['teacher']['weights_sha256'][:12]}, tap {fp['teacher']['tap']}, "
                          f"{fp['teacher']['precision']})")
     grid = "x".join(map(str, m["teacher"]["patch_grid"]))
-    t.add_row("targets", f"{m['views']} views x {m['teacher']['tokens']} tokens ({grid}) "
+    t.add_row("targets", f"{cache.views_text()} views x {m['teacher']['tokens']} tokens ({grid}) "
                          f"x {m['teacher']['dim']} dims, codec {m['codec']['name']}")
     calib = m["codec"].get("calibration") or {}
     if "explained_variance_curve" in calib:  # pca: how much of the normalized features R components keep
@@ -81,17 +81,21 @@ class LsConfig:
 
 def ls(cfg: LsConfig) -> None:
     caches = store.list_caches(cfg.root, cfg.storage_options)
-    t = Table(Column("id", no_wrap=True, min_width=16), "teacher", "tap", "source", "views", "codec", "images",
-              "shards", "bytes", "bytes/view", "fidelity", "created")  # ids are pasted into commands: never cut
+    out = console if console.is_terminal or "COLUMNS" in os.environ else Console(width=240)  # pipes: whole rows
+    wide = out.width >= 160  # at 80 columns, the columns that tell caches apart (info shows the rest)
+    names = ["teacher", "tap", "source", "views", "codec", "images", "shards", "bytes", "bytes/view", "fidelity",
+             "created"] if wide else ["teacher", "views", "codec", "images", "bytes"]
+    t = Table(Column("id", no_wrap=True, min_width=16),  # ids are pasted into commands: never cut
+              *(Column(n, overflow="fold") for n in names))  # a long teacher path folds, never ends in "..."
     for c in caches:
         s, m = c.stats(), c.manifest
         random = " (random)" if m["fingerprint"]["teacher"]["weights"] == "random-init" else ""
-        t.add_row(m["cache_id"], m["teacher"]["spec"] + random,
-                  m["fingerprint"]["teacher"]["tap"], m["source"]["spec"], str(m["views"]), m["codec"]["name"],
-                  str(s["samples"]), f"{s['shards_done']}/{s['shards_total']}", human_bytes(s["bytes"]),
-                  human_bytes(s["bytes_per_view"]), fidelity_text(s["fidelity"]),
-                  f"{m['created_by']} {m['created_at']}")
-    out = console if console.is_terminal or "COLUMNS" in os.environ else Console(width=240)  # pipes: whole rows
+        row = {"teacher": m["teacher"]["spec"] + random, "tap": m["fingerprint"]["teacher"]["tap"],
+               "source": m["source"]["spec"], "views": c.views_text(), "codec": m["codec"]["name"],
+               "images": str(s["samples"]), "shards": f"{s['shards_done']}/{s['shards_total']}",
+               "bytes": human_bytes(s["bytes"]), "bytes/view": human_bytes(s["bytes_per_view"]),
+               "fidelity": fidelity_text(s["fidelity"]), "created": f"{m['created_by']} {m['created_at']}"}
+        t.add_row(m["cache_id"], *(row[n] for n in names))
     out.print(t if caches else f"no caches under {cfg.root}")
 
 

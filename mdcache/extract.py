@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
@@ -31,7 +31,7 @@ torch = lazy("torch")
 if TYPE_CHECKING:
     from .teachers import Teacher
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log files: no line breaks mid-sentence
 
 
 @dataclass
@@ -96,32 +96,35 @@ class Batch:
     error: str | None = None
     skip: str | None = None
     claim_seconds: float = 0.0
+    first_view: int = 0                                 # views before it are stored already (a growing shard)
 
 
-def image_views(sample: sources.Sample, recipe: views.ViewRecipe,
-                on_device: bool = False) -> tuple[torch.Tensor, np.ndarray]:
-    """Decode one sample and produce its K views: (uint8 images [K,3,S,S], params [K,11]); on_device: the decoded
-    image [3,H,W] instead, for `replay_on_device`."""
+def image_views(sample: sources.Sample, recipe: views.ViewRecipe, on_device: bool = False,
+                first: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Decode one sample and produce its K views: (uint8 images of views first..K-1 [K-first,3,S,S], params of
+    all K [K,11]); on_device: the decoded image [3,H,W] instead, for `replay_on_device`. Views are drawn in
+    sequence from a per-key generator, so the first views of a K'-view recipe are a K-view recipe's views."""
     image = views.decode_image(sample.data)
     params = views.sample_views(sample.key, image.height, image.width, recipe)
     if on_device:
         return views.image_tensor(image), params
-    return views.view_pixels(image, params, recipe.image_size, recipe.replay), params
+    return views.view_pixels(image, params[first:], recipe.image_size, recipe.replay), params
 
 
 def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device) -> torch.Tensor:
-    """The views of a batch of decoded images, replayed on `device`: uint8 [n*K,3,S,S]."""
-    return torch.cat([views.view_pixels(x.to(device, non_blocking=True), p, recipe.image_size, recipe.replay)
-                      for x, p in zip(b.images, b.views)])
+    """The views (first_view on) of a batch of decoded images, replayed on `device`: uint8 [n*(K-first),3,S,S]."""
+    return torch.cat([views.view_pixels(x.to(device, non_blocking=True), p[b.first_view:], recipe.image_size,
+                                        recipe.replay) for x, p in zip(b.images, b.views)])
 
 
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_size: int,
-                  storage_options: dict | None = None, on_device: bool = False) -> Iterator[Batch]:
+                  storage_options: dict | None = None, on_device: bool = False, first: int = 0) -> Iterator[Batch]:
     """Batches of one shard, in order. The last one has last=True (and error= if the shard broke)."""
     keys, imgs, params, skipped, labels = [], [], [], [], []
 
     def batch(last: bool, error: str | None = None) -> Batch:
-        out = Batch(shard.name, keys=list(keys), skipped=list(skipped), labels=list(labels), last=last, error=error)
+        out = Batch(shard.name, keys=list(keys), skipped=list(skipped), labels=list(labels), last=last, error=error,
+                    first_view=first)
         if keys:
             out.images, out.views = list(imgs) if on_device else torch.cat(imgs), np.stack(params)
         keys.clear(), imgs.clear(), params.clear(), skipped.clear(), labels.clear()
@@ -133,7 +136,7 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
                 skipped.append({"key": sample.key, "error": "no image member (.jpg/.jpeg/.png/.webp)"})
                 continue
             try:
-                x, p = image_views(sample, recipe, on_device)
+                x, p = image_views(sample, recipe, on_device, first)
             except Exception as e:  # undecodable image: skip, count, list; never drop silently
                 skipped.append({"key": sample.key, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -155,8 +158,8 @@ def _shard_stream_class() -> type:
         """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
         def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
-                     on_device: bool = False):
-            self.shards, self.recipe, self.on_device = shards, recipe, on_device
+                     on_device: bool = False, grow: dict | None = None):
+            self.shards, self.recipe, self.on_device, self.grow = shards, recipe, on_device, grow or {}
             self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
 
         def __iter__(self):
@@ -164,12 +167,14 @@ def _shard_stream_class() -> type:
             wid, nw = (info.id, info.num_workers) if info else (0, 1)
             for shard in self.shards[wid::nw]:
                 t0 = time.perf_counter()
-                why_not = self.claims.acquire(shard.name) if self.claims else None
+                stem = f"{shard.name}@{self.recipe.views}"  # done once this record exists
+                why_not = self.claims.acquire(shard.name, stem) if self.claims else None
                 claim_seconds = time.perf_counter() - t0
                 if why_not:  # committed meanwhile, or another extractor is on it
                     yield Batch(shard.name, skip=why_not)
                     continue
-                for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device):
+                for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device,
+                                       self.grow.get(shard.name, 0)):
                     b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
                     yield b
 
@@ -235,7 +240,9 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     feats, n, passed = [], 0, []
     for shard in p.shards:
         try:
-            for b in shard_batches(shard, p.recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options):
+            # the first CALIB_VIEWS views of each image, whatever K: growing K keeps the calibration
+            recipe = replace(p.recipe, views=store.CALIB_VIEWS)
+            for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options):
                 if b.error:
                     raise sources.SourceError(b.error)
                 if b.keys:
@@ -306,7 +313,8 @@ def rank_world() -> tuple[int, int]:
 class ShardBuffer:
     """Encoded targets of one shard, accumulated batch by batch until its last batch arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, first: int = 0) -> None:
+        self.first = first  # views already stored (a growing shard): these batches hold the ones after
         self.keys: list[str] = []
         self.arrays: dict[str, list[np.ndarray]] = {}
         self.views: list[np.ndarray] = []
@@ -404,7 +412,7 @@ class ShardWriter:
         if b.shard in self.checked:
             return 0
         self.checked.add(b.shard)
-        return min(len(b.keys), self.fidelity_images) * self.k
+        return min(len(b.keys), self.fidelity_images) * (self.k - b.first_view)
 
     def add(self, b: Batch, feats: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> None:
         """One batch's teacher features [n*K, P, D] (None for a batch without images); `reference` are fp32
@@ -415,7 +423,7 @@ class ShardWriter:
 
     def _absorb(self, b: Batch, feats: torch.Tensor | None, reference: torch.Tensor | None) -> None:
         """Host thread: encode (on the features' device), to the host, fidelity; a shard's last batch goes on."""
-        buf = self.buffers.setdefault(b.shard, ShardBuffer())
+        buf = self.buffers.setdefault(b.shard, ShardBuffer(b.first_view))
         buf.overhead += b.claim_seconds
         buf.skipped += b.skipped
         buf.labels += b.labels
@@ -425,7 +433,7 @@ class ShardWriter:
                 m = len(reference)
                 buf.meter.update(reference.cpu(), self.codec.decode(
                     {a: torch.from_numpy(v[:m]) for a, v in encoded.items()}, self.cache.calibration_on("cpu")))
-            buf.add(b, encoded, self.k)
+            buf.add(b, encoded, self.k - buf.first)
         if b.last:
             self.finish(b)
 
@@ -446,11 +454,18 @@ class ShardWriter:
 
     def _commit(self, name: str, buf: ShardBuffer) -> tuple[str, ShardBuffer, bool, dict]:
         """Writer thread: data first, then the create-if-absent commit record, then the claim goes."""
-        arrays, views_ = buf.stacked(self.k, self.shapes)
+        arrays, views_ = buf.stacked(self.k - buf.first, self.shapes)
         extra = {"fidelity": buf.meter.report(), "skipped": buf.skipped, "seconds": round(time.time() - buf.started, 3),
                  "source": self.by_name[name].to_json(), "rank": rank_world()[0],
                  "extractor": self.claims.owner if self.claims else mfs.who(),
                  "calibration_sha256": self.cache.manifest["codec"]["calibration_sha256"]}
+        if buf.first:  # a growing shard: the stored views first, exactly as they are, then the new ones
+            try:
+                arrays, views_ = self.grown(name, buf, arrays, views_, extra)
+            except CacheError as e:  # this shard cannot grow: named, nothing written, the others go on
+                if self.claims:
+                    self.claims.release(name)
+                return name, buf, False, {**extra, "error": str(e)}
         so = self.cache.storage_options
         rec = store.write_shard_data(self.cache.url, name, buf.keys, arrays, views_, extra, so)
         t0 = time.perf_counter()
@@ -460,12 +475,38 @@ class ShardWriter:
         buf.overhead += time.perf_counter() - t0
         return name, buf, won, extra
 
+    def grown(self, name: str, buf: ShardBuffer, new: dict[str, np.ndarray], params: np.ndarray,
+              extra: dict) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """All K views of a growing shard: its stored views 0..first-1 read back (checksums checked) before the
+        new ones. The sampler's parameters for the stored views must be the stored ones, key by key."""
+        rec = self.cache.commits[name]
+        old = [self.cache.read_encoded(name, v) for v in range(buf.first)]
+        if old and old[0][0] != buf.keys:
+            raise CacheError(f"{self.cache.url}: shard {name}: the source's keys are not the stored shard's (the "
+                             "source changed since its first views were extracted)")
+        stored = np.stack([p for _, _, p in old])
+        if not np.array_equal(stored, params[:buf.first]):
+            raise CacheError(f"{self.cache.url}: shard {name}: the view parameters drawn now differ from the stored "
+                             "ones (another sampler?): a cache can only grow by views drawn in the same sequence")
+        meter = codecs.FidelityMeter()
+        meter.merge(rec.get("fidelity", {}))
+        meter.merge(extra["fidelity"])
+        extra.update(fidelity=meter.report(), grows=rec["path"])
+        arrays = {a: np.concatenate([np.stack([arr[a] for _, arr, _ in old]), new[a]]) for a in new}
+        return arrays, params
+
     def _done(self, name: str, buf: ShardBuffer, won: bool, extra: dict) -> None:
         self.summary["overhead_seconds"] += buf.overhead
         self.summary["shard_seconds"] += time.time() - buf.started
+        if "error" in extra:
+            self.summary["failed"][name] = extra["error"]
+            console.print(f"[red]shard failed:[/] {extra['error']}")
+            self.advance()
+            return
         (self.summary["committed"] if won else self.summary["lost_race"]).append(name)
         if self.log:  # logs (no live bar): one line per shard
-            console.print(f"shard {name}: {'committed' if won else 'already committed by another extractor'}, "
+            grown = f" (grown from {buf.first} to {self.k} views)" if buf.first else ""
+            console.print(f"shard {name}: {'committed' if won else 'already committed by another extractor'}{grown}, "
                           f"{len(buf.keys)} images, {len(buf.skipped)} skipped, {extra['seconds']:.1f}s")
         self.advance()
 
@@ -499,7 +540,7 @@ def poll_delays(ttl: float) -> Iterator[float]:
 
 
 def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callable[[list, Claims], None],
-                claim_ttl: float, wait: bool) -> None:
+                claim_ttl: float, wait: bool, k: int) -> None:
     """Compute `todo` (items with a .name: source shards) into `cache` together with any other process doing
     the same: claim, compute, commit; then wait for (or take over) what others hold, until all is committed
     or failed. `one_pass(todo, claims)` does one pass, recording into `summary`. Shared by extract and
@@ -518,7 +559,8 @@ def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callabl
                 claims.release(name)  # never wait on a claim of our own: that would wait forever
                 summary["failed"][name] = "claimed by this job but neither committed nor failed; released"
             before = len(todo)
-            todo = [s for s in todo if s.name not in cache.commits and s.name not in summary["failed"]]
+            todo = [s for s in todo if cache.commits.get(s.name, {}).get("views", 0) < k
+                    and s.name not in summary["failed"]]
             if not todo or not wait:
                 break
             if len(todo) < before:  # others are committing: look again soon
@@ -533,10 +575,11 @@ def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callabl
         cache.write_index()
 
 
-def resume(cache: store.Cache, selected: list) -> tuple[list, dict]:
-    """What is left to compute of `selected` (committed shards are reused), and a fresh summary. Decided
-    from the commit records themselves, never from the index alone (a wrong index is rewritten). A
-    committed shard whose data was deleted has its commit withdrawn, so it is computed again."""
+def resume(cache: store.Cache, selected: list, k: int) -> tuple[list, dict]:
+    """What is left to compute of `selected` for K views (committed shards with K or more are reused; one with
+    fewer grows: summary["grow"] says how many it has), and a fresh summary. Decided from the commit records
+    themselves, never from the index alone (a wrong index is rewritten). A committed shard whose data was
+    deleted has its commit withdrawn, so it is computed again."""
     cache.refresh(records=True)
     if cache.index_problems:
         console.print(f"[yellow]warning:[/] {cache.url}/{store.COMMIT_INDEX} disagrees with the commit records "
@@ -547,13 +590,23 @@ def resume(cache: store.Cache, selected: list) -> tuple[list, dict]:
         for name in broken:
             console.print(f"[yellow]warning:[/] shard {name} is committed but its data "
                           f"{cache.commits[name]['path']} is missing: withdrawing its commit and computing it again")
-            store.drop_commit(cache.url, name, cache.commits[name]["path"], cache.storage_options)
+            rec = cache.commits[name]
+            store.drop_commit(cache.url, store.record_stem(rec), rec["path"], cache.storage_options)
         cache.refresh()
-    todo = [s for s in selected if s.name not in cache.commits]
+    have = {s.name: int(cache.commits[s.name]["views"]) for s in selected if s.name in cache.commits}
+    todo = [s for s in selected if have.get(s.name, 0) < k]
+    grow = {s.name: have[s.name] for s in todo if s.name in have}
+    if grow and cache.format_version < 2:
+        raise CacheError(f"{cache.url}: a format-{cache.format_version} cache cannot grow to {k} views (its K is part "
+                         "of its identity); extract a new one")
     reused = len(selected) - len(todo)
-    if reused:
-        console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; computing {len(todo)}")
-    return todo, new_summary(cache.url, reused)
+    if reused or grow:
+        console.print(f"reusing {reused} committed shard(s) of {len(selected)} selected; " +
+                      (f"growing {len(grow)} to {k} views; computing {len(todo) - len(grow)} more"
+                       if grow else f"computing {len(todo)}"))
+    summary = new_summary(cache.url, reused)
+    summary["grow"] = grow
+    return todo, summary
 
 
 def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
@@ -562,13 +615,13 @@ def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None
     rank, world = rank_world()
     selected = sources.select(p.shards, cfg.shards)[rank::world]  # a bad --shards is refused before a cache exists
     cache = open_or_create(cfg, p)
-    todo, summary = resume(cache, selected)
+    todo, summary = resume(cache, selected, p.recipe.views)
     if not todo:
         if cache.index_stale:  # records read one by one (or a damaged index): compact them for the next reader
             cache.write_index()
         return cache.url, summary
     run_claimed(cache, todo, summary, lambda todo, claims: run_pass(cfg, p, cache, todo, summary, progress, claims),
-                cfg.claim_ttl, cfg.wait)
+                cfg.claim_ttl, cfg.wait, p.recipe.views)
     warn_unmixed(summary)
     return cache.url, summary
 
@@ -581,7 +634,7 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
     teacher, k = p.teacher, p.recipe.views
     loader = torch.utils.data.DataLoader(
         _stream_cls()(todo, p.recipe, cfg.batch_size, p.storage_options, claims,
-                    on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay)),
+                      on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay), grow=summary["grow"]),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),

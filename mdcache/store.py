@@ -30,7 +30,9 @@ from .lazy import lazy
 
 torch = lazy("torch")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: K is not part of the identity (caches grow), records are commits/<shard>@<K>.json
+READABLE = (1, 2)
+CALIB_VIEWS = 2      # a calibration sees the first views of its images, whatever K: growing K keeps it
 MANIFEST = "manifest.json"
 COMMIT_INDEX = "commit-index.json"   # a compacted copy of the commit records: opening a cache is O(1) requests
 COMMITS = "commits"
@@ -64,8 +66,17 @@ def keys_digest(keys: list[str]) -> str:
 
 
 def _record_name(path: str) -> str:
-    """The shard a commit record's file is named for: commits/<shard>.json."""
+    """A commit record's stem: commits/<stem>.json, the stem <shard>@<K> (format 2) or <shard> (format 1)."""
     return path.rstrip("/").rsplit("/", 1)[-1][:-len(".json")]
+
+
+def shard_of(stem: str) -> str:
+    return stem.split("@", 1)[0]
+
+
+def record_stem(rec: dict) -> str:
+    """The file a record is committed as: one per (shard, K) in format 2, so a cache grows by new records."""
+    return f"{rec['shard']}@{rec['views']}" if rec.get("format_version", 1) >= 2 else rec["shard"]
 
 
 def check_record(rec: Any, name: str, where: str) -> dict:
@@ -74,9 +85,9 @@ def check_record(rec: Any, name: str, where: str) -> dict:
     if not isinstance(rec, dict):
         raise CacheError(f"{where}: not a commit record (a JSON {type(rec).__name__}): damaged")
     bad = [k for k, t in RECORD_FIELDS.items() if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
-    if not bad and rec["shard"] != name:
+    if not bad and (rec["shard"] != shard_of(name) or ("@" in name and record_stem(rec) != name)):
         bad = [f"shard {rec['shard']!r}"]
-    if not bad and not rec["path"].startswith(f"shards/{name}."):
+    if not bad and not rec["path"].startswith(f"shards/{shard_of(name)}."):
         bad = [f"path {rec['path']!r}"]
     if not bad and (rec["views"] < 1 or rec["samples"] < 0 or any(
             not isinstance(v, list) or len(v) != rec["views"] for v in rec["checksums"].values())):
@@ -106,8 +117,9 @@ def fingerprint(teacher, recipe, shards: list, codec: str, precision: str, calib
     teacher: a `teachers.Teacher`, recipe: a `views.ViewRecipe`, shards: all `sources.SourceShard`s."""
     from .sources import identity as source_identity
 
+    views = {k: v for k, v in recipe.identity().items() if k != "views"}  # K may grow: not part of the identity
     return {"format_version": FORMAT_VERSION, "teacher": {**teacher.identity, "precision": precision},
-            "views": recipe.identity(), "source": source_identity(shards), "codec": codec_identity(codec, calib_images)}
+            "views": views, "source": source_identity(shards), "codec": codec_identity(codec, calib_images)}
 
 
 def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, calibration: dict | None) -> dict:
@@ -189,6 +201,19 @@ def calibration_arrays(calibration: dict | None) -> dict[str, dict]:
     return {k: v for k, v in (calibration or {}).items() if isinstance(v, dict) and "array" in v}
 
 
+def committed_files(cache: "Cache") -> list[str]:
+    """Every file a reader of the cache needs, relative to its folder: manifest, calibration arrays, every
+    commit record (each K of a growing shard) and the data it names. What a copy of the cache must take."""
+    fs, path = url_to_fs(cache.url, cache.storage_options)
+    base = path.rstrip("/") + "/"
+    folders = [ref["array"] for ref in calibration_arrays(cache.manifest["codec"]["calibration"]).values()]
+    files = [MANIFEST, *(f"commits/{stem}.json" for stem in cache.records)]
+    folders += sorted({rec["path"] for rec in cache.records.values()})
+    for folder in folders:
+        files += [p[len(base):] if p.startswith(base) else p for p in fs.find(join(path, folder))]
+    return files
+
+
 def load_calibration(cache_url: str, calibration: dict | None, storage_options: dict | None = None) -> dict | None:
     """The manifest's calibration with its arrays read back and checked against their checksums."""
     out = dict(calibration or {})
@@ -249,45 +274,45 @@ def publish(cache_url: str, record: dict, storage_options: dict | None = None) -
     """Commit a written attempt; True if its record is the one that stands. A refused or failed commit is
     read back before anything is removed: a retried PUT whose first reply was lost lands and is then
     refused, and the data it names must stay. Otherwise the attempt is garbage and is removed."""
-    name = record["shard"]
+    stem = record_stem(record)
     try:
         won = commit_shard(cache_url, record, storage_options)
     except OSError as e:
-        if committed_path(cache_url, name, storage_options) == record["path"]:
+        if committed_path(cache_url, stem, storage_options) == record["path"]:
             return True
         remove_attempt(cache_url, record["path"], storage_options)
-        raise CacheError(f"{cache_url}: committing shard {name} failed: {e.strerror or e} ({type(e).__name__}); "
-                         "nothing of it was committed") from e
-    if won or committed_path(cache_url, name, storage_options) == record["path"]:
+        raise CacheError(f"{cache_url}: committing shard {record['shard']} failed: {e.strerror or e} "
+                         f"({type(e).__name__}); nothing of it was committed") from e
+    if won or committed_path(cache_url, stem, storage_options) == record["path"]:
         return True
     remove_attempt(cache_url, record["path"], storage_options)  # another extractor committed this shard first
     return False
 
 
-def committed_path(cache_url: str, shard: str, storage_options: dict | None = None) -> str | None:
-    """The attempt a shard's commit record names now (None: not committed): read back, not listed."""
+def committed_path(cache_url: str, stem: str, storage_options: dict | None = None) -> str | None:
+    """The attempt a commit record (commits/<stem>.json) names now (None: none): read back, not listed."""
     fs, path = url_to_fs(cache_url, storage_options)
     try:
-        return read_json(fs, join(path, "commits", f"{shard}.json")).get("path")
+        return read_json(fs, join(path, COMMITS, f"{stem}.json")).get("path")
     except (FileNotFoundError, CacheError):
         return None
 
 
-def drop_commit(cache_url: str, shard: str, attempt: str, storage_options: dict | None = None) -> None:
-    """Withdraw a shard's commit record whose data (`attempt`) is gone, so that the shard is computed again;
-    only if the record still names that attempt (another extractor may have repaired it already)."""
+def drop_commit(cache_url: str, stem: str, attempt: str, storage_options: dict | None = None) -> None:
+    """Withdraw a commit record whose data (`attempt`) is gone, so that the shard is computed again; only if
+    the record still names that attempt (another extractor may have repaired it already)."""
     fs, path = url_to_fs(cache_url, storage_options)
-    if committed_path(cache_url, shard, storage_options) == attempt:
+    if committed_path(cache_url, stem, storage_options) == attempt:
         try:
-            fs.rm(join(path, "commits", f"{shard}.json"))
+            fs.rm(join(path, COMMITS, f"{stem}.json"))
         except FileNotFoundError:
             pass
 
 
 def commit_shard(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
-    """Publish a shard's commit record, create-if-absent: False if another writer committed it first."""
+    """Publish a commit record, create-if-absent: False if another writer committed this (shard, K) first."""
     fs, path = url_to_fs(cache_url, storage_options)
-    return write_json(fs, join(path, "commits", f"{record['shard']}.json"), record, exclusive=True)
+    return write_json(fs, join(path, COMMITS, f"{record_stem(record)}.json"), record, exclusive=True)
 
 
 def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[str, np.ndarray],
@@ -344,7 +369,8 @@ class Cache:
     url: str
     manifest: dict
     storage_options: dict | None = None
-    commits: dict[str, dict] = field(default_factory=dict)
+    commits: dict[str, dict] = field(default_factory=dict)   # shard -> its record with the most views
+    records: dict[str, dict] = field(default_factory=dict)   # every commit record, by file stem
     local_cache: str | None = None          # read-through copy of remote shards on this machine
     unindexed: int = 0                      # records the last refresh read one by one (not in the index)
     _stamps: dict[str, str] = field(default_factory=dict, repr=False)
@@ -406,8 +432,20 @@ class Cache:
         return views_mod.check_replay(self.manifest["fingerprint"]["views"]["replay"])
 
     @property
+    def format_version(self) -> int:
+        return int(self.manifest.get("format_version", 1))
+
+    @property
     def views(self) -> int:
-        return int(self.manifest["views"])
+        """Stored views every committed shard has (K): a cache that grows has shards with more while it grows."""
+        if not self.commits:
+            return int(self.manifest["views"])
+        return min(int(r["views"]) for r in self.commits.values())
+
+    def views_text(self) -> str:
+        """K for people: "8", or "2-8 (growing)" while some shards have more views than others."""
+        ks = sorted({int(r["views"]) for r in self.commits.values()}) or [int(self.manifest["views"])]
+        return str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]} (growing)"
 
     @property
     def teacher_spec(self) -> str:
@@ -458,26 +496,29 @@ class Cache:
         if first or records:  # the compacted index; later refreshes (a waiting extractor's polls) reuse what they hold
             known = self._read_index(fs, path) if listing else {}
         else:
-            known = {n: {"stamp": self._stamps[n], "record": r} for n, r in self.commits.items() if n in self._stamps}
-        commits, stamps, todo = {}, {}, []
+            known = {n: {"stamp": self._stamps[n], "record": r} for n, r in self.records.items() if n in self._stamps}
+        found, stamps, todo = {}, {}, []
         for p, stamp in listing.items():
-            name = _record_name(p)
-            hit = known.get(name)
+            stem = _record_name(p)
+            hit = known.get(stem)
             if hit is not None and hit.get("stamp") == stamp and not records:
-                commits[name], stamps[name] = hit["record"], stamp
+                found[stem], stamps[stem] = hit["record"], stamp
             else:
                 todo.append(p)
         for p, rec in read_json_many(fs, todo).items():  # new since the index (or the last refresh), or replaced
-            name = _record_name(p)
-            commits[name], stamps[name] = check_record(rec, name, fs.unstrip_protocol(p)), listing[p]
+            stem = _record_name(p)
+            found[stem], stamps[stem] = check_record(rec, stem, fs.unstrip_protocol(p)), listing[p]
         if first or records:
-            self._in_index = {n for n in commits if n in known and known[n].get("stamp") == stamps[n]}
+            self._in_index = {n for n in found if n in known and known[n].get("stamp") == stamps[n]}
         if records:  # the index vouched for these records as they are: does it say what they say?
-            self.index_problems += [f"shard {n}: the index holds another record than {COMMITS}/{n}.json"
-                                    for n in sorted(self._in_index) if known[n]["record"] != commits[n]]
-            self._in_index -= {n for n in self._in_index if known[n]["record"] != commits[n]}
-        self.commits, self._stamps = commits, stamps
-        self.unindexed = sum(n not in self._in_index for n in commits)  # records the on-disk index lacks
+            self.index_problems += [f"shard {shard_of(n)}: the index holds another record than {COMMITS}/{n}.json"
+                                    for n in sorted(self._in_index) if known[n]["record"] != found[n]]
+            self._in_index -= {n for n in self._in_index if known[n]["record"] != found[n]}
+        self.records, self._stamps = found, stamps
+        self.commits = {}  # per shard, the record with the most views (a grown shard has one per step)
+        for rec in sorted(found.values(), key=lambda r: r["views"]):
+            self.commits[rec["shard"]] = rec
+        self.unindexed = sum(n not in self._in_index for n in found)  # records the on-disk index lacks
         return self
 
     def _read_index(self, fs, path: str) -> dict:
@@ -492,7 +533,7 @@ class Cache:
             print(f"warning: {e}; reading the commit records one by one", file=sys.stderr)
             self.index_problems.append(str(e))
             return {}
-        if index.get("format_version") != FORMAT_VERSION:
+        if index.get("format_version") != self.format_version:
             return {}
         entries = index.get("records")
         if not isinstance(entries, dict):
@@ -523,22 +564,23 @@ class Cache:
         """Compact the commit records read by the last refresh into one file (best effort: a reader with
         read-only credentials, or a store that is down, simply keeps reading the records)."""
         fs, path = url_to_fs(self.url, self.storage_options)
-        index = {"format_version": FORMAT_VERSION, "written_at": now(),
-                 "records": {n: {"stamp": self._stamps[n], "record": r} for n, r in self.commits.items()}}
+        index = {"format_version": self.format_version, "written_at": now(),
+                 "records": {n: {"stamp": self._stamps[n], "record": r} for n, r in self.records.items()}}
         try:
             write_json(fs, join(path, COMMIT_INDEX), index)
         except OSError:
             return False
-        self._in_index, self.unindexed, self.index_problems = set(self.commits), 0, []
+        self._in_index, self.unindexed, self.index_problems = set(self.records), 0, []
         return True
 
     def _reload_record(self, shard: str) -> bool:
         """After a failed read: the shard's commit record itself, in case the index was wrong about it. True if
         it differed (the read is worth retrying). Repair advice is only ever given from the record itself."""
         fs, path = url_to_fs(self.url, self.storage_options)
-        where = fs.unstrip_protocol(join(path, COMMITS, f"{shard}.json"))
+        stem = record_stem(self.commits[shard])
+        where = fs.unstrip_protocol(join(path, COMMITS, f"{stem}.json"))
         try:
-            rec = check_record(read_json(fs, join(path, COMMITS, f"{shard}.json")), shard, where)
+            rec = check_record(read_json(fs, join(path, COMMITS, f"{stem}.json")), stem, where)
         except FileNotFoundError:
             raise CacheError(f"{self.url}: shard {shard!r} is no longer committed (its record {where} was "
                              "removed, e.g. by `mdcache rm --shard`); re-run the same `mdcache extract` to recompute "
@@ -547,8 +589,8 @@ class Cache:
             return False
         print(f"warning: {self.url}/{COMMIT_INDEX} was wrong about shard {shard}: using its commit record "
               "(`mdcache verify` rewrites the index)", file=sys.stderr)
-        self.commits[shard] = rec
-        self.index_problems.append(f"shard {shard}: the index holds another record than {COMMITS}/{shard}.json")
+        self.commits[shard] = self.records[stem] = rec
+        self.index_problems.append(f"shard {shard}: the index holds another record than {COMMITS}/{stem}.json")
         return True
 
     @property
@@ -707,7 +749,7 @@ class Cache:
                 nbytes += rec["bytes"] if rec.get("bytes") is not None else fs.du(join(path, rec["path"]))
             except FileNotFoundError:
                 pass
-        views = samples * self.views
+        views = sum(rec["samples"] * rec["views"] for rec in self.commits.values())
         return {"shards_done": len(self.commits), "shards_total": len(self.source_shards), "samples": samples,
                 "skipped": skipped, "bytes": nbytes, "bytes_per_view": nbytes / views if views else 0,
                 "fidelity": meter.report()}
@@ -725,9 +767,9 @@ def open_cache(url: str, storage_options: dict | None = None, local_cache: str |
     if not fs.exists(mpath):
         raise CacheNotFound(f"{url}: no {MANIFEST} here; not a cache directory (use `mdcache ls ROOT` to list caches)")
     manifest = read_json(fs, mpath)
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE:
         raise CacheError(f"{url}: cache format {manifest.get('format_version')} is not supported "
-                         f"(this mdcache reads format {FORMAT_VERSION})")
+                         f"(this mdcache reads formats {', '.join(map(str, READABLE))}: a newer mdcache made it)")
     check_manifest(manifest, f"{url.rstrip('/')}/{MANIFEST}")
     if local_cache and not is_local(fs):
         local_copies.check_dir(local_cache)

@@ -46,8 +46,12 @@ class TranscodeConfig:
 
 
 def fingerprint(src: store.Cache, codec: str, calib_images: int = store.CALIB_IMAGES) -> dict:
-    """The source's fingerprint with the new codec, naming the source: what produced these targets."""
-    return {**src.manifest["fingerprint"], "codec": store.codec_identity(codec, calib_images),
+    """The source's fingerprint with the new codec, naming the source: what produced these targets. Always
+    of the current format (a format-1 source's K leaves the identity: the new cache can grow with it)."""
+    fp = src.manifest["fingerprint"]
+    return {**fp, "format_version": store.FORMAT_VERSION,
+            "views": {k: v for k, v in fp["views"].items() if k != "views"},
+            "codec": store.codec_identity(codec, calib_images),
             "transcoded_from": {"cache_id": src.cache_id, "codec": src.codec}}
 
 
@@ -58,16 +62,18 @@ def encoded_rows(src: store.Cache, per_view: list[dict[str, np.ndarray]], rows: 
 
 
 def calibrate(cfg: TranscodeConfig, src: store.Cache, device) -> dict | None:
-    """The new codec's calibration from the decoded targets of the source's first committed images."""
+    """The new codec's calibration from the decoded targets of the source's first committed images, their
+    first CALIB_VIEWS views (as extract: a cache that grows keeps its calibration)."""
     codec = codecs.get_codec(cfg.codec)
     if codec.calibrate is None:
         return None
     feats, n = [], 0
     for shard in src.shard_names:
-        per_view = [src.read_encoded(shard, v)[1] for v in range(src.views)]
+        views = min(store.CALIB_VIEWS, src.views)
+        per_view = [src.read_encoded(shard, v)[1] for v in range(views)]
         take = slice(0, cfg.calib_images - n)
         feats.append(src.decode(encoded_rows(src, per_view, take, device)).cpu())
-        n += len(feats[-1]) // src.views
+        n += len(feats[-1]) // views
         if n >= cfg.calib_images:
             break
     if not n:
@@ -92,7 +98,7 @@ def open_or_create(cfg: TranscodeConfig, src: store.Cache, device) -> store.Cach
 
     def manifest() -> dict:
         calibration = store.put_calibration(url, calibrate(cfg, src, device), cfg.storage_options)
-        return {**m, "cache_id": store.cache_id(fp), "fingerprint": fp,
+        return {**m, "format_version": store.FORMAT_VERSION, "cache_id": store.cache_id(fp), "fingerprint": fp,
                 "codec": store.codec_record(codec.name, calibration, tokens, src.teacher_dim),
                 "transcoded_from": {"cache": src.url, "cache_id": src.cache_id, "codec": src.codec},
                 "created_by": mfs.who(), "created_at": mfs.now(), "versions": store.software_versions()}
@@ -117,10 +123,11 @@ def transcode(cfg: TranscodeConfig, progress: bool = True) -> tuple[str, dict]:
     if missing:
         console.print(f"[yellow]warning:[/] {len(missing)} selected shard(s) are not committed in the source cache "
                       f"yet (first: {missing[0]}); transcoding the other {len(selected) - len(missing)}")
-    todo, summary = resume(cache, [s for s in selected if s.name in src.commits])
+    todo, summary = resume(cache, [s for s in selected if s.name in src.commits], src.views)
     if todo:
         run_claimed(cache, todo, summary, lambda todo, claims: run_pass(cfg, src, cache, todo, summary, device,
-                                                                         progress, claims), cfg.claim_ttl, cfg.wait)
+                                                                         progress, claims),
+                    cfg.claim_ttl, cfg.wait, src.views)
     summary["not_in_source"] = missing
     return cache.url, summary
 
@@ -136,24 +143,25 @@ def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: l
                              advance=lambda: bar.advance(task))
         try:
             for shard in todo:
-                why_not = claims.acquire(shard.name)
+                why_not = claims.acquire(shard.name, f"{shard.name}@{k}")
                 if why_not:
                     if why_not != "committed":
                         summary["elsewhere"][shard.name] = why_not
                     bar.advance(task)
                     continue
+                first = summary["grow"].get(shard.name, 0)  # views the new cache holds already
                 try:
-                    reads = [src.read_encoded(shard.name, v) for v in range(k)]
+                    reads = [src.read_encoded(shard.name, v, targets=v >= first) for v in range(k)]
                 except CacheError as e:  # a damaged source shard: named, the rest goes on
                     writer.add(Batch(shard.name, last=True, error=str(e)))
                     continue
-                keys, per_view = reads[0][0], [r[1] for r in reads]
+                keys, per_view = reads[0][0], [r[1] for r in reads[first:]]
                 params = np.stack([r[2] for r in reads], 1)  # [N, K, fields]
                 skipped = list(src.commits[shard.name].get("skipped", []))
                 for i in range(0, max(len(keys), 1), cfg.batch_size):
                     rows = slice(i, i + cfg.batch_size)
                     b = Batch(shard.name, keys=keys[rows], skipped=skipped if i == 0 else [],
-                              last=i + cfg.batch_size >= len(keys))
+                              last=i + cfg.batch_size >= len(keys), first_view=first)
                     feats = None
                     if b.keys:
                         b.views = params[rows]

@@ -19,7 +19,7 @@ from .lazy import lazy
 
 torch = lazy("torch")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log files: no line breaks mid-sentence
 
 
 @dataclass

@@ -50,9 +50,7 @@ class StorageBenchConfig:
 def copy_cache(cache: store.Cache, dst_root: str) -> str:
     """Download manifest, commit records and committed shards: a local cache with the same id."""
     fs, path = mfs.url_to_fs(cache.url, cache.storage_options)
-    files = [mfs.join(path, store.MANIFEST)]
-    for rec in cache.commits.values():
-        files += [mfs.join(path, "commits", f"{rec['shard']}.json"), *fs.find(mfs.join(path, rec["path"]))]
+    files = [mfs.join(path, f) for f in store.committed_files(cache)]  # calibration arrays too (pca)
     return mfs.download_tree(fs, path, os.path.join(dst_root, cache.cache_id), files=files)
 
 

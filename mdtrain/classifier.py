@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from typing import Any, Iterator
 
 import torch
@@ -62,6 +63,8 @@ def describe_weights(path: str, model: str | None = None, image_size: int | None
                      global_pool: str | None = None, model_args: dict | None = None) -> dict:
     """What rebuilds the model of a weights file: explicit options win, then its metadata (current or
     legacy keys), then defaults. Returns {"model", "image_size", "global_pool", "model_args", "meta"}."""
+    if "://" not in path and not os.path.exists(path):
+        raise ConfigError(f"{path}: no such weights file")
     meta = weights_metadata(path)
     model = model or meta.get("model") or meta.get("timm_model")
     if not model:

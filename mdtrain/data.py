@@ -159,6 +159,8 @@ class ShardStream(torch.utils.data.IterableDataset):
                  cache: store.Cache | None = None, recipe: views.ViewRecipe | None = None):
         if cache is None and recipe is None:
             raise ValueError("a stream needs a cache (stored views) or a view recipe (online mode)")
+        if cache is not None and not 1 <= cfg.views <= cache.views:
+            raise ValueError(f"{cache.url} stores {cache.views} views per image, asked to train on {cfg.views}")
         if cfg.fresh_crops and recipe is not None:  # one view per image and epoch, from its own seed
             recipe = replace(recipe, views=1, seed=int(views.key_rng(recipe.seed, f"fresh/{epoch}").integers(2**31)))
         self.shards, self.cfg, self.epoch, self.cache, self.recipe = shards, cfg, epoch, cache, recipe
@@ -205,7 +207,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def shard_items(self, plan: ShardPlan) -> Iterator[tuple]:
         """(plan, index in cache shard, sample, view params or None, encoded targets or None, view), shuffled."""
-        k = self.cache.views if self.cache is not None else self.recipe.views
+        k = self.cfg.views if self.cache is not None else self.recipe.views  # a cache's first K: --cache-views
         view = views.view_for(self.cfg.seed, plan.name, self.epoch, k)
         keys, arrays, params = (self.cache.read_encoded(plan.name, view, targets=self.cfg.with_targets)
                                 if self.cache is not None else (None, None, None))

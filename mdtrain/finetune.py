@@ -16,6 +16,7 @@ before it fetches its batch, so a run stopped after any step (--stop-after) resu
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -175,9 +176,14 @@ def build_recipe(cfg: FinetuneConfig, net: torch.nn.Module, num_classes: int, wo
     optimizer = create_optimizer_v2(net, opt="adamw", lr=lr, weight_decay=cfg.weight_decay,
                                     layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None,
                                     fused=next(net.parameters()).is_cuda)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs - warmup, lr_min=cfg.min_lr,
-                                  warmup_t=warmup, warmup_lr_init=cfg.warmup_lr, warmup_prefix=True,
-                                  t_in_epochs=True)
+    quiet = logging.getLogger("timm.scheduler.cosine_lr")  # its "will have no effect" warning for a one-epoch
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)  # cosine is wrong here: we step in fractional epochs
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs - warmup, lr_min=cfg.min_lr,
+                                      warmup_t=warmup, warmup_lr_init=cfg.warmup_lr, warmup_prefix=True,
+                                      t_in_epochs=True)
+    finally:
+        quiet.setLevel(level)
     mixup = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         if cfg.batch_size % 2:

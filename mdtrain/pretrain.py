@@ -50,7 +50,7 @@ from .runtime import (
 )
 from .student import Student, build_student
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # log files: no line breaks mid-sentence
 
 
 @dataclass
@@ -63,6 +63,8 @@ class PretrainConfig(ViewOptions):
                                      "fsspec URL.", group="Data")
     source: Optional[str] = opt(None, "Source shards: overrides where the cache's images are; required online "
                                       "without --cache.", group="Data")
+    cache_views: int = opt(0, "With --cache: train on its first K stored views only (0: all it has). Views are "
+                              "nested, so K=2 of a grown K=8 cache is the K=2 cache.", ge=0, group="Data")
     student: str = opt("vit_base_patch16_224", "timm model name of the student (vit_*, deit_*, beitv2_*, ...).",
                        group="Student")
     student_args: dict = model_args_opt("--student-arg", "student", group="Student")
@@ -191,6 +193,10 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
         _ = cache.calibration  # read and checked now (pca's basis): a damaged one stops here, by name
         plan = data.plan_from_cache(cache, cfg.source)
         grid, dim, image_size, k = cache.patch_grid, cache.teacher_dim, cache.image_size, cache.views
+        if cfg.cache_views > k:
+            raise ConfigError(f"--cache-views {cfg.cache_views}: {cache.url} stores {k} views per image (grow it with "
+                              f"`mdcache extract ... --views {cfg.cache_views}`)")
+        k = cfg.cache_views or k
     elif cfg.teacher and cfg.source:
         plan = data.plan_from_source(cfg.source, so)
     else:
@@ -494,8 +500,10 @@ def close_logs(r: Run, stopped: bool, epoch: int, batch: int) -> None:
         plot_loss(r.metrics.rows(), r.outdir.path("loss.png"))
         r.outdir.push()
         loss = f"loss {r.loss:.4f}" if math.isfinite(r.loss) else "before any step"  # --stop-after 0: the initial state
+        wrote = [f for f in ("last.ckpt", checkpoint.WEIGHTS_NAME, "metrics.jsonl", "loss.png")
+                 if os.path.exists(r.outdir.path(f))]  # no loss.png before the first step
         console.print(f"{'stopped' if stopped else 'done'} at step {r.step} (epoch {epoch}, batch {batch}), "
-                      f"{loss}; wrote {r.cfg.out}/last.ckpt, student.safetensors, metrics.jsonl, loss.png")
+                      f"{loss}; wrote {r.cfg.out}/{', '.join(wrote)}")
     if r.dist.world > 1:
         torch.distributed.barrier()
 

@@ -157,7 +157,7 @@ class StopFlag:
     def __init__(self, console: Console | None = None) -> None:
         self.requested = False
         self._old: dict[int, Any] = {}
-        self._console = console or Console(stderr=True)
+        self._console = console or Console(stderr=True, soft_wrap=True)
 
     def __enter__(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):

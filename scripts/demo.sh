@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the demo pipeline on photos shipped with scikit-image: no downloads.
+# Set up (if needed) and run the demo pipeline on Fashion-MNIST (installed offline by setup.sh): no downloads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

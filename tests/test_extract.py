@@ -63,12 +63,12 @@ def test_cache_id_changes_with_what_produced_it_and_nothing_else(tmp_path, demo_
     # Not part of the identity: how the work is run.
     assert cache_url_for(tmp_path, train_spec, workers=2, batch_size=3, fidelity_images=2) == base
     assert cache_url_for(tmp_path, train_spec, shards="1:2") == base
-    # Part of it: teacher, tap, codec, views, view recipe, source.
+    assert cache_url_for(tmp_path, train_spec, views=3) == base  # K: a cache grows (tests/test_grow.py)
+    # Part of it: teacher, tap, codec, view recipe, source.
     changed = {
         "teacher": cache_url_for(tmp_path, train_spec, teacher="timm:vit_tiny_patch16_224"),
         "tap": cache_url_for(tmp_path, train_spec, tap="proj"),
         "codec": cache_url_for(tmp_path, train_spec, codec="int8"),
-        "views": cache_url_for(tmp_path, train_spec, views=3),
         "crop": cache_url_for(tmp_path, train_spec, crop_scale=(0.3, 1.0)),
         "seed": cache_url_for(tmp_path, train_spec, seed=1),
         "jitter": cache_url_for(tmp_path, train_spec, color_jitter=0.0),  # 0.4 is the default
@@ -149,7 +149,7 @@ def test_uncommitted_shard_data_is_invisible(tmp_path, train_spec):
     rec = cache.commits["train-000001"]
     # A crashed writer leaves data without a commit record: readers must not see it.
     shutil.copytree(Path(url) / rec["path"], Path(url) / "shards" / "train-000001.crashedattempt")
-    os.unlink(Path(url) / "commits" / "train-000001.json")
+    os.unlink(Path(url) / "commits" / f"{store.record_stem(rec)}.json")
     cache = open_cache(url)
     assert "train-000001" not in cache.shard_names and not cache.complete
     with pytest.raises(store.CacheError, match="train-000001.*not committed"):
@@ -198,6 +198,8 @@ def test_verify_checksums_and_teacher(tmp_path, train_spec):
     url, _ = extract(extract_cfg(train_spec, str(tmp_path), codec="int8"), progress=False)
     ok = run_cli("verify", url, "--teacher-check", "12")
     assert ok.stdout.strip() == "OK" and "teacher check on 12 replayed views" in ok.stderr
+    narrow = run_cli("verify", url, env={"COLUMNS": "40"})  # a log file or a narrow terminal: lines stay whole
+    assert any("shards committed, checksums OK" in line and url in line for line in narrow.stderr.splitlines())
     chunk = Path(url) / open_cache(url).commits["train-000002"]["path"] / "targets" / "c" / "1" / "0" / "0" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -219,7 +221,7 @@ def test_verify_teacher_check_catches_views_that_do_not_match(tmp_path, train_sp
     params[..., 4] = 1 - params[..., 4]  # every view's flip state toggled
     params[..., 0] //= 2  # and its crop box moved up
     rec = store.write_shard_data(url, name, keys, arrays, params, {})
-    os.unlink(Path(url) / "commits" / f"{name}.json")
+    os.unlink(Path(url) / "commits" / f"{store.record_stem(cache.commits[name])}.json")
     assert store.commit_shard(url, rec)
     verify_partial(url)  # checksums alone cannot tell
     bad = run_cli("verify", url, "--teacher-check", "8", check=False)
@@ -269,7 +271,23 @@ def test_info_and_ls(tmp_path, train_spec):
     assert url.rsplit("/", 1)[-1] in ls and "2/4" in ls
     narrow = run_cli("ls", str(tmp_path), env={"COLUMNS": "80"}).stdout  # the id is pasted into `info`: never cut
     assert url.rsplit("/", 1)[-1] in narrow and max(len(line) for line in narrow.splitlines()) <= 80
+    assert "\u2026" not in narrow and "int8" in narrow and " 60 " in narrow  # fewer columns, none cut to "t\u2026"
     assert run_cli("info", str(tmp_path), check=False).returncode == 2
+
+
+def test_a_copy_of_a_pca_cache_takes_its_basis(tmp_path, train_spec):
+    """bench-storage's local reference copy once left out calibration/ (pca's basis): the copy did not open.
+    The store names every file a reader needs; the copy reads exactly like the original."""
+    from mdtrain.bench_storage import copy_cache
+
+    url, _ = extract(extract_cfg(train_spec, str(tmp_path / "a"), codec="pca:16", shards="0:1"), progress=False)
+    cache = open_cache(url)
+    files = store.committed_files(cache)
+    assert any(f.startswith("calibration/") for f in files) and "commits/train-000000@2.json" in files
+    copy = open_cache(copy_cache(cache, str(tmp_path / "copy")))
+    assert copy.cache_id == cache.cache_id and copy.url != cache.url
+    for a, b in zip(cache.read("train-000000", 1), copy.read("train-000000", 1)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_missing_weights_say_how_to_provide_them(tmp_path, train_spec):

@@ -119,6 +119,9 @@ def test_cli_eval_and_knn_print_json(tmp_path, data):
     assert out["eval"]["n"] == 40 and out["eval"]["num_classes"] == 10 and out["eval"]["image_size"] == SIZE
     assert out["knn"]["k"] == 5 and out["knn"]["train_n"] == 30 and out["knn"]["image_size"] == SIZE
     assert any("head.weight" in n for n in out["knn"]["ignored"])  # finetuned classifier ignored for k-NN
+    missing = mdtrain("eval", "--val", f"{data}/val-000000.tar", "--weights", str(tmp_path / "nope.safetensors"),
+                      check=False, env=CPU1)  # the demo once reported this as "does not record its model name"
+    assert missing.returncode != 0 and "nope.safetensors: no such weights file" in missing.stderr, missing.stderr
 
 
 def test_knn_of_a_pretrained_student_needs_only_its_weights(tmp_path_factory, tmp_path, train_spec, data):

@@ -169,6 +169,18 @@ def test_recipe_defaults_are_beit_v2s(tmp_path, data, student):
         build_recipe(cfg(data, out, epochs=2, warmup_epochs=2), build_model(MODEL, 10, SIZE), 10, world=1)
 
 
+def test_a_one_epoch_cosine_decays_without_timm_saying_it_will_not(tmp_path, data, caplog):
+    """timm warns "Cosine annealing scheduler will have no effect" when the cosine spans one epoch; we step it
+    in fractional epochs, so the lr does decay and the warning would mislead."""
+    r = build_recipe(cfg(data, str(tmp_path), epochs=2, warmup_epochs=1), build_model(MODEL, 10, SIZE), 10, world=1)
+    assert "no effect" not in caplog.text
+    lrs = []
+    for t in (1.0, 1.5, 2.0):
+        r.scheduler.step(t)
+        lrs.append(max_lr(r.optimizer))
+    assert lrs[0] > lrs[1] > lrs[2]
+
+
 # ----------------------------------------------------------------------------- training
 
 def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data, student):

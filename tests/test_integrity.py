@@ -73,7 +73,8 @@ def test_a_fingerprint_that_is_not_the_id_is_refused(int8_cache):
 
 @pytest.mark.parametrize("damage", ["empty", "truncated", "list"])
 def test_damaged_manifest_or_commit_record_names_the_file(int8_cache, damage):
-    for name in (store.MANIFEST, "commits/train-000000.json"):
+    record = next(Path(int8_cache).glob("commits/train-000000@*.json")).relative_to(int8_cache)
+    for name in (store.MANIFEST, str(record)):
         path = Path(int8_cache) / name
         good = path.read_bytes()
         path.write_bytes({"empty": b"", "truncated": good[: len(good) // 2], "list": b"[1, 2]"}[damage])
@@ -206,14 +207,14 @@ def test_opening_a_cache_reads_the_compacted_index_and_trusts_only_the_listing(t
     listing stays the truth: a withdrawn record is not resurrected from the index, a replaced one is re-read."""
     url, _ = extract(extract_cfg(train_spec, str(tmp_path / "root"), shards="0:3"), progress=False)
     index = json.loads((Path(url) / store.COMMIT_INDEX).read_text())
-    assert set(index["records"]) == {"train-000000", "train-000001", "train-000002"}
+    assert set(index["records"]) == {"train-000000@2", "train-000001@2", "train-000002@2"}  # one per shard and K
     cache = open_cache(url)
     assert cache.unindexed == 0 and cache.shard_names == ["train-000000", "train-000001", "train-000002"]
     run_cli("rm", url, "--shard", "train-000001", "--yes")
     assert open_cache(url).shard_names == ["train-000000", "train-000002"]  # the index still lists it
     old = cache.commits["train-000002"]
     rec = store.write_shard_data(url, "train-000002", *shard_contents(cache, "train-000002"), {})
-    os.unlink(Path(url) / "commits" / "train-000002.json")
+    os.unlink(Path(url) / "commits" / f"{store.record_stem(old)}.json")
     assert store.commit_shard(url, rec)  # a new record under the same name: the index's copy is stale
     fresh = open_cache(url)
     assert fresh.commits["train-000002"]["path"] == rec["path"] != old["path"] and fresh.unindexed == 1
@@ -265,11 +266,13 @@ def test_a_commit_whose_first_reply_was_lost_keeps_its_data(tmp_path, train_spec
     assert store.publish(url, mine) is True and (Path(url) / mine["path"]).exists()
     loser = store.write_shard_data(url, "train-000001", *contents, {})
     assert store.publish(url, loser) is False and not (Path(url) / loser["path"]).exists()
-    store.drop_commit(url, "train-000001", loser["path"])  # names another attempt: left alone
-    assert store.committed_path(url, "train-000001") == mine["path"]
-    store.drop_commit(url, "train-000001", mine["path"])
-    store.drop_commit(url, "train-000001", mine["path"])  # twice (two repairing extractors): no error
-    assert store.committed_path(url, "train-000001") is None
+    stem = store.record_stem(mine)
+    assert stem == f"train-000001@{mine['views']}"  # one record per (shard, K): a shard grows by new records
+    store.drop_commit(url, stem, loser["path"])  # names another attempt: left alone
+    assert store.committed_path(url, stem) == mine["path"]
+    store.drop_commit(url, stem, mine["path"])
+    store.drop_commit(url, stem, mine["path"])  # twice (two repairing extractors): no error
+    assert store.committed_path(url, stem) is None
 
 
 def test_refused_credentials_are_recognised_by_their_error_code():

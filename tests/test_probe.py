@@ -115,7 +115,7 @@ def test_a_shard_encoded_with_another_calibration_is_refused(caches, tmp_path, m
     shard = "train-000001"
     rec = open_cache(b).commits[shard]
     shutil.copytree(Path(b) / rec["path"], Path(a) / rec["path"])  # the merge: b's shard lands in a
-    (Path(a) / "commits" / f"{shard}.json").write_text(json.dumps(rec))
+    (Path(a) / "commits" / f"{store.record_stem(rec)}.json").write_text(json.dumps(rec))
     with pytest.raises(CacheError, match=f"shard '{shard}' was encoded with another codec calibration"):
         open_cache(a).read(shard, 0)
     r = invoke("verify", a)
@@ -163,13 +163,18 @@ def index_path(url: str) -> Path:
     return Path(url) / store.COMMIT_INDEX
 
 
+def entry(index: dict, shard: str) -> dict:
+    """The index entry of a shard's record (keyed by record stem: shard@K)."""
+    return next(v for k, v in index["records"].items() if store.shard_of(k) == shard)
+
+
 def test_a_wrong_path_in_the_index_never_makes_gc_delete_committed_data(copy_of, capfd):
     """The index named another (absent) attempt: reads said 'data missing', extract said 'reusing', and
     `gc --grace 0 --yes` removed the real attempt as uncommitted. Every decision now reads the records."""
     url = copy_of("int8")
     shard, real = "train-000000", open_cache(url).commits["train-000000"]["path"]
     before = open_cache(url).read(shard, 1)
-    edit_json(index_path(url), lambda i: i["records"][shard]["record"].__setitem__("path", f"shards/{shard}.gone"))
+    edit_json(index_path(url), lambda i: entry(i, shard)["record"].__setitem__("path", f"shards/{shard}.gone"))
     cache = open_cache(url)
     assert cache.commits[shard]["path"] == f"shards/{shard}.gone"  # the reader's shortcut trusts the index...
     after = cache.read(shard, 1)  # ...until a read fails: then the record itself decides
@@ -178,18 +183,18 @@ def test_a_wrong_path_in_the_index_never_makes_gc_delete_committed_data(copy_of,
     r = invoke("gc", url, "--grace", "0", "--yes")
     assert r.exit_code == 0 and real not in r.stdout and "rewriting" in r.stdout
     assert (Path(url) / real).is_dir() and invoke("verify", url).stdout.strip() == "OK"
-    assert json.loads(index_path(url).read_text())["records"][shard]["record"]["path"] == real
+    assert entry(json.loads(index_path(url).read_text()), shard)["record"]["path"] == real
 
 
 def test_a_wrong_checksum_in_the_index_never_advises_removing_a_good_shard(copy_of):
     url = copy_of("fp16")
     shard = "train-000001"
-    edit_json(index_path(url), lambda i: i["records"][shard]["record"]["checksums"]["targets"].__setitem__(0, "0" * 64))
+    edit_json(index_path(url), lambda i: entry(i, shard)["record"]["checksums"]["targets"].__setitem__(0, "0" * 64))
     assert np.array_equal(open_cache(url).read(shard, 0)[1], open_cache(url, records=True).read(shard, 0)[1])
     r = invoke("verify", url)
     assert r.exit_code == 0 and r.stdout.strip() == "OK" and "rm --shard" not in r.stderr
     assert "index:" in r.stderr and "rewritten" in r.stderr
-    assert json.loads(index_path(url).read_text())["records"][shard]["record"] == open_cache(url).commits[shard]
+    assert entry(json.loads(index_path(url).read_text()), shard)["record"] == open_cache(url).commits[shard]
 
 
 def test_a_record_swapped_in_the_index_is_caught_and_the_index_rewritten(copy_of, demo_data):
@@ -199,9 +204,8 @@ def test_a_record_swapped_in_the_index_is_caught_and_the_index_rewritten(copy_of
     good = {n: open_cache(url).read(n, 0)[0] for n in ("train-000000", "train-000001")}
 
     def swap(i):
-        r = i["records"]
-        r["train-000000"]["record"], r["train-000001"]["record"] = r["train-000001"]["record"], \
-            r["train-000000"]["record"]
+        a, b = entry(i, "train-000000"), entry(i, "train-000001")
+        a["record"], b["record"] = b["record"], a["record"]
     edit_json(index_path(url), swap)
     cache = open_cache(url)
     assert {n: cache.read(n, 0)[0] for n in good} == good and cache.index_problems
@@ -219,9 +223,9 @@ def test_an_index_of_the_wrong_shape_is_only_a_lost_shortcut(copy_of, tmp_path, 
     traceback, and ls/gc of the whole root."""
     url = copy_of("int8")
     damage = {"records-list": lambda i: i.__setitem__("records", list(i["records"])),
-              "entry-string": lambda i: i["records"].__setitem__("train-000000", "x"),
-              "no-record": lambda i: i["records"]["train-000000"].pop("record"),
-              "record-null": lambda i: i["records"]["train-000000"].__setitem__("record", None)}[shape]
+              "entry-string": lambda i: i["records"].__setitem__("train-000000@2", "x"),
+              "no-record": lambda i: entry(i, "train-000000").pop("record"),
+              "record-null": lambda i: entry(i, "train-000000").__setitem__("record", None)}[shape]
     edit_json(index_path(url), damage)
     assert open_cache(url).read_encoded("train-000000", 1)[1]["targets"].shape == (30, 16, 64)
     assert invoke("info", url).exit_code == 0
@@ -250,12 +254,14 @@ def test_a_negative_batch_size_is_refused_instead_of_waiting_on_its_own_claims(c
 def test_a_job_never_waits_on_a_claim_it_holds_itself(copy_of, demo_data):
     """Whatever a pass leaves claimed by this job but uncommitted is released and reported, not waited for."""
     url = copy_of("fp16")
-    store.drop_commit(url, "train-000001", open_cache(url).commits["train-000001"]["path"])
+    rec = open_cache(url).commits["train-000001"]
+    store.drop_commit(url, store.record_stem(rec), rec["path"])
     cache = open_cache(url)
     todo = [s for s in cache.sources() if s.name not in cache.commits]
     summary = extract.new_summary(url, 0)
     t0 = time.time()
-    extract.run_claimed(cache, todo, summary, lambda todo, c: [c.acquire(s.name) for s in todo], 60.0, True)
+    extract.run_claimed(cache, todo, summary, lambda todo, c: [c.acquire(s.name) for s in todo], 60.0, True,
+                        cache.views)
     assert time.time() - t0 < 20 and "neither committed nor failed" in summary["failed"]["train-000001"]
     assert not list((Path(url) / "claims").glob("*.json"))
 

@@ -36,8 +36,10 @@ def test_pretrain_recipe_defaults_follow_beit_v2():
 def test_resolved_recipe_reaches_the_model_and_config(tmp_path_factory, tmp_path, train_spec):
     """The resolved values are what trains: config.json records them, the student has LayerScale 0.1."""
     out = tmp_path / "pt"
-    mdtrain("pretrain", "--cache", shared_cache(tmp_path_factory, train_spec), "--out", str(out), "--epochs", "1",
-            "--stop-after", "0", *TRAIN_FLAGS)
+    p = mdtrain("pretrain", "--cache", shared_cache(tmp_path_factory, train_spec), "--out", str(out), "--epochs", "1",
+                "--stop-after", "0", *TRAIN_FLAGS)
+    assert "metrics.jsonl" in p.stderr and "loss.png" not in p.stderr  # no step, no plot: none claimed
+    assert not (out / "loss.png").exists()
     cfg = json.load(open(out / "config.json"))["config"]
     assert (cfg["layer_scale"], cfg["betas"], cfg["drop_path"]) == (0.1, [0.9, 0.98], 0.0)
     ckpt = torch.load(out / "last.ckpt", weights_only=True)

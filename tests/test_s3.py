@@ -44,7 +44,7 @@ def test_teammate_reuses_the_shared_cache(s3, bucket_data):
     # A teammate, other credentials source (--storage-option instead of env), same command: only the rest is computed.
     second = run_cli(*extract_args(bucket_data, root), *s3.cli_options())
     assert second.stdout.strip().splitlines()[-1] == url
-    assert "reusing 2 committed shard(s) of 4 selected; computing 2" in second.stderr
+    assert "reusing 2 committed shard(s) of 4 selected; computing 2" in second.stderr  # (K=2 again: no growth)
     assert "committed 2 shard(s)" in second.stderr
     third = run_cli(*extract_args(bucket_data, root), env=s3.env())
     assert "computing 0" in third.stderr
@@ -394,3 +394,28 @@ def test_transcode_in_the_bucket_resumes_and_trains(s3, bucket_data, tmp_path):
     assert k0 == k1 and np.array_equal(p0, p1) and t1.shape == (30, 16, 64)
     run_cli("pretrain", "--cache", url, "--out", str(tmp_path / "pt"), "--epochs", "1", *TRAIN_FLAGS,
             "--local-cache", str(tmp_path / "local"), env=s3.env(), module="mdtrain")
+
+
+def test_two_extractors_grow_a_shared_cache_together(s3, bucket_data):
+    """K=2 on two shards, then two teammates at once ask for K=4 on all four: the two stored shards grow, the
+    others are made, each (shard, K) committed once, and the result equals a fresh K=4 extraction."""
+    root, env = "s3://team/grow", {**os.environ, **s3.env()}
+    small = run_cli(*extract_args(bucket_data, root, "--shards", "0:2"), env=s3.env()).stdout.strip().splitlines()[-1]
+    procs = [subprocess.Popen([sys.executable, "-m", "mdcache", *extract_args(bucket_data, root, "--views", "4")],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    assert {o.strip().splitlines()[-1] for o, _ in outs} == {small}
+    cache = open_cache(small, s3.options(), records=True)
+    assert cache.complete and cache.views == 4
+    assert sorted(cache.records) == ["train-000000@2", "train-000000@4", "train-000001@2", "train-000001@4",
+                                     "train-000002@4", "train-000003@4"]
+    assert not any("committed by another extractor first" in e for _, e in outs)
+    fresh = run_cli(*extract_args(bucket_data, "s3://team/grow-fresh", "--views", "4"),
+                    env=s3.env()).stdout.strip().splitlines()[-1]
+    other = open_cache(fresh, s3.options())
+    for name in cache.shard_names:
+        for v in range(4):
+            (ka, xa, va), (kb, xb, vb) = cache.read_encoded(name, v), other.read_encoded(name, v)
+            assert ka == kb and np.array_equal(va, vb) and all(np.array_equal(xa[k], xb[k]) for k in xa), (name, v)

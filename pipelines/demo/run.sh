@@ -47,6 +47,9 @@ echo "== 2/5 teacher: $TEACHER"
 if [ "$TEACHER" = train ]; then  # the study's own teacher recipe, on its 55,000 images
   TEACHER=$($PY pipelines/study/run.py --out "$OUT/study" --only-teacher | tail -n 1)
 fi
+if [ ! -f "$TEACHER" ]; then
+  echo "error: no teacher weights at $TEACHER (TEACHER=train trains the study's teacher here)" >&2; exit 1
+fi
 TEACHER_TOP1=$($PY -m mdtrain eval --weights "$TEACHER" --val "$TEST" --workers "$WORKERS" | last_json top1)
 
 echo "== 3/5 mdcache extract --teacher timm:$MODEL (the teacher runs once: $VIEWS views per image, int8)"

@@ -392,8 +392,9 @@ def main(argv: list[str] | None = None) -> None:
         runs.setdefault(arm, []).append(r)
     scratch = [{"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, os.path.join(
         s.out, "students", "scratch", f"seed{seed}"), None, seed, d)} for seed in seeds]
-    results = {"config": vars(a), "machine": machine(), "margin_points": MARGIN, "data": {k: s.rel(v) for k, v in
-                                                                                        d.items()},
+    config = {**vars(a), "out": ".", "data": s.rel(a.data) if a.data else None}  # no machine paths
+    results = {"config": config, "machine": machine(), "margin_points": MARGIN,
+               "data": {k: s.rel(v) for k, v in d.items()},
                "teacher": {"weights": s.rel(tweights), **anchor["teacher"]}, "raw_pixels": anchor["raw_pixels"],
                "arms": {}, "scratch": {"runs": scratch, **summarize(scratch)},
                "reuse_per_stored_view": {f"K={k}": a.epochs / k for k in ks}}
