@@ -59,7 +59,7 @@ def info(cfg: InfoConfig) -> None:
     v = fp["views"]
     t.add_row("views", f"{v['image_size']}px, crop scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, "
                        f"flip {v['flip']}, color jitter {v.get('color_jitter', 0)}, seed {v['seed']}, "
-                       f"replay {v['replay']}")
+                       f"replay {v['replay']}" + (f"; the views of cache {v['views_of']}" if v.get("views_of") else ""))
     t.add_row("source", f"{m['source']['spec']} ({fp['source']['shards']} {fp['source']['kind']} shards)")
     t.add_row("complete", f"{stats['shards_done']}/{stats['shards_total']} shards, {stats['samples']} images, "
                           f"{stats['skipped']} skipped")
@@ -85,6 +85,7 @@ def ls(cfg: LsConfig) -> None:
     wide = out.width >= 160  # at 80 columns, the columns that tell caches apart (info shows the rest)
     names = ["teacher", "tap", "source", "views", "codec", "images", "shards", "bytes", "bytes/view", "fidelity",
              "created"] if wide else ["teacher", "views", "codec", "images", "bytes"]
+    groups: dict[str, list[str]] = {}
     t = Table(Column("id", no_wrap=True, min_width=16),  # ids are pasted into commands: never cut
               *(Column(n, overflow="fold") for n in names))  # a long teacher path folds, never ends in "..."
     for c in caches:
@@ -96,7 +97,16 @@ def ls(cfg: LsConfig) -> None:
                "bytes": human_bytes(s["bytes"]), "bytes/view": human_bytes(s["bytes_per_view"]),
                "fidelity": fidelity_text(s["fidelity"]), "created": f"{m['created_by']} {m['created_at']}"}
         t.add_row(m["cache_id"], *(row[n] for n in names))
+        groups.setdefault(views_of(c) or c.cache_id, []).append(m["cache_id"])
     out.print(t if caches else f"no caches under {cfg.root}")
+    for base, ids in groups.items():  # caches whose targets line up key by key and view by view
+        if len(ids) > 1:
+            out.print(f"same views: {', '.join(sorted(ids, key=lambda i: i != base))}")
+
+
+def views_of(cache: store.Cache) -> str | None:
+    """The id of the cache that drew the views this one replays (extract --views-of), if any."""
+    return store.views_of(cache.manifest)
 
 
 typer_command(app, extract.ExtractConfig, extract.run_cli, "extract")

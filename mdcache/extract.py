@@ -24,7 +24,7 @@ from . import fs as mfs
 from .claims import Claims, Renewer, new_owner
 from .commands import ViewOptions, check_options, model_args_opt, opt, precision_opt, storage_options_opt
 from .devices import resolve_precision, use_device
-from .errors import CacheError, CacheNotFound
+from .errors import CacheError, CacheNotFound, ConfigError
 from .lazy import lazy
 
 torch = lazy("torch")
@@ -72,6 +72,10 @@ class ExtractConfig(ViewOptions):
                                   "over after it.", gt=0)
     wait: bool = opt(True, "When other extractors hold claims on the remaining shards, wait for them (and take over "
                            "expired claims).")
+    views_of: Optional[str] = opt(None, "A cache (URL) whose stored views this teacher sees: the same crops, flips and "
+                                        "jitter, key by key and view by view, at this teacher's --image-size (a second "
+                                        "teacher on the first one's views). Same --source; --views at most its K; its "
+                                        "sampler options replace these.", group="Views")
 
     def recipe(self, image_size: int) -> views.ViewRecipe:
         return self.view_recipe(image_size, self.seed)
@@ -100,12 +104,19 @@ class Batch:
 
 
 def image_views(sample: sources.Sample, recipe: views.ViewRecipe, on_device: bool = False,
-                first: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+                first: int = 0, given: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Decode one sample and produce its K views: (uint8 images of views first..K-1 [K-first,3,S,S], params of
     all K [K,11]); on_device: the decoded image [3,H,W] instead, for `replay_on_device`. Views are drawn in
-    sequence from a per-key generator, so the first views of a K'-view recipe are a K-view recipe's views."""
+    sequence from a per-key generator, so the first views of a K'-view recipe are a K-view recipe's views.
+    `given`: the params another cache stored for this key (--views-of), replayed instead of drawn."""
     image = views.decode_image(sample.data)
-    params = views.sample_views(sample.key, image.height, image.width, recipe)
+    if given is None:
+        params = views.sample_views(sample.key, image.height, image.width, recipe)
+    elif (int(given[0, 5]), int(given[0, 6])) != (image.height, image.width):
+        raise ValueError(f"the image is {image.height}x{image.width} px, the --views-of cache's views were drawn on "
+                         f"{given[0, 5]}x{given[0, 6]} px (the source changed)")
+    else:
+        params = given
     if on_device:
         return views.image_tensor(image), params
     return views.view_pixels(image, params[first:], recipe.image_size, recipe.replay), params
@@ -118,8 +129,10 @@ def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device) -
 
 
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_size: int,
-                  storage_options: dict | None = None, on_device: bool = False, first: int = 0) -> Iterator[Batch]:
-    """Batches of one shard, in order. The last one has last=True (and error= if the shard broke)."""
+                  storage_options: dict | None = None, on_device: bool = False, first: int = 0,
+                  stored: dict[str, np.ndarray] | None = None) -> Iterator[Batch]:
+    """Batches of one shard, in order. The last one has last=True (and error= if the shard broke).
+    `stored`: {key: params [K,11]} of the --views-of cache; a key it lacks is skipped, by name."""
     keys, imgs, params, skipped, labels = [], [], [], [], []
 
     def batch(last: bool, error: str | None = None) -> Batch:
@@ -135,8 +148,12 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
             if sample.data is None:
                 skipped.append({"key": sample.key, "error": "no image member (.jpg/.jpeg/.png/.webp)"})
                 continue
+            given = None if stored is None else stored.get(sample.key)
+            if stored is not None and given is None:
+                skipped.append({"key": sample.key, "error": "not in the --views-of cache (skipped there)"})
+                continue
             try:
-                x, p = image_views(sample, recipe, on_device, first)
+                x, p = image_views(sample, recipe, on_device, first, given)
             except Exception as e:  # undecodable image: skip, count, list; never drop silently
                 skipped.append({"key": sample.key, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -151,6 +168,16 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
     yield batch(True)
 
 
+def stored_views(views_of: tuple[str, dict | None], shard: str, k: int) -> dict[str, np.ndarray]:
+    """{key: params of views 0..k-1 [k,11]} of one shard of the --views-of cache (url, storage options)."""
+    cache = store.open_cache(*views_of)
+    if shard not in cache.commits:
+        raise sources.SourceError(f"the --views-of cache {cache.url} has no committed shard {shard}")
+    per_view = [cache.read_encoded(shard, v, targets=False) for v in range(k)]
+    keys = per_view[0][0]
+    return {key: np.stack([p[i] for _, _, p in per_view]) for i, key in enumerate(keys)}
+
+
 def _shard_stream_class() -> type:
     """ShardStream subclasses torch's IterableDataset: made on first use (`mdcache.extract.ShardStream`), so
     that importing this module (and the CLI) does not import torch."""
@@ -158,8 +185,9 @@ def _shard_stream_class() -> type:
         """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
         def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
-                     on_device: bool = False, grow: dict | None = None):
+                     on_device: bool = False, grow: dict | None = None, views_of: tuple | None = None):
             self.shards, self.recipe, self.on_device, self.grow = shards, recipe, on_device, grow or {}
+            self.views_of = views_of  # (url, storage options) of the cache whose views are replayed
             self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
 
         def __iter__(self):
@@ -173,8 +201,13 @@ def _shard_stream_class() -> type:
                 if why_not:  # committed meanwhile, or another extractor is on it
                     yield Batch(shard.name, skip=why_not)
                     continue
+                try:
+                    stored = stored_views(self.views_of, shard.name, self.recipe.views) if self.views_of else None
+                except (sources.SourceError, CacheError) as e:
+                    yield Batch(shard.name, error=f"--views-of: {e}", claim_seconds=claim_seconds)
+                    continue
                 for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device,
-                                       self.grow.get(shard.name, 0)):
+                                       self.grow.get(shard.name, 0), stored):
                     b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
                     yield b
 
@@ -206,6 +239,12 @@ class Prepared:
     precision: str
     teacher: Teacher
     recipe: views.ViewRecipe
+    views_of: store.Cache | None = None  # the cache whose stored views are replayed (--views-of)
+
+    @property
+    def views_of_ref(self) -> tuple[str, dict] | None:
+        """What loader workers need to open the --views-of cache (no open cache crosses into them)."""
+        return (self.views_of.url, self.views_of.storage_options) if self.views_of else None
 
 
 def prepare(cfg: ExtractConfig) -> Prepared:
@@ -225,7 +264,33 @@ def prepare(cfg: ExtractConfig) -> Prepared:
         console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos "
                       "only")
     codecs.get_codec(cfg.codec).shapes(teacher.num_patches, teacher.dim)  # refused now, not after calibrating
+    if cfg.views_of:
+        base = open_views_of(cfg, shards)
+        return Prepared(so, shards, device, precision, teacher, recipe_of(base, teacher.image_size, cfg.views), base)
     return Prepared(so, shards, device, precision, teacher, cfg.recipe(teacher.image_size))
+
+
+def open_views_of(cfg: ExtractConfig, shards: list[sources.SourceShard]) -> store.Cache:
+    """The --views-of cache, checked: complete, made from this source, with at least --views views."""
+    base = store.open_cache(cfg.views_of, cfg.storage_options)
+    if not base.complete:
+        raise ConfigError(f"--views-of {cfg.views_of}: the cache is incomplete ({len(base.commits)}/"
+                          f"{len(base.source_shards)} shards); finish it first (its extract command resumes)")
+    if base.manifest["fingerprint"]["source"] != sources.identity(shards):
+        raise ConfigError(f"--views-of {cfg.views_of}: the cache was made from another source "
+                          f"({base.manifest['source']['spec']}) than --source {cfg.source}")
+    if cfg.views > base.views:
+        raise ConfigError(f"--views {cfg.views}: the --views-of cache {cfg.views_of} stores {base.views_text()} views "
+                          f"per image; grow it first (mdcache extract ... --views {cfg.views} against it)")
+    return base
+
+
+def recipe_of(base: store.Cache, image_size: int, k: int) -> views.ViewRecipe:
+    """The view recipe of a cache, at another teacher's input size: its stored views replay at any size."""
+    v = base.manifest["fingerprint"]["views"]
+    return views.ViewRecipe(image_size=image_size, scale=tuple(v["scale"]), ratio=tuple(v["ratio"]), flip=v["flip"],
+                            views=k, seed=v["seed"], color_jitter=v.get("color_jitter", 0.0),
+                            replay=v.get("replay", views.REPLAY_PIL))
 
 
 def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
@@ -241,8 +306,10 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     for shard in p.shards:
         try:
             # the first CALIB_VIEWS views of each image, whatever K: growing K keeps the calibration
-            recipe = replace(p.recipe, views=store.CALIB_VIEWS)
-            for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options):
+            recipe = replace(p.recipe, views=min(store.CALIB_VIEWS, p.recipe.views))
+            stored = stored_views(p.views_of_ref, shard.name, recipe.views) if p.views_of else None
+            for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options,
+                                   stored=stored):
                 if b.error:
                     raise sources.SourceError(b.error)
                 if b.keys:
@@ -263,7 +330,8 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
 
 
 def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
-    fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision, cfg.calib_images)
+    drew = (store.views_of(p.views_of.manifest) or p.views_of.cache_id) if p.views_of else None  # a chain's root
+    fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision, cfg.calib_images, views_of=drew)
     url = mfs.join(cfg.root, store.cache_id(fp))
 
     def manifest() -> dict:
@@ -634,7 +702,8 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
     teacher, k = p.teacher, p.recipe.views
     loader = torch.utils.data.DataLoader(
         _stream_cls()(todo, p.recipe, cfg.batch_size, p.storage_options, claims,
-                      on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay), grow=summary["grow"]),
+                      on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay), grow=summary["grow"],
+                      views_of=p.views_of_ref),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")
     columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),

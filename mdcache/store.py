@@ -112,14 +112,23 @@ def codec_identity(codec: str, calib_images: int = CALIB_IMAGES) -> dict:
     return {**c.identity, "calib_images": calib_images}
 
 
-def fingerprint(teacher, recipe, shards: list, codec: str, precision: str, calib_images: int = CALIB_IMAGES) -> dict:
+def fingerprint(teacher, recipe, shards: list, codec: str, precision: str, calib_images: int = CALIB_IMAGES,
+                views_of: str | None = None) -> dict:
     """What produced the targets, and nothing about how the work was run: its hash is the cache id.
-    teacher: a `teachers.Teacher`, recipe: a `views.ViewRecipe`, shards: all `sources.SourceShard`s."""
+    teacher: a `teachers.Teacher`, recipe: a `views.ViewRecipe`, shards: all `sources.SourceShard`s;
+    views_of: the id of the cache whose stored views were replayed (extract --views-of)."""
     from .sources import identity as source_identity
 
     views = {k: v for k, v in recipe.identity().items() if k != "views"}  # K may grow: not part of the identity
+    if views_of:
+        views["views_of"] = views_of
     return {"format_version": FORMAT_VERSION, "teacher": {**teacher.identity, "precision": precision},
             "views": views, "source": source_identity(shards), "codec": codec_identity(codec, calib_images)}
+
+
+def views_of(manifest: dict) -> str | None:
+    """The id of the cache that drew the views a cache replays (extract --views-of), or None: it drew them."""
+    return manifest["fingerprint"]["views"].get("views_of")
 
 
 def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, calibration: dict | None) -> dict:
