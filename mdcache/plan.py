@@ -18,7 +18,7 @@ from . import codecs, views
 from .commands import check_options, opt
 from .errors import ConfigError
 
-console = Console()
+console = Console(soft_wrap=True)  # whole lines in logs and narrow terminals
 
 # tokens and channels of the tap `final` (the default) of the named teachers; others: --tokens/--dim
 TEACHER_SHAPES = {"clip-b16": (196, 768), "clip-l14": (256, 1024)}
@@ -39,6 +39,9 @@ class PlanConfig:
     dim: Optional[int] = opt(None, "Channels per token (overrides the teacher's).", ge=1)
     train_ips: float = opt(3000.0, "Training images/s the cache must feed (a read bandwidth follows).", gt=0)
     bench: Optional[str] = opt(None, "A `mdcache bench --json-out` result: extraction time at its images/s.")
+    add_teacher: Optional[str] = opt(None, "Also price a second teacher's cache on the same views (`mdcache extract "
+                                           f"--views-of`, same K and codec): {', '.join(TEACHER_SHAPES)}, or its "
+                                           "shape as TOKENSxDIM (e.g. 49x512); training from both reads both.")
     json_out: bool = opt(False, "Print the plan as JSON.", param="--json")
 
 
@@ -49,6 +52,20 @@ def shape(cfg: PlanConfig) -> tuple[int, int]:
         raise ConfigError(f"plan: no known shape for teacher {cfg.teacher!r}; give --tokens and --dim "
                           f"(known: {', '.join(TEACHER_SHAPES)})")
     return tokens, dim
+
+
+def second_shape(spec: str) -> tuple[int, int]:
+    """--add-teacher: a named teacher's shape, or TOKENSxDIM."""
+    if spec in TEACHER_SHAPES:
+        return TEACHER_SHAPES[spec]
+    try:
+        tokens, dim = (int(x) for x in spec.lower().split("x"))
+        if tokens >= 1 and dim >= 1:
+            return tokens, dim
+    except ValueError:
+        pass
+    raise ConfigError(f"--add-teacher {spec!r}: a named teacher ({', '.join(TEACHER_SHAPES)}) or TOKENSxDIM, e.g. "
+                      "49x512")
 
 
 def bytes_per_view(codec: str, tokens: int, dim: int) -> int:
@@ -89,6 +106,13 @@ def plan(cfg: PlanConfig) -> dict:
         out["extract_ips"] = ips * b["views"] / cfg.views
         out["extract_seconds"] = cfg.images / out["extract_ips"]
         out["bench"] = {k: b.get(k) for k in ("teacher", "codec", "views", "device", "precision")}
+    if cfg.add_teacher:
+        t2, d2 = second_shape(cfg.add_teacher)
+        per_view2 = bytes_per_view(cfg.codec, t2, d2)  # its cache stores the view parameters too
+        out["second_teacher"] = {"teacher": cfg.add_teacher, "tokens": t2, "dim": d2, "bytes_per_view": per_view2,
+                                 "cache_bytes": per_view2 * cfg.views * cfg.images,
+                                 "total_bytes": (per_view + per_view2) * cfg.views * cfg.images,
+                                 "read_bytes_per_s": (per_view + per_view2) * cfg.train_ips}
     out["table"] = {c: {k: bytes_per_view(c, tokens, dim) * k * cfg.images for k in TABLE_VIEWS}
                     for c in table_codecs(cfg.codec, dim)}
     return out
@@ -124,6 +148,11 @@ def run_cli(cfg: PlanConfig) -> None:
         b = r["bench"]
         console.print(f"  extraction  {duration(r['extract_seconds'])} at {r['extract_ips']:.1f} images/s "
                       f"(measured: {b['teacher']} on {b['device']}, {b['precision']}, K={b['views']})")
+    if "second_teacher" in r:
+        t2 = r["second_teacher"]
+        console.print(f"  + teacher   {t2['teacher']} on the same views ({t2['tokens']} tokens x {t2['dim']} dims): "
+                      f"{human_bytes(t2['cache_bytes'])} more, {human_bytes(t2['total_bytes'])} for both; training "
+                      f"from both reads {human_bytes(t2['read_bytes_per_s'])}/s")
     t = Table("codec", *[f"K={k}" for k in TABLE_VIEWS], title="cache size by codec and K", title_justify="left")
     for c, row in r["table"].items():
         t.add_row(c, *[human_bytes(v) for v in row.values()])

@@ -152,11 +152,14 @@ class ShardStream(torch.utils.data.IterableDataset):
     """One rank's batches for one epoch, starting after `skip` batches (mid-epoch resume).
 
     Batch: images uint8 [B,3,S,S], mask bool [B,P], targets {array: encoded [B,...]} (if a cache and
-    with_targets), keys, shards, views (view index per sample).
+    with_targets; the arrays of `extra` cache j as "t{j}/array"), keys, shards, views (view index per sample).
+    `extra`: caches of other teachers on the same views (multi-teacher), read in lockstep and checked key by
+    key and view by view against `cache`.
     """
 
     def __init__(self, shards: list[ShardPlan], cfg: StreamConfig, epoch: int, skip: int = 0,
-                 cache: store.Cache | None = None, recipe: views.ViewRecipe | None = None):
+                 cache: store.Cache | None = None, recipe: views.ViewRecipe | None = None,
+                 extra: tuple[store.Cache, ...] = ()):
         if cache is None and recipe is None:
             raise ValueError("a stream needs a cache (stored views) or a view recipe (online mode)")
         if cache is not None and not 1 <= cfg.views <= cache.views:
@@ -164,6 +167,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         if cfg.fresh_crops and recipe is not None:  # one view per image and epoch, from its own seed
             recipe = replace(recipe, views=1, seed=int(views.key_rng(recipe.seed, f"fresh/{epoch}").integers(2**31)))
         self.shards, self.cfg, self.epoch, self.cache, self.recipe = shards, cfg, epoch, cache, recipe
+        self.extra = tuple(extra)
         self.lanes = lane_shards(shards, cfg, epoch)
         counts = lane_batch_counts(shards, cfg, epoch)
         taken, start = resume_layout(counts, skip)
@@ -211,6 +215,13 @@ class ShardStream(torch.utils.data.IterableDataset):
         view = views.view_for(self.cfg.seed, plan.name, self.epoch, k)
         keys, arrays, params = (self.cache.read_encoded(plan.name, view, targets=self.cfg.with_targets)
                                 if self.cache is not None else (None, None, None))
+        for j, other in enumerate(self.extra, 1):  # another teacher's targets on the same views
+            k2, a2, p2 = other.read_encoded(plan.name, view, targets=self.cfg.with_targets)
+            if k2 != keys or not np.array_equal(p2, params):
+                raise DataError(f"shard {plan.name!r} view {view}: {other.url} does not line up with {self.cache.url} "
+                                f"({'other keys' if k2 != keys else 'other view parameters'}); a second teacher's "
+                                "cache is made with `mdcache extract ... --views-of` the first")
+            arrays = {**arrays, **{f"t{j}/{n}": a for n, a in a2.items()}}
         rng = views.key_rng(self.cfg.seed, f"shuffle/{self.epoch}/{plan.name}")
         items = ((plan, i, s, None if params is None else params[i], arrays, view)
                  for i, s in enumerate(self.lockstep(plan, keys)))

@@ -72,7 +72,8 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     precision = resolve_precision(cfg.precision, device)
     student = build_student(pcfg.student, image_size=size, grid=grid, teacher_dim=int(ckpt["teacher_dim"]),
                             layer_scale=pcfg.layer_scale or None, model_args=pcfg.student_args or {})
-    student.load_state_dict(ckpt["model"])
+    student.load_state_dict({k: v for k, v in ckpt["model"].items()  # a multi-teacher student: the first teacher's
+                             if not k.startswith("extra_heads.")})  # head, measured against --teacher
     student.to(device).eval()
     teacher = load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
                            image_size=size, device=device, seed=cfg.teacher_seed, model_args=cfg.teacher_args)

@@ -59,8 +59,11 @@ class PretrainConfig(ViewOptions):
 
     The view options (--views ... --color-jitter) apply to online mode without a cache; a cache brings its own."""
 
-    cache: Optional[str] = opt(None, "Cache directory (<root>/<cache-id>) made by `mdcache extract`, local path or "
-                                     "fsspec URL.", group="Data")
+    cache: list[str] = opt([], "Cache directory (<root>/<cache-id>) made by `mdcache extract`, local path or fsspec "
+                               "URL. Repeatable: caches of several teachers on the same views (`mdcache extract "
+                               "--views-of`) train one student with one head per teacher; the first cache's images "
+                               "and patch grid are the student's, the others' targets are resampled to it.",
+                           group="Data")
     source: Optional[str] = opt(None, "Source shards: overrides where the cache's images are; required online "
                                       "without --cache.", group="Data")
     cache_views: int = opt(0, "With --cache: train on its first K stored views only (0: all it has). Views are "
@@ -99,6 +102,9 @@ class PretrainConfig(ViewOptions):
                            group="Objective")
     loss: str = opt("smooth_l1", "Loss on masked tokens: smooth_l1, mse or cosine.", group="Objective")
     beta: float = opt(2.0, "Smooth-L1 beta (OPEN in MaskDistill: 1.0 or 2.0).", gt=0, group="Objective")
+    teacher_weight: list[float] = opt([], "With several --cache: each teacher's loss weight, in --cache order "
+                                          "(repeatable; default 1 each). The loss is the weighted sum of the "
+                                          "per-teacher losses on the same masked tokens.", ge=0, group="Objective")
     seed: int = opt(0, "Seed: shard order, shuffle, view choice, masks, init (online without a cache: also views).",
                     ge=0, group="Run")
     workers: int = opt(2, "Loader worker processes per rank (exact resume needs the same number).", ge=0, group="Data")
@@ -123,9 +129,12 @@ class PretrainConfig(ViewOptions):
                               group="Run")
     dist_timeout: float = opt(60.0, "Minutes a collective may wait under torchrun (rank 0 saves and uploads "
                                     "checkpoints while the others wait; NCCL's own default is 10).", gt=0, group="Run")
-    teacher: Optional[str] = opt(None, "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
-                                       "timm:NAME).", group="Online teacher")
-    teacher_weights: Optional[str] = opt(None, "Online mode: local teacher weights file.", group="Online teacher")
+    teacher: list[str] = opt([], "Online mode: run this teacher in the loop (clip-b16, open_clip:ARCH[:TAG], "
+                                 "timm:NAME). Repeatable with several --cache: one per cache, in order, each run on "
+                                 "its cache's views (the online side of the multi-teacher equivalence).",
+                             group="Online teacher")
+    teacher_weights: list[str] = opt([], "Online mode: local teacher weights file (repeatable: in --teacher order).",
+                                     group="Online teacher")
     teacher_args: dict = model_args_opt("--teacher-arg", "online teacher (timm teachers)", group="Online teacher")
     fresh_crops: bool = opt(False, "Online mode without a cache: draw a NEW crop (and jitter) of every image every "
                                    "epoch, a pure function of (seed, epoch, key) - the paper's recipe, the reference "
@@ -145,6 +154,12 @@ class PretrainConfig(ViewOptions):
                                 gt=0, group="Data")
 
 
+    def __post_init__(self) -> None:  # one cache or teacher may be given as a string (Python callers, old configs)
+        for name in ("cache", "teacher", "teacher_weights"):
+            value = getattr(self, name)
+            setattr(self, name, [] if value is None else [value] if isinstance(value, str) else list(value))
+
+
 def check_config(cfg: PretrainConfig) -> None:
     check_options(cfg)
     objective.check(cfg.target_norm, cfg.loss)
@@ -152,6 +167,14 @@ def check_config(cfg: PretrainConfig) -> None:
     if cfg.fresh_crops and (cfg.cache or not cfg.teacher):
         raise ConfigError("--fresh-crops is online mode without a cache: give --teacher and --source (and the view "
                           "options of the cache you compare with), not --cache")
+    if cfg.teacher_weight and len(cfg.teacher_weight) != len(cfg.cache):
+        raise ConfigError(f"--teacher-weight given {len(cfg.teacher_weight)} time(s) for {len(cfg.cache)} --cache: "
+                          "one weight per cache, in order")
+    if (len(cfg.teacher) > 1 or (cfg.teacher and len(cfg.cache) > 1)) and len(cfg.teacher) != len(cfg.cache):
+        raise ConfigError(f"{len(cfg.teacher)} --teacher for {len(cfg.cache)} --cache: several online teachers run "
+                          "on the views of their caches, one --teacher per --cache, in order")
+    if len(cfg.teacher_weights) > max(1, len(cfg.teacher)):
+        raise ConfigError(f"{len(cfg.teacher_weights)} --teacher-weights for {len(cfg.teacher)} --teacher")
 
 
 LONG_RUN_EPOCHS = 300  # BEiT v2's rule: up to 300 epochs betas (0.9, 0.98) and no drop path; longer: 0.999 and 0.1
@@ -170,6 +193,19 @@ def resolve(cfg: PretrainConfig) -> PretrainConfig:
 # ----------------------------------------------------------------------------- data and targets
 
 @dataclass
+class ExtraTeacher:
+    """A second (third, ...) teacher of a multi-teacher run: its cache (targets on the first cache's views), its
+    own head of `dim` outputs and loss weight, its grid (targets are resampled to the student's), and online
+    its model."""
+
+    cache: store.Cache
+    dim: int
+    grid: tuple[int, int]
+    weight: float = 1.0
+    teacher: Any = None
+
+
+@dataclass
 class Setup:
     """Everything the loop needs that comes from the cache (or, online, from the teacher)."""
 
@@ -180,6 +216,18 @@ class Setup:
     dim: int
     teacher: Any = None                    # mdcache.teachers.Teacher in online mode
     teacher_precision: str = "fp32"
+    weight: float = 1.0                    # the first teacher's loss weight
+    extra: list[ExtraTeacher] = field(default_factory=list)
+
+    @property
+    def teachers(self) -> list[dict]:
+        """Every teacher of the run, as config.json records them."""
+        first = {"cache_id": self.cache.cache_id if self.cache else None, "grid": list(self.stream.grid),
+                 "dim": self.dim, "weight": self.weight}
+        return [first, *({"cache_id": e.cache.cache_id, "grid": list(e.grid), "dim": e.dim, "weight": e.weight,
+                          "targets": "as stored" if tuple(e.grid) == tuple(self.stream.grid) else
+                          f"bilinear {e.grid[0]}x{e.grid[1]} -> {self.stream.grid[0]}x{self.stream.grid[1]}"}
+                         for e in self.extra)]
 
 
 def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = None, with_targets: bool = True) -> Setup:
@@ -187,12 +235,19 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
     dist = dist or Dist()
     so = cfg.storage_options
     cache = recipe = teacher = None
+    extra: list[ExtraTeacher] = []
     if cfg.cache:
-        cache = store.open_cache(cfg.cache, so, local_cache=cfg.local_cache,
-                                 local_cache_bytes=int(cfg.local_cache_gb * 2**30))
-        _ = cache.calibration  # read and checked now (pca's basis): a damaged one stops here, by name
+        bound = int(cfg.local_cache_gb * 2**30)
+        caches = [store.open_cache(c, so, local_cache=cfg.local_cache, local_cache_bytes=bound) for c in cfg.cache]
+        for c in caches:
+            _ = c.calibration  # read and checked now (pca's basis): a damaged one stops here, by name
+        cache = caches[0]
         plan = data.plan_from_cache(cache, cfg.source)
-        grid, dim, image_size, k = cache.patch_grid, cache.teacher_dim, cache.image_size, cache.views
+        weights = cfg.teacher_weight or [1.0] * len(caches)
+        extra = [ExtraTeacher(c, c.teacher_dim, tuple(c.patch_grid), float(w)) for c, w in zip(caches[1:], weights[1:])]
+        check_lined_up(cache, plan, [e.cache for e in extra])
+        grid, dim, image_size = cache.patch_grid, cache.teacher_dim, cache.image_size
+        k = min(c.views for c in caches)
         if cfg.cache_views > k:
             raise ConfigError(f"--cache-views {cfg.cache_views}: {cache.url} stores {k} views per image (grow it with "
                               f"`mdcache extract ... --views {cfg.cache_views}`)")
@@ -203,6 +258,12 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
         raise ConfigError("give --cache (offline), or --teacher with --source (online without a cache)")
     if cfg.teacher:
         teacher = load_online_teacher(cfg, cache, device)
+        for j, e in enumerate(extra, 1):
+            if e.cache.image_size != cache.image_size:
+                raise ConfigError(f"online teacher {j + 1} ({cfg.teacher[j]}): its cache {e.cache.url} is at "
+                                  f"{e.cache.image_size} px, the first at {cache.image_size} px; online, every teacher "
+                                  "sees the student's pixels (train from the caches instead)")
+            e.teacher = load_online_teacher(cfg, e.cache, device, j)
         if cache is None:
             grid, dim, image_size, k = tuple(teacher.patch_grid), teacher.dim, teacher.image_size, cfg.views
             recipe = cfg.view_recipe(image_size, cfg.seed)
@@ -216,43 +277,85 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
                              replay_on_device=views.check_replay_on(cfg.replay_on, cache.replay if cache is not None
                                                                     else recipe.replay))
     return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher,
-                 teacher_precision=resolve_precision(cfg.precision, device))
+                 teacher_precision=resolve_precision(cfg.precision, device),
+                 weight=float(cfg.teacher_weight[0]) if cfg.teacher_weight else 1.0, extra=extra)
 
 
-def load_online_teacher(cfg: PretrainConfig, cache: store.Cache | None, device: torch.device):
-    """The teacher for online mode. With a cache, it must be the cache's teacher (same weights digest)."""
+def check_lined_up(cache: store.Cache, plan: list[data.ShardPlan], others: list[store.Cache]) -> None:
+    """Caches of several teachers train one student only on the same views of the same images: checked here
+    from their manifests and records (and again key by key and view by view as the stream reads them)."""
+    drew = store.views_of(cache.manifest) or cache.cache_id
+    for other in others:
+        if (store.views_of(other.manifest) or other.cache_id) != drew:
+            raise ConfigError(f"--cache {other.url} does not share views with --cache {cache.url}: extract the second "
+                              f"teacher with `mdcache extract ... --views-of {cache.url}`")
+        theirs = {p.name: p.samples for p in data.plan_from_cache(other)}
+        differ = [p.name for p in plan if theirs.get(p.name) != p.samples]
+        if differ or len(theirs) != len(plan):
+            raise data.DataError(f"--cache {other.url} and --cache {cache.url} hold other shards or sample counts "
+                                 f"({', '.join(differ[:3]) or 'other shard names'})")
+
+
+def load_online_teacher(cfg: PretrainConfig, cache: store.Cache | None, device: torch.device, j: int = 0):
+    """The teacher for online mode (the j-th --teacher). With a cache, it must be the cache's teacher (same
+    weights digest)."""
     from mdcache import teachers  # online mode only: the offline trainer never imports this
 
+    weights = cfg.teacher_weights[j] if j < len(cfg.teacher_weights) else None
     if cache is None:
-        return teachers.load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
+        return teachers.load_teacher(cfg.teacher[j], weights=weights, random_init=cfg.random_init, tap=cfg.tap,
                                      image_size=cfg.image_size, device=device, seed=cfg.teacher_seed,
                                      model_args=cfg.teacher_args)
-    return teachers.load_cache_teacher(cache, spec=cfg.teacher, weights=cfg.teacher_weights, device=device,
+    return teachers.load_cache_teacher(cache, spec=cfg.teacher[j], weights=weights, device=device,
                                        random_init=cfg.random_init)
 
 
 def make_stream(setup: Setup, epoch: int, skip: int = 0) -> data.ShardStream:
-    return data.ShardStream(setup.plan, setup.stream, epoch, skip, cache=setup.cache, recipe=setup.recipe)
+    return data.ShardStream(setup.plan, setup.stream, epoch, skip, cache=setup.cache, recipe=setup.recipe,
+                            extra=tuple(e.cache for e in setup.extra))
 
 
-def targets_for(setup: Setup, batch: dict) -> torch.Tensor:
-    """Teacher targets for a batch already on the device: decoded from the cache, or computed online."""
+def targets_for(setup: Setup, batch: dict) -> list[torch.Tensor]:
+    """Each teacher's targets for a batch already on the device, on the student's grid: decoded from the
+    caches (dequantized late, on the device), or computed online."""
     if setup.teacher is None:
-        return setup.cache.decode(batch["targets"])  # dequantize late, on the device
-    from mdcache.teachers import run_teacher
+        parts: list[dict] = [{} for _ in range(1 + len(setup.extra))]
+        for name, t in batch["targets"].items():  # "t{j}/array": the j-th extra cache's array
+            j, _, array = name.rpartition("/")
+            parts[int(j[1:]) if j else 0][array] = t
+        out = [setup.cache.decode(parts[0]), *(e.cache.decode(p) for e, p in zip(setup.extra, parts[1:]))]
+    else:
+        from mdcache.teachers import run_teacher
 
-    return run_teacher(setup.teacher, batch["images"], setup.teacher_precision)
+        out = [run_teacher(t, batch["images"], setup.teacher_precision)
+               for t in (setup.teacher, *(e.teacher for e in setup.extra))]
+    return [out[0], *(on_grid(t, e.grid, setup.stream.grid) for t, e in zip(out[1:], setup.extra))]
+
+
+def on_grid(targets: torch.Tensor, grid: tuple[int, int], to: tuple[int, int]) -> torch.Tensor:
+    """[B, h*w, D] targets of a teacher's grid on another grid [B, H*W, D] (bilinear over the patch grid;
+    the identity when the grids agree). A teacher's tokens cover the same view whatever its grid."""
+    if tuple(grid) == tuple(to):
+        return targets
+    b, _, d = targets.shape
+    x = targets.float().transpose(1, 2).reshape(b, d, *grid)
+    x = torch.nn.functional.interpolate(x, size=tuple(to), mode="bilinear", align_corners=False)
+    return x.reshape(b, d, -1).transpose(1, 2)
 
 
 def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: PretrainConfig, precision: str,
                  device: torch.device) -> torch.Tensor:
-    """One micro-batch (already on the device): targets, forward, masked loss."""
+    """One micro-batch (already on the device): targets, forward, masked loss; with several teachers the
+    weighted sum of each head's loss on the same masked tokens."""
     targets = targets_for(setup, batch)
     images = data.normalize(batch["images"], data.STUDENT_MEAN, data.STUDENT_STD)
     with autocast(device, precision):
         pred = model(images, batch["mask"])
-    return objective.distill_loss(pred, targets, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss,
-                                  beta=cfg.beta)
+    losses = [objective.distill_loss(p, t, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss, beta=cfg.beta)
+              for p, t in zip(pred if isinstance(pred, tuple) else (pred,), targets)]
+    if not setup.extra:
+        return losses[0]
+    return sum(w * x for w, x in zip([setup.weight, *(e.weight for e in setup.extra)], losses))
 
 
 # ----------------------------------------------------------------------------- optimization
@@ -310,7 +413,8 @@ class Run:
     def meta(self) -> dict:
         s = self.setup
         return {"steps_per_epoch": self.steps, "image_size": s.stream.image_size, "grid": list(s.stream.grid),
-                "teacher_dim": s.dim, "cache_id": s.cache.cache_id if s.cache else None}
+                "teacher_dim": s.dim, "cache_id": s.cache.cache_id if s.cache else None,
+                **({"teachers": s.teachers} if s.extra else {})}
 
 
 def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None) -> dict:
@@ -332,6 +436,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
     torch.manual_seed(cfg.seed)  # after the (online) teacher drew its init; same on every rank (DDP broadcasts too)
     student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
                             teacher_dim=setup.dim, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale or None,
+                            extra_dims=tuple(e.dim for e in setup.extra),
                             model_args=cfg.student_args)
     student = student.to(device)
     eff_batch = cfg.batch_size * cfg.accum_iter * dist.world
@@ -458,7 +563,8 @@ def open_logs(r: Run, resumed: str | None, epoch: int, batch: int, lr: float, ef
     with open(r.outdir.path("config.json"), "w") as f:
         json.dump({"config": public_config(cfg), "lr": lr, "effective_batch": eff_batch, "world_size": r.dist.world,
                    "mode": "online" if online else "offline", **r.meta}, f, indent=1)
-    console.print(f"pretrain {cfg.student} from {f'online teacher {cfg.teacher}' if online else f'cache {cfg.cache}'}: "
+    source = f"online teacher {', '.join(cfg.teacher)}" if online else f"cache {', '.join(cfg.cache)}"
+    console.print(f"pretrain {cfg.student} from {source}: "
                   f"{len(r.setup.plan)} shards, {r.steps} batches/epoch/rank, world {r.dist.world}, lr {lr:.3g} "
                   f"(effective batch {eff_batch}), {r.precision}, device {r.device}"
                   + (f"; resuming at epoch {epoch} batch {batch} (step {r.step})" if resumed else ""))

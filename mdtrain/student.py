@@ -1,4 +1,5 @@
-"""The MaskDistill student: a timm ViT/BEiT backbone, a learnable mask token, a linear head.
+"""The MaskDistill student: a timm ViT/BEiT backbone, a learnable mask token, a linear head (one per
+teacher when several teachers are distilled at once, RADIO/Theia style: `extra_heads`).
 
 BEiT style: the mask token *replaces* the patch embedding of every masked patch (before the
 position embedding), and all tokens are encoded. We hook the backbone's `patch_embed` instead
@@ -19,7 +20,7 @@ class StudentError(UserError):
 
 
 class Student(nn.Module):
-    def __init__(self, backbone: nn.Module, teacher_dim: int):
+    def __init__(self, backbone: nn.Module, teacher_dim: int, extra_dims: tuple[int, ...] = ()):
         super().__init__()
         self.backbone = backbone
         dim = backbone.embed_dim
@@ -28,6 +29,10 @@ class Student(nn.Module):
         self.head = nn.Linear(dim, teacher_dim)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        self.extra_heads = nn.ModuleList(nn.Linear(dim, d) for d in extra_dims)  # empty: no state-dict keys
+        for h in self.extra_heads:
+            nn.init.trunc_normal_(h.weight, std=0.02)
+            nn.init.zeros_(h.bias)
         # BEiT-style models with mean pooling have no final `norm` but an `fc_norm`; apply it per token
         # so the last norm is trained and every backbone weight in the safetensors file is meaningful.
         norm = getattr(backbone, "norm", None)
@@ -47,8 +52,9 @@ class Student(nn.Module):
         w = w.reshape(x.shape[0], *x.shape[1:-1], 1)  # NLC, or NHWC for dynamic-size models
         return x * (1 - w) + self.mask_token.to(x.dtype).reshape(*([1] * (x.ndim - 1)), -1) * w
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W], mask bool [B,P] -> predictions [B,P,teacher_dim] for every patch."""
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """images [B,3,H,W], mask bool [B,P] -> predictions [B,P,teacher_dim] for every patch; with extra heads,
+        a tuple of them, one per teacher (the same tokens through each head)."""
         self._mask = mask
         try:
             x = self.backbone.forward_features(images)
@@ -57,6 +63,8 @@ class Student(nn.Module):
         x = x[:, self.backbone.num_prefix_tokens:]
         if self.token_norm is not None:
             x = self.token_norm(x)
+        if len(self.extra_heads):
+            return (self.head(x), *(h(x) for h in self.extra_heads))
         return self.head(x)
 
     @torch.jit.ignore
@@ -71,7 +79,8 @@ class Student(nn.Module):
 
 
 def build_student(name: str, *, image_size: int, grid: tuple[int, int], teacher_dim: int,
-                  drop_path: float = 0.0, layer_scale: float | None = None, model_args: dict | None = None) -> Student:
+                  drop_path: float = 0.0, layer_scale: float | None = None, model_args: dict | None = None,
+                  extra_dims: tuple[int, ...] = ()) -> Student:
     """A randomly initialised timm backbone (classifier removed) wrapped as a Student.
 
     `grid` and `teacher_dim` come from the cache manifest; a student whose patch grid differs from
@@ -95,7 +104,7 @@ def build_student(name: str, *, image_size: int, grid: tuple[int, int], teacher_
                            f"{image_size}px with a patch embedding: {e}") from e
     if not hasattr(backbone, "patch_embed") or not hasattr(backbone, "num_prefix_tokens"):
         raise StudentError(f"student {name!r} is not a ViT/BEiT-family model (no patch_embed)")
-    student = Student(backbone, teacher_dim)
+    student = Student(backbone, teacher_dim, tuple(extra_dims))
     if student.grid != tuple(grid):
         g = "x".join(map(str, grid))
         raise StudentError(f"student {name!r} at {image_size}px has a {'x'.join(map(str, student.grid))} patch grid, "

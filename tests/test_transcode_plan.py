@@ -172,6 +172,20 @@ def test_plan_cli_table_and_bench_file(tmp_path):
     assert p.returncode == 2 and "--tokens and --dim" in p.stderr
 
 
+def test_plan_prices_a_second_teacher_on_the_same_views():
+    r = json.loads(run_cli("plan", "--images", "1000", "--views", "4", "--add-teacher", "clip-l14", "--json").stdout)
+    second = r["second_teacher"]
+    assert second["bytes_per_view"] == 256 * (1024 + 4) + 44  # int8 codes + a per-token scale, + view params
+    assert second["cache_bytes"] == second["bytes_per_view"] * 4 * 1000
+    assert second["total_bytes"] == r["cache_bytes"] + second["cache_bytes"]
+    assert second["read_bytes_per_s"] == (r["bytes_per_view"] + second["bytes_per_view"]) * 3000
+    cnn = json.loads(run_cli("plan", "--add-teacher", "49x512", "--json").stdout)["second_teacher"]
+    assert (cnn["tokens"], cnn["dim"]) == (49, 512)
+    assert "+ teacher   49x512 on the same views" in run_cli("plan", "--add-teacher", "49x512").stdout
+    p = run_cli("plan", "--add-teacher", "resnet", check=False)
+    assert p.returncode == 2 and "TOKENSxDIM" in p.stderr
+
+
 def test_a_codec_that_cannot_fit_the_teacher_is_refused_before_a_cache_exists(tmp_path, train_spec):
     """int4 on a teacher with an odd channel count (a real timm ViT, 33 channels): one line, and no manifest
     left behind that no extractor could ever fill."""
