@@ -41,7 +41,7 @@ class ExtractConfig(ViewOptions):
     source: str = opt("", "Source: WebDataset tars (brace pattern, glob, comma list; local or fsspec URL) or an "
                           "image folder.", required=True)
     teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config "
-                                   ".json), timm:MODEL.")
+                                   ".json), timm:MODEL (a ViT, or a CNN: its last feature map's cells are the tokens).")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher (timm teachers; recorded in the fingerprint)")
     root: str = opt("./cache", "Cache root (local path or fsspec URL); the cache lands in <root>/<cache-id>/.",
                     old=("--cache",))

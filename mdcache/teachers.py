@@ -3,7 +3,8 @@
     clip-b16                  open_clip ViT-B-16, OpenAI weights (MaskDistill's teacher)
     clip-l14                  open_clip ViT-L-14, OpenAI weights
     open_clip:ARCH[:TAG]      any open_clip architecture (ARCH may be a model-config .json file)
-    timm:MODEL_NAME           any timm ViT
+    timm:MODEL_NAME           any timm ViT, or a timm CNN: the cells of its last feature map are the tokens
+                              (a 224 px ResNet gives a 7x7 grid of 512-2048 channels)
 
 Taps: `final` (last block output, patch tokens, before ln_post; MaskDistill default),
 `ln_post` (after the final norm), `proj` (after ln_post and the CLIP projection; BEiT v2's choice).
@@ -67,7 +68,7 @@ def weights_digest(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too (BatchNorm)
     return h.hexdigest()[:32]
 
 
@@ -252,9 +253,17 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
         kw["img_size"] = image_size
     if not random_init and state is None:
         hub_offline()
-    try:
+    def create(kw: dict):
         with quiet_hub():
-            model = timm.create_model(name, pretrained=not random_init and state is None, **kw)
+            return timm.create_model(name, pretrained=not random_init and state is None, **kw)
+
+    try:
+        try:
+            model = create(kw)
+        except TypeError as e:  # CNNs take any input size: they have no img_size argument
+            if "img_size" not in str(e):
+                raise
+            model = create({k: v for k, v in kw.items() if k != "img_size"})
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise TeacherError(f"timm has no model {name!r}") from e
@@ -268,6 +277,19 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
         for head in ((heads,) if isinstance(heads, str) else heads) if not model.num_classes else ():
             state.pop(f"{head}.weight", None), state.pop(f"{head}.bias", None)
         load_into(model, state, path)
+    cfg = model.pretrained_cfg  # the normalization a pretrained timm model expects, unless the weights say theirs
+    mean, std = recorded.get("mean", tuple(cfg["mean"])), recorded.get("std", tuple(cfg["std"]))
+    if not hasattr(model, "patch_embed"):  # a CNN: the last stage's feature map, one token per cell
+        if tap != "final":
+            raise TeacherError(f"tap {tap!r}: a convolutional teacher ({name}) has only `final` (its last feature map)")
+        size = int(image_size or cfg["input_size"][-1])
+        with torch.no_grad():
+            probe = model.eval().forward_features(torch.zeros(1, 3, size, size))
+
+        def features(x):
+            return model.forward_features(x).flatten(2).transpose(1, 2)
+        return TeacherParts(model, features, tuple(mean), tuple(std), size, tuple(probe.shape[-2:]),
+                            int(probe.shape[1]))
     if tap == "final":
         def features(x):
             return model.forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[0]
@@ -276,8 +298,6 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
             return model.forward_features(x)[:, model.num_prefix_tokens:]
     else:
         raise TeacherError(f"tap {tap!r} is not available for timm teachers (use final or ln_post)")
-    cfg = model.pretrained_cfg  # the normalization a pretrained timm model expects, unless the weights say theirs
-    mean, std = recorded.get("mean", tuple(cfg["mean"])), recorded.get("std", tuple(cfg["std"]))
     return TeacherParts(model, features, tuple(mean), tuple(std), int(model.patch_embed.img_size[0]),
                         tuple(model.patch_embed.grid_size), int(model.embed_dim))
 

@@ -83,6 +83,20 @@ def test_a_teacher_on_another_grid_is_resampled_to_the_students(caches, tmp_path
     assert on_grid(x, (2, 2), (2, 2)) is x
 
 
+def test_a_convolutional_teacher_on_the_same_views(caches, train_spec, tmp_path):
+    """A timm CNN (ResNet-18, random weights) as the second teacher: the cells of its last feature map are its
+    tokens (2x2 at 64 px, 512 channels); its cache verifies against the teacher, and a student learns from both."""
+    spec = train_spec.replace("000003", "000001")
+    cnn, _ = extract(extract_cfg(spec, str(tmp_path), views_of=caches["a"], teacher="timm:resnet18"), progress=False)
+    cache = open_cache(cnn)
+    assert (cache.patch_grid, cache.teacher_dim) == ((2, 2), 512)
+    check = invoke("verify", cnn, "--teacher-check", "4")
+    assert check.stdout.strip() == "OK" and "teacher check on 4 replayed views" in check.stderr
+    pretrain("--cache", caches["a"], "--cache", cnn, "--out", str(tmp_path / "run"))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["teachers"][1]["dim"] == 512 and config["teachers"][1]["targets"] == "bilinear 2x2 -> 4x4"
+
+
 def test_caches_that_do_not_share_views_are_refused(caches, tmp_path):
     r = invoke("pretrain", "--cache", caches["a"], "--cache", caches["other"], *FLAGS, "--out", str(tmp_path / "x"),
                module="mdtrain")
