@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -33,11 +33,20 @@ from mdcache.fs import fetch
 
 from . import labelled
 from .checkpoint import CKPT_NAME, check_resumable, load_trainer_state, resolve_resume, save_trainer_state, save_weights
-from .classifier import build_model, evaluate_batches, layer_scale_of, load_backbone, scale_head
+from .classifier import (
+    DEFAULT_IMAGE_SIZE,
+    build_model,
+    describe_weights,
+    evaluate_batches,
+    layer_scale_of,
+    load_backbone,
+    scale_head,
+)
 from .outputs import MetricsLog, OutputDir, check_trackers, plot_curves
 from .runtime import Dist, all_ranks, all_reduce_sum, init_distributed, seed_all, seed_for, unwrap
 
 console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+DEFAULT_MODEL = "vit_base_patch16_224"
 
 
 @dataclass
@@ -47,15 +56,17 @@ class FinetuneConfig:
     train: str = opt("", "Labelled training data: WebDataset tars with .cls (brace pattern, glob, list), an image "
                          "folder with one sub-folder per class, or with --loader ffcv a .beton file.", required=True)
     val: str = opt("", "Labelled validation data (same forms as --train).", required=True)
-    model: str = opt("vit_base_patch16_224", "timm model name.")
-    model_args: dict = model_args_opt("--model-arg", "model")
+    model: Optional[str] = opt(None, "timm model name. Default: the one --init's weights record (as knn and linprobe "
+                                     "read it), else vit_base_patch16_224.")
+    model_args: dict = model_args_opt("--model-arg", "model (default: those --init's weights record)")
     init: Optional[str] = opt(None, "Pretrained backbone (safetensors in timm naming, e.g. "
                                     "runs/pt/student.safetensors, or a .ckpt with a 'model' state dict). None: the "
                                     "from-scratch baseline.")
     out: str = opt("runs/ft", "Output directory or fsspec URL (remote: mirrored locally, uploaded after every epoch).")
     num_classes: Optional[int] = opt(None, "Number of classes; None = inferred from --train (class folders, or max "
                                            ".cls + 1).", ge=1)
-    image_size: int = opt(224, "Image side in pixels (ViTs get it as img_size; a pretrained pos-embed is resampled).",
+    image_size: Optional[int] = opt(None, "Image side in pixels (ViTs get it as img_size; a pretrained pos-embed is "
+                                          "resampled). Default: --init's recorded size, else 224.",
                           ge=1)
     global_pool: str = opt("avg", "timm global_pool: avg = mean of the patch tokens (BEiT v2's recipe: MaskDistill "
                                   "never trains the CLS token), token = the CLS token.")
@@ -276,6 +287,24 @@ def save_epoch(outdir: OutputDir, net: torch.nn.Module, ema: Any, state: dict, r
     outdir.push()
 
 
+def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
+    """--model, --model-arg and --image-size default to what --init's weights record (a pretrained student
+    records all three); explicit options win; without a record, vit_base_patch16_224 at 224 px."""
+    meta: dict = {}
+    if cfg.init:
+        try:
+            meta = describe_weights(fetch(cfg.init, cfg.storage_options), cfg.model, cfg.image_size,
+                                    model_args=cfg.model_args or None)
+        except ConfigError as e:
+            if "no such weights file" in str(e):
+                raise
+    recorded = meta.get("meta", {}).get("model") or meta.get("meta", {}).get("timm_model")
+    same = not cfg.model or cfg.model == recorded  # recorded arguments belong to the recorded model only
+    return replace(cfg, model=cfg.model or meta.get("model") or DEFAULT_MODEL,
+                   model_args=cfg.model_args or (meta.get("model_args", {}) if same else {}),
+                   image_size=cfg.image_size or meta.get("image_size") or DEFAULT_IMAGE_SIZE)
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Run (or resume) a finetune; returns the last epoch's metrics plus the best top-1."""
     from timm.utils import ModelEmaV3
@@ -283,6 +312,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.train or not cfg.val:
         raise ConfigError("--train and --val are both required")
     check_options(cfg)
+    cfg = resolve_model(cfg)
     check_trackers(cfg.log)
     device = use_device(cfg.device)
     dist = init_distributed(device, cfg.dist_timeout)

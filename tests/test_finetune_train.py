@@ -13,7 +13,7 @@ from helpers import mdtrain, read_jsonl
 from mdcache.errors import ConfigError
 from mdtrain.checkpoint import CheckpointError, load_trainer_state, save_weights
 from mdtrain.classifier import InitError, build_model, layer_scale_of, load_backbone
-from mdtrain.finetune import FinetuneConfig, build_recipe, finetune, max_lr, resolve_lr
+from mdtrain.finetune import FinetuneConfig, build_recipe, finetune, max_lr, resolve_lr, resolve_model
 from mdtrain.runtime import seed_all
 
 MODEL = "vit_tiny_patch16_224"
@@ -167,6 +167,23 @@ def test_recipe_defaults_are_beit_v2s(tmp_path, data, student):
     assert lrs[6] == pytest.approx(c.min_lr)
     with pytest.raises(ConfigError, match="--warmup-epochs"):
         build_recipe(cfg(data, out, epochs=2, warmup_epochs=2), build_model(MODEL, 10, SIZE), 10, world=1)
+
+
+def test_init_brings_its_model_name_arguments_and_size(tmp_path, data):
+    """--init of a student that records its model (as pretrain's student.safetensors does): finetune needs no
+    --model, --model-arg or --image-size, as knn and linprobe; explicit options still win."""
+    path = str(tmp_path / "student.safetensors")
+    sd = timm.create_model(MODEL, pretrained=False, img_size=SIZE, num_classes=0, embed_dim=48, depth=2,
+                           num_heads=2).state_dict()
+    save_weights(path, sd, {"model": MODEL, "image_size": SIZE, "kind": "pretrain-student",
+                            "model_args": json.dumps({"embed_dim": 48, "depth": 2, "num_heads": 2})})
+    finetune(cfg(data, str(tmp_path / "ft"), model=None, image_size=None, init=path, stop_after=0))
+    used = json.load(open(tmp_path / "ft" / "config.json"))
+    assert (used["model"], used["image_size"]) == (MODEL, SIZE)
+    assert used["model_args"] == {"embed_dim": 48, "depth": 2, "num_heads": 2}
+    other = resolve_model(cfg(data, "x", model="vit_small_patch16_224", image_size=None, init=path))
+    assert other.model_args == {} and other.image_size == SIZE  # another model: the record's arguments do not fit it
+    assert resolve_model(cfg(data, "x", model=None, image_size=None)).model == "vit_base_patch16_224"
 
 
 def test_a_one_epoch_cosine_decays_without_timm_saying_it_will_not(tmp_path, data, caplog):
