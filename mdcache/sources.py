@@ -13,7 +13,6 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import fsspec
 from braceexpand import braceexpand
 
 from .errors import SourceError, storage_error  # noqa: F401 (part of this module's API)
@@ -50,8 +49,11 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
 
-def _fs(url: str, storage_options: dict | None):
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+def open_fs(url: str, storage_options: dict | None):
+    """(filesystem, path) of a source URL, with the timeouts and bounded retries every bucket read gets."""
+    from . import fs as mfs
+
+    return mfs.url_to_fs(url, storage_options)
 
 
 def _unstrip(fs, url: str, path: str) -> str:
@@ -66,12 +68,12 @@ def list_source(spec: str, storage_options: dict | None = None, folder_shard_siz
         raise SourceError("no source given (--source 'shards/train-{000000..000009}.tar' or an image folder)")
     patterns = [p for part in _split_top_level(spec) for p in braceexpand(part)]
     if len(patterns) == 1:
-        fs, path = _fs(patterns[0], storage_options)
+        fs, path = open_fs(patterns[0], storage_options)
         if fs.isdir(path):
             return _list_folder(patterns[0], fs, path, folder_shard_size)
     shards, missing = [], []
     for pat in patterns:
-        fs, path = _fs(pat, storage_options)
+        fs, path = open_fs(pat, storage_options)
         if any(c in path for c in "*?["):
             found = sorted(fs.glob(path))
             if not found:
@@ -174,7 +176,7 @@ def changed(shard: SourceShard, size: int | None) -> SourceError | None:
 
 def check_unchanged(shard: SourceShard, storage_options: dict | None = None) -> None:
     """Raise if a shard's size differs from the recorded one (one stat; folders: one listing)."""
-    fs, path = _fs(shard.url, storage_options)
+    fs, path = open_fs(shard.url, storage_options)
     try:
         if shard.files:
             sizes = fs.find(path, detail=True)
@@ -198,7 +200,7 @@ def iter_samples(shard: SourceShard, storage_options: dict | None = None) -> Ite
 
 
 def _iter_folder(shard: SourceShard, storage_options: dict | None) -> Iterator[Sample]:
-    fs, root = _fs(shard.url, storage_options)
+    fs, root = open_fs(shard.url, storage_options)
     index = {c: i for i, c in enumerate(shard.classes)}
     seen: set[str] = set()
     total = 0
@@ -220,7 +222,7 @@ def _iter_folder(shard: SourceShard, storage_options: dict | None) -> Iterator[S
         raise err
 
 
-def _split_member(name: str) -> tuple[str, str]:
+def split_member(name: str) -> tuple[str, str]:
     d, base = os.path.split(name)
     if "." not in base:
         return name, ""
@@ -245,7 +247,7 @@ def _make_sample(key: str, members: dict[str, bytes]) -> Sample:
 
 
 def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Sample]:
-    fs, path = _fs(shard.url, storage_options)
+    fs, path = open_fs(shard.url, storage_options)
     key, members, last, seen = None, {}, None, set()
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
@@ -256,7 +258,7 @@ def _iter_tar(shard: SourceShard, storage_options: dict | None) -> Iterator[Samp
             for m in tf:
                 if not m.isfile():
                     continue
-                k, ext = _split_member(m.name)
+                k, ext = split_member(m.name)
                 if k != key and key is not None:
                     yield _make_sample(key, members)
                     last, members = key, {}

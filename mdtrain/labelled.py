@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from mdcache import sources
 from mdcache.errors import ConfigError, UserError
 from mdcache.views import decode_image
 
-from .runtime import current_dist, rng_for, seed_for, shuffled
+from .runtime import current_dist, rng_for, seed_all, seed_for, shuffled
 
 
 class LabelError(UserError):
@@ -64,7 +63,7 @@ class Entry:
 
 def _tar_entries(i: int, shard: sources.SourceShard, storage_options: dict | None) -> list[Entry]:
     """Index one tar by walking its headers (seeks over image data; reads only the tiny .cls members)."""
-    fs, path = sources._fs(shard.url, storage_options)
+    fs, path = sources.open_fs(shard.url, storage_options)
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     order: list[str] = []
     labels: dict[str, bytes] = {}
@@ -73,7 +72,7 @@ def _tar_entries(i: int, shard: sources.SourceShard, storage_options: dict | Non
             for m in tf:
                 if not m.isfile():
                     continue
-                k, ext = sources._split_member(m.name)
+                k, ext = sources.split_member(m.name)
                 if k not in groups:
                     groups[k] = {}
                     order.append(k)
@@ -131,12 +130,12 @@ def read_entry(shards: list[sources.SourceShard], e: Entry, storage_options: dic
     """The encoded image bytes of one indexed entry (random access, handles cached per process)."""
     shard = shards[e.shard]
     if e.path:
-        fs, root = sources._fs(shard.url, storage_options)
+        fs, root = sources.open_fs(shard.url, storage_options)
         return fs.cat_file(f"{root.rstrip('/')}/{e.path}")
     handles = _handles if _handles is not None else {}
     key = (os.getpid(), shard.url)
     if key not in handles:
-        fs, path = sources._fs(shard.url, storage_options)
+        fs, path = sources.open_fs(shard.url, storage_options)
         handles[key] = fs.open(path, "rb")
     f = handles[key]
     f.seek(e.offset)
@@ -218,10 +217,7 @@ class LabelledShards(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, int]]:
         consumer, _ = self._consumer()
         if torch.utils.data.get_worker_info() is not None:  # worker RNGs: reproducible per (seed, epoch, consumer)
-            s = seed_for(self.seed, "worker", self.epoch, consumer)
-            random.seed(s)
-            np.random.seed(s)
-            torch.manual_seed(s)
+            seed_all(seed_for(self.seed, "worker", self.epoch, consumer))
         it = self.samples()
         if self.shuffle and self.buffer > 1:
             it = shuffled(it, self.buffer, rng_for(self.seed, "buffer", self.epoch, consumer))

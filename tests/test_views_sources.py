@@ -148,3 +148,13 @@ def test_sixteen_bit_grayscale_png_is_scaled_not_clipped():
     expected = np.round(ramp / 65535.0 * 255.0).astype(np.uint8)
     assert np.abs(rgb[..., 0].astype(int) - expected).max() <= 1
     assert (rgb[..., 0] == 255).mean() < 0.01  # not "almost all white"
+
+
+def test_source_reads_on_a_bucket_get_the_storage_timeouts():
+    """Source shards on S3 were opened with fsspec directly, without the timeouts and bounded retries every
+    other bucket read gets: a hung server stalled a trainer for minutes. One opener now serves both."""
+    from mdcache import sources
+
+    fs, path = sources.open_fs("s3://team/data/train-000000.tar", {"endpoint_url": "http://127.0.0.1:9", "anon": True})
+    assert path == "team/data/train-000000.tar"
+    assert fs.config_kwargs["read_timeout"] == 30.0 and fs.config_kwargs["retries"]["max_attempts"] == 1
