@@ -17,6 +17,7 @@ import uuid
 from rich.console import Console
 
 from . import fs as mfs
+from . import store
 
 
 def new_owner() -> str:
@@ -64,7 +65,7 @@ class Claims:
         """The claim's file, and the commit record whose existence means the work is done (`stem`: the
         record of the K being made, <shard>@<K>; a cache grows by new records)."""
         fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
-        return fs, mfs.join(path, "claims", f"{shard}.json"), mfs.join(path, "commits", f"{stem or shard}.json")
+        return fs, store.claim_file(path, shard), store.record_file(path, stem or shard)
 
     def _record(self, shard: str) -> dict:
         return {"shard": shard, "owner": self.owner, "expires": time.time() + self.ttl, "ttl": self.ttl,
@@ -121,7 +122,7 @@ class Claims:
     def mine(self) -> list[str]:
         """Shards this owner currently holds claims on (claims made in loader workers included)."""
         fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
-        cdir = mfs.join(path, "claims")
+        cdir = mfs.join(path, store.CLAIMS)
         fs.invalidate_cache(cdir)
         out = []
         for p in (fs.ls(cdir, detail=False) if fs.exists(cdir) else []):

@@ -63,7 +63,7 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
     fs.invalidate_cache(path)
     now = time.time()
     out, live_claims = [], set()
-    cdir = mfs.join(path, "claims")
+    cdir = mfs.join(path, store.CLAIMS)
     for p in fs.ls(cdir, detail=False) if fs.exists(cdir) else []:
         name = p.rsplit("/", 1)[-1]
         if name.startswith(".write-probe-"):
@@ -84,7 +84,7 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
         else:
             live_claims.add(rec.get("shard"))
     referenced = {rec["path"].rsplit("/", 1)[-1] for rec in cache.records.values()}  # every K a shard grew through
-    sdir = mfs.join(path, "shards")
+    sdir = mfs.join(path, store.SHARDS)
     for p in fs.ls(sdir, detail=False) if fs.exists(sdir) else []:
         attempt = p.rstrip("/").rsplit("/", 1)[-1]
         shard = attempt.rsplit(".", 1)[0]
@@ -94,11 +94,11 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
             out.append((p, "uncommitted attempt" + (" (shard committed elsewhere)" if shard in cache.commits else "")))
     kept = {ref["array"].rsplit("/", 1)[-1]
             for ref in store.calibration_arrays(cache.manifest["codec"].get("calibration")).values()}
-    cal = mfs.join(path, "calibration")
+    cal = mfs.join(path, store.CALIBRATION)
     for p in fs.ls(cal, detail=False) if fs.exists(cal) else []:  # a creator that lost the manifest race
         if p.rstrip("/").rsplit("/", 1)[-1] not in kept and now - _mtime(fs, p) > grace:
             out.append((p, "calibration array of a manifest that lost the race"))
-    for d in (path, mfs.join(path, "commits")):
+    for d in (path, mfs.join(path, store.COMMITS)):
         for p in fs.ls(d, detail=False) if fs.exists(d) else []:
             if ".tmp-" in p.rsplit("/", 1)[-1] and now - _mtime(fs, p) > grace:
                 out.append((p, "temp file"))
@@ -144,7 +144,7 @@ def rm(cfg: RmConfig) -> list[tuple[str, str]]:
         fs, path = mfs.url_to_fs(cfg.cache, so)
         if not fs.exists(mfs.join(path, store.MANIFEST)):
             raise store.CacheNotFound(f"{cfg.cache}: no {store.MANIFEST} here; not a cache directory")
-        items = [(p, w) for p, w in [(mfs.join(path, "commits"), "commit records"), (path, "the whole cache")]
+        items = [(p, w) for p, w in [(mfs.join(path, store.COMMITS), "commit records"), (path, "the whole cache")]
                  if fs.exists(p)]
         _delete(fs, items, cfg.yes)
         return items
@@ -156,7 +156,7 @@ def rm(cfg: RmConfig) -> list[tuple[str, str]]:
     items = []
     for s in cfg.shard:  # the records first (every K it grew through): from then on no reader trusts the data
         recs = [(stem, r) for stem, r in cache.records.items() if store.shard_of(stem) == s]
-        items += [(mfs.join(path, "commits", f"{stem}.json"), "commit record") for stem, _ in recs]
+        items += [(store.record_file(path, stem), "commit record") for stem, _ in recs]
         items += [(mfs.join(path, r["path"]), "shard data") for _, r in recs]
     _delete(fs, items, cfg.yes)
     return items

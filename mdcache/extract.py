@@ -363,7 +363,7 @@ def open_or_create_cache(url: str, fp: dict, so: dict, make_manifest: Callable[[
 def check_writable(cache_url: str, so: dict) -> None:
     """Fail early, with a clear message, when the credentials cannot write to the cache."""
     fs, path = mfs.url_to_fs(cache_url, so)
-    probe = mfs.join(path, "claims", f".write-probe-{new_owner().replace(':', '-').replace('@', '-')}")
+    probe = mfs.join(path, store.CLAIMS, f".write-probe-{new_owner().replace(':', '-').replace('@', '-')}")
     try:
         mfs.write_json(fs, probe, {})
         fs.rm(probe)

@@ -35,11 +35,25 @@ READABLE = (1, 2)
 CALIB_VIEWS = 2      # a calibration sees the first views of its images, whatever K: growing K keeps it
 MANIFEST = "manifest.json"
 COMMIT_INDEX = "commit-index.json"   # a compacted copy of the commit records: opening a cache is O(1) requests
-COMMITS = "commits"
+COMMITS = "commits"                  # commit records: <shard>@<K>.json
+CLAIMS = "claims"                    # shard claims of live jobs: <shard>.json
+SHARDS = "shards"                    # shard attempts: <shard>.<attempt>/
+CALIBRATION = "calibration"          # codec calibration arrays (pca's basis)
 WRITE_THREADS = 4  # chunks compressed, hashed and written at once per shard
 VIEW_FIELD_COUNT = 11
 # What every reader relies on in a commit record (the rest is provenance).
 RECORD_FIELDS = {"shard": str, "path": str, "samples": int, "views": int, "checksums": dict, "keys_sha256": str}
+
+
+# ----------------------------------------------------------------------------- paths (the store names them all)
+
+def record_file(cache_path: str, stem: str) -> str:
+    """The commit record `stem` (<shard>@<K>) of a cache folder."""
+    return join(cache_path, COMMITS, f"{stem}.json")
+
+
+def claim_file(cache_path: str, shard: str) -> str:
+    return join(cache_path, CLAIMS, f"{shard}.json")
 
 
 # ----------------------------------------------------------------------------- identity
@@ -87,7 +101,7 @@ def check_record(rec: Any, name: str, where: str) -> dict:
     bad = [k for k, t in RECORD_FIELDS.items() if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
     if not bad and (rec["shard"] != shard_of(name) or ("@" in name and record_stem(rec) != name)):
         bad = [f"shard {rec['shard']!r}"]
-    if not bad and not rec["path"].startswith(f"shards/{shard_of(name)}."):
+    if not bad and not rec["path"].startswith(f"{SHARDS}/{shard_of(name)}."):
         bad = [f"path {rec['path']!r}"]
     if not bad and (rec["views"] < 1 or rec["samples"] < 0 or any(
             not isinstance(v, list) or len(v) != rec["views"] for v in rec["checksums"].values())):
@@ -193,7 +207,7 @@ def put_calibration(cache_url: str, calibration: dict | None, storage_options: d
             out[key] = value
             continue
         digest = array_digest(value)
-        rel = f"calibration/{key}-{digest[:16]}-{uuid.uuid4().hex[:8]}"
+        rel = f"{CALIBRATION}/{key}-{digest[:16]}-{uuid.uuid4().hex[:8]}"
         where, so = _zarr_at(cache_url, rel, storage_options)
         try:
             z = zarr.open_array(where, mode="w-", shape=value.shape, dtype=value.dtype, chunks=value.shape,
@@ -302,7 +316,7 @@ def committed_path(cache_url: str, stem: str, storage_options: dict | None = Non
     """The attempt a commit record (commits/<stem>.json) names now (None: none): read back, not listed."""
     fs, path = url_to_fs(cache_url, storage_options)
     try:
-        return read_json(fs, join(path, COMMITS, f"{stem}.json")).get("path")
+        return read_json(fs, record_file(path, stem)).get("path")
     except (FileNotFoundError, CacheError):
         return None
 
@@ -313,7 +327,7 @@ def drop_commit(cache_url: str, stem: str, attempt: str, storage_options: dict |
     fs, path = url_to_fs(cache_url, storage_options)
     if committed_path(cache_url, stem, storage_options) == attempt:
         try:
-            fs.rm(join(path, COMMITS, f"{stem}.json"))
+            fs.rm(record_file(path, stem))
         except FileNotFoundError:
             pass
 
@@ -321,7 +335,7 @@ def drop_commit(cache_url: str, stem: str, attempt: str, storage_options: dict |
 def commit_shard(cache_url: str, record: dict, storage_options: dict | None = None) -> bool:
     """Publish a commit record, create-if-absent: False if another writer committed this (shard, K) first."""
     fs, path = url_to_fs(cache_url, storage_options)
-    return write_json(fs, join(path, COMMITS, f"{record_stem(record)}.json"), record, exclusive=True)
+    return write_json(fs, record_file(path, record_stem(record)), record, exclusive=True)
 
 
 def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[str, np.ndarray],
@@ -333,9 +347,9 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
 
     fs, path = url_to_fs(cache_url, storage_options)
     attempt = f"{name}.{uuid.uuid4().hex[:12]}"
-    group_url = join(cache_url, "shards", attempt)
+    group_url = join(cache_url, SHARDS, attempt)
     if is_local(fs):
-        group_url = join(path, "shards", attempt)
+        group_url = join(path, SHARDS, attempt)
     checksums, n = {}, len(keys)
     try:
         so = None if is_local(fs) else mfs.storage_options_for(cache_url, storage_options)
@@ -356,14 +370,14 @@ def write_shard_data(cache_url: str, name: str, keys: list[str], arrays: dict[st
         checksums = {a: [f.result() for f in fs_] for a, fs_ in checksums.items()}
         group.attrs.update({"keys": keys, "shard": name})
     except OSError as e:  # disk full, file too large, the bucket went away: say where, leave no half-written attempt
-        remove_attempt(cache_url, f"shards/{attempt}", storage_options)
+        remove_attempt(cache_url, f"{SHARDS}/{attempt}", storage_options)
         raise CacheError(f"{cache_url}: writing shard {name} failed: {e.strerror or e} "
                          f"({type(e).__name__}); nothing of it was committed") from e
     try:
-        nbytes = int(fs.du(join(path, "shards", attempt)))  # one listing now, so that `info` needs none per shard
+        nbytes = int(fs.du(join(path, SHARDS, attempt)))  # one listing now, so that `info` needs none per shard
     except OSError:
         nbytes = None
-    record = {"shard": name, "path": f"shards/{attempt}", "samples": n, "views": int(views.shape[0]), "bytes": nbytes,
+    record = {"shard": name, "path": f"{SHARDS}/{attempt}", "samples": n, "views": int(views.shape[0]), "bytes": nbytes,
               "keys_sha256": keys_digest(keys), "checksums": checksums, "created_by": who(),
               "created_at": now(), "format_version": FORMAT_VERSION, **extra}
     return record
@@ -495,7 +509,7 @@ class Cache:
         extract: whatever decides what to delete or redo). Where the index disagrees with a record it is
         named in `index_problems`, and `write_index` repairs it."""
         fs, path = url_to_fs(self.url, self.storage_options)
-        cdir = join(path, "commits")
+        cdir = join(path, COMMITS)
         fs.invalidate_cache(cdir)  # listings are cached per process; other writers change them
         try:
             listing = {p["name"]: _stamp(p) for p in fs.ls(cdir, detail=True) if p["name"].endswith(".json")}
@@ -587,9 +601,9 @@ class Cache:
         it differed (the read is worth retrying). Repair advice is only ever given from the record itself."""
         fs, path = url_to_fs(self.url, self.storage_options)
         stem = record_stem(self.commits[shard])
-        where = fs.unstrip_protocol(join(path, COMMITS, f"{stem}.json"))
+        where = fs.unstrip_protocol(record_file(path, stem))
         try:
-            rec = check_record(read_json(fs, join(path, COMMITS, f"{stem}.json")), stem, where)
+            rec = check_record(read_json(fs, record_file(path, stem)), stem, where)
         except FileNotFoundError:
             raise CacheError(f"{self.url}: shard {shard!r} is no longer committed (its record {where} was "
                              "removed, e.g. by `mdcache rm --shard`); re-run the same `mdcache extract` to recompute "

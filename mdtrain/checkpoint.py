@@ -11,6 +11,7 @@ previous file intact. Weights files are read through `mdcache.weights` (never un
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -117,6 +118,19 @@ def gather_rng_states(device: torch.device, world: int) -> list[dict[str, torch.
         for r, p in enumerate(parts):
             out[r][name] = p
     return out
+
+
+def weights_meta(kind: str, model: str, image_size: int, mean, std, model_args: dict | None = None,
+                 layer_scale: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The metadata every weights file carries, so that eval/knn/linprobe/finetune --init and a timm teacher
+    rebuild the model and feed it what it was trained on (one writer: pretrain and finetune alike)."""
+    meta = {"model": model, "image_size": image_size, "kind": kind, "mean": json.dumps(list(mean)),
+            "std": json.dumps(list(std))}
+    if model_args:
+        meta["model_args"] = json.dumps(model_args)
+    if layer_scale:
+        meta["layer_scale"] = layer_scale
+    return {**meta, **{k: v for k, v in extra.items() if v is not None}}
 
 
 def save_weights(path: str, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:

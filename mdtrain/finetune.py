@@ -32,7 +32,15 @@ from mdcache.errors import ConfigError
 from mdcache.fs import fetch
 
 from . import labelled
-from .checkpoint import CKPT_NAME, check_resumable, load_trainer_state, resolve_resume, save_trainer_state, save_weights
+from .checkpoint import (
+    CKPT_NAME,
+    check_resumable,
+    load_trainer_state,
+    resolve_resume,
+    save_trainer_state,
+    save_weights,
+    weights_meta,
+)
 from .classifier import (
     DEFAULT_IMAGE_SIZE,
     build_model,
@@ -371,11 +379,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
             console.print(f"resumed from {resume} at epoch {pos['epoch']}, batch {pos['batch_in_epoch']}")
     rows = log.truncate(lambda row: state is not None and row["epoch"] < pos["epoch"]) if dist.main else []
     steps_est = labelled.steps_per_epoch(train.samples, cfg.batch_size, dist.world)
-    meta = {"model": cfg.model, "image_size": cfg.image_size, "num_classes": num_classes, "crop_pct": cfg.crop_pct,
-            "mean": json.dumps(mean), "std": json.dumps(std), "kind": "classifier",
-            **({"global_pool": cfg.global_pool} if cfg.global_pool else {}),
-            **({"model_args": json.dumps(cfg.model_args)} if cfg.model_args else {}),
-            **({"layer_scale": layer_scale} if layer_scale else {})}
+    meta = weights_meta("classifier", cfg.model, cfg.image_size, mean, std, cfg.model_args, layer_scale,
+                        num_classes=num_classes, crop_pct=cfg.crop_pct, global_pool=cfg.global_pool or None)
     if dist.main:
         with open(outdir.path("config.json"), "w") as f:
             json.dump({**public_config(cfg), "resolved": {**meta, "lr": r.lr, "world": dist.world,

@@ -586,14 +586,9 @@ def write_checkpoint(r: Run, epoch: int, batch: int, rngs: list) -> None:
         "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
         "epoch": epoch, "batch_in_epoch": batch, "step": r.step, "rng": rngs, **r.layout, "config": public_config(cfg),
         **r.meta})
-    meta = {"model": cfg.student, "image_size": r.setup.stream.image_size, "kind": "pretrain-student",
-            "mean": json.dumps(list(data.STUDENT_MEAN)), "std": json.dumps(list(data.STUDENT_STD)), "step": r.step}
-    if cfg.layer_scale:
-        meta["layer_scale"] = cfg.layer_scale
-    if cfg.student_args:
-        meta["model_args"] = json.dumps(cfg.student_args)
-    if r.setup.cache is not None:
-        meta["cache_id"] = r.setup.cache.cache_id
+    meta = checkpoint.weights_meta("pretrain-student", cfg.student, r.setup.stream.image_size, data.STUDENT_MEAN,
+                                   data.STUDENT_STD, cfg.student_args, cfg.layer_scale, step=r.step,
+                                   cache_id=r.setup.cache.cache_id if r.setup.cache is not None else None)
     checkpoint.save_weights(r.outdir.path(checkpoint.WEIGHTS_NAME), student.backbone_state_dict(), meta)
     r.outdir.push()
 
