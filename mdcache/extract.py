@@ -178,10 +178,10 @@ def stored_views(views_of: tuple[str, dict | None], shard: str, k: int) -> dict[
     return {key: np.stack([p[i] for _, _, p in per_view]) for i, key in enumerate(keys)}
 
 
-def _shard_stream_class() -> type:
-    """ShardStream subclasses torch's IterableDataset: made on first use (`mdcache.extract.ShardStream`), so
+def _extract_stream_class() -> type:
+    """ExtractStream subclasses torch's IterableDataset: made on first use (`mdcache.extract.ExtractStream`), so
     that importing this module (and the CLI) does not import torch."""
-    class ShardStream(torch.utils.data.IterableDataset):
+    class ExtractStream(torch.utils.data.IterableDataset):
         """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
         def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
@@ -211,18 +211,18 @@ def _shard_stream_class() -> type:
                     b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
                     yield b
 
-    ShardStream.__module__, ShardStream.__qualname__ = __name__, "ShardStream"  # picklable by name
-    return ShardStream
+    ExtractStream.__module__, ExtractStream.__qualname__ = __name__, "ExtractStream"  # picklable by name
+    return ExtractStream
 
 
 def _stream_cls() -> type:
-    if "ShardStream" not in globals():
-        globals()["ShardStream"] = _shard_stream_class()
-    return globals()["ShardStream"]
+    if "ExtractStream" not in globals():
+        globals()["ExtractStream"] = _extract_stream_class()
+    return globals()["ExtractStream"]
 
 
 def __getattr__(name: str):
-    if name == "ShardStream":
+    if name == "ExtractStream":
         return _stream_cls()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -378,7 +378,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if dist.main:
             console.print(f"resumed from {resume} at epoch {pos['epoch']}, batch {pos['batch_in_epoch']}")
     rows = log.truncate(lambda row: state is not None and row["epoch"] < pos["epoch"]) if dist.main else []
-    steps_est = labelled.steps_per_epoch(train.samples, cfg.batch_size, dist.world)
+    steps_est = labelled.batches_per_epoch(train.samples, cfg.batch_size, dist.world)
     meta = weights_meta("classifier", cfg.model, cfg.image_size, mean, std, cfg.model_args, layer_scale,
                         num_classes=num_classes, crop_pct=cfg.crop_pct, global_pool=cfg.global_pool or None)
     if dist.main:

@@ -225,7 +225,7 @@ class LabelledShards(torch.utils.data.IterableDataset):
             yield (self.transform(img), label, key) if self.keys else (self.transform(img), label)
 
 
-def make_loader(ds: LabelledShards, batch_size: int, workers: int, train: bool, seed: int, epoch: int,
+def labelled_loader(ds: LabelledShards, batch_size: int, workers: int, train: bool, seed: int, epoch: int,
                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over `ds` for one epoch (fresh workers each epoch so set_epoch reaches them)."""
     ds.set_epoch(epoch)
@@ -235,7 +235,7 @@ def make_loader(ds: LabelledShards, batch_size: int, workers: int, train: bool, 
                                        persistent_workers=False)
 
 
-def steps_per_epoch(samples: int, batch_size: int, world: int) -> int:
+def batches_per_epoch(samples: int, batch_size: int, world: int) -> int:
     """Optimizer steps per epoch per rank for `samples` images (drop_last batches)."""
     return max(1, math.floor(samples / world / batch_size))
 
@@ -287,7 +287,7 @@ def default_split(spec: str, transform: Callable, batch_size: int, workers: int,
                         storage_options=storage_options)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield from make_loader(ds, batch_size, workers, train, seed, epoch, pin_memory)
+        yield from labelled_loader(ds, batch_size, workers, train, seed, epoch, pin_memory)
 
     return Split(info.samples if samples is None else samples, n_cls, batches)
 

@@ -32,8 +32,8 @@ def normalize_targets(targets: torch.Tensor, target_norm: str) -> torch.Tensor:
     raise ValueError(f"unknown target norm {target_norm!r}")
 
 
-def distill_loss(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *, target_norm: str = "layernorm",
-                 loss: str = "smooth_l1", beta: float = 2.0) -> torch.Tensor:
+def masked_feature_loss(pred: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, *,
+                        target_norm: str = "layernorm", loss: str = "smooth_l1", beta: float = 2.0) -> torch.Tensor:
     """Mean loss over masked tokens. pred/targets [B,P,D] (any float dtype), mask bool [B,P].
 
     Every token's loss is computed and the masked ones averaged by weight: selecting them (`x[mask]`) has a

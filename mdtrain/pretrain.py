@@ -351,8 +351,9 @@ def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: Pretrai
     images = data.normalize(batch["images"], data.STUDENT_MEAN, data.STUDENT_STD)
     with autocast(device, precision):
         pred = model(images, batch["mask"])
-    losses = [objective.distill_loss(p, t, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss, beta=cfg.beta)
-              for p, t in zip(pred if isinstance(pred, tuple) else (pred,), targets)]
+    losses = [objective.masked_feature_loss(p, t, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss,
+                                            beta=cfg.beta) for p, t in zip(pred if isinstance(pred, tuple) else (pred,),
+                                                                           targets)]
     if not setup.extra:
         return losses[0]
     return sum(w * x for w, x in zip([setup.weight, *(e.weight for e in setup.extra)], losses))

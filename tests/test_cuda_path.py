@@ -132,7 +132,7 @@ def test_extraction_ships_uint8_views_normalized_on_the_device(train_spec):
 
     cfg = extract_cfg(train_spec, "unused", views=3)
     p = extract.prepare(cfg)
-    stream = extract.ShardStream(p.shards[:1], p.recipe, 4)
+    stream = extract.ExtractStream(p.shards[:1], p.recipe, 4)
     b = next(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)))
     assert b.images.dtype == torch.uint8 and b.images.shape == (12, 3, 64, 64)
     sample = next(sources.iter_samples(p.shards[0]))

@@ -167,7 +167,7 @@ def test_loader_workers_read_each_image_once(data):
         ds = labelled.LabelledShards(part, lambda im: torch.zeros(1), 10, shuffle=True, seed=0, keys=True)
         orders = []
         for epoch in (0, 1):
-            keys = [k for _, _, ks in labelled.make_loader(ds, 7, 2, False, 0, epoch) for k in ks]
+            keys = [k for _, _, ks in labelled.labelled_loader(ds, 7, 2, False, 0, epoch) for k in ks]
             assert len(keys) == len(want) and sorted(keys) == want  # every key, each exactly once
             orders.append(keys)
         assert orders[0] != orders[1]  # reshuffled per epoch

@@ -92,17 +92,17 @@ def test_objective_uses_masked_tokens_only():
     mask[:, :6] = True
     for loss in objective.LOSSES:
         for norm in objective.TARGET_NORMS:
-            base = objective.distill_loss(pred, tgt, mask, target_norm=norm, loss=loss)
+            base = objective.masked_feature_loss(pred, tgt, mask, target_norm=norm, loss=loss)
             p2 = pred.clone()
             p2[~mask] += 10  # unmasked predictions do not count
-            assert torch.equal(objective.distill_loss(p2, tgt, mask, target_norm=norm, loss=loss), base)
+            assert torch.equal(objective.masked_feature_loss(p2, tgt, mask, target_norm=norm, loss=loss), base)
             p3 = pred.clone()
             p3[mask] += 1
-            assert not torch.equal(objective.distill_loss(p3, tgt, mask, target_norm=norm, loss=loss), base)
+            assert not torch.equal(objective.masked_feature_loss(p3, tgt, mask, target_norm=norm, loss=loss), base)
     ln = torch.nn.functional.layer_norm(tgt, (8,), eps=1e-6)  # layernorm target: per token, no affine
-    assert torch.allclose(objective.distill_loss(ln, tgt, mask, loss="mse"), torch.tensor(0.0), atol=1e-10)
+    assert torch.allclose(objective.masked_feature_loss(ln, tgt, mask, loss="mse"), torch.tensor(0.0), atol=1e-10)
     ref = torch.nn.functional.smooth_l1_loss(pred[mask], ln[mask], beta=2.0)
-    assert torch.allclose(objective.distill_loss(pred, tgt, mask, beta=2.0), ref)
+    assert torch.allclose(objective.masked_feature_loss(pred, tgt, mask, beta=2.0), ref)
     with pytest.raises(ConfigError, match="--loss"):
         objective.check("layernorm", "l3")
     with pytest.raises(ConfigError, match="--target-norm"):

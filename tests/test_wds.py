@@ -82,7 +82,7 @@ def test_the_docs_example_matches_mdtrains_objective_and_trains(cache, demo_data
     torch.manual_seed(0)
     pred, targets = torch.randn(3, 16, cache.teacher_dim), torch.randn(3, 16, cache.teacher_dim) * 5 + 2
     mask = torch.rand(3, 16) < 0.4
-    assert torch.allclose(example.masked_loss(pred, targets, mask), objective.distill_loss(pred, targets, mask))
+    assert torch.allclose(example.masked_loss(pred, targets, mask), objective.masked_feature_loss(pred, targets, mask))
     p = subprocess.run([sys.executable, str(EXAMPLE), cache.url, str(demo_data / "train-{000000..000003}.tar"),
                         "--batch-size", "8", "--epochs", "2"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
