@@ -68,7 +68,12 @@ def info(cfg: InfoConfig) -> None:
                           f"(worst {stats['fidelity']['max_rel_l2']:.5f}) on {stats['fidelity']['tokens']} tokens"
                           if stats["fidelity"] else ""))
     t.add_row("created", f"{m['created_by']} at {m['created_at']}")
-    console.print(t)
+    whole_lines().print(t)
+
+
+def whole_lines() -> Console:
+    """The console for tables: a terminal's width, or in a pipe or log file whole rows (no wrap at 80)."""
+    return console if console.is_terminal or "COLUMNS" in os.environ else Console(width=240)
 
 
 @dataclass
@@ -81,7 +86,7 @@ class LsConfig:
 
 def ls(cfg: LsConfig) -> None:
     caches = store.list_caches(cfg.root, cfg.storage_options)
-    out = console if console.is_terminal or "COLUMNS" in os.environ else Console(width=240)  # pipes: whole rows
+    out = whole_lines()
     wide = out.width >= 160  # at 80 columns, the columns that tell caches apart (info shows the rest)
     names = ["teacher", "tap", "source", "views", "codec", "images", "shards", "bytes", "bytes/view", "fidelity",
              "created"] if wide else ["teacher", "views", "codec", "images", "bytes"]
