@@ -17,11 +17,13 @@ from rich.table import Table
 from . import codecs, views
 from .commands import check_options, opt
 from .errors import ConfigError
+from .teachers import NAMED
 
 console = Console(soft_wrap=True)  # whole lines in logs and narrow terminals
 
-# tokens and channels of the tap `final` (the default) of the named teachers; others: --tokens/--dim
-TEACHER_SHAPES = {"clip-b16": (196, 768), "clip-l14": (256, 1024)}
+# tokens and channels of the tap `final` (the default) of the named teachers (the teacher registry's); others:
+# --tokens/--dim
+TEACHER_SHAPES = {name: (t.tokens, t.dim) for name, t in NAMED.items()}
 VIEW_BYTES = 4 * len(views.VIEW_FIELDS)
 TABLE_VIEWS = (1, 2, 4, 8, 16)
 

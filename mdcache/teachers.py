@@ -16,17 +16,31 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from .devices import autocast
 from .errors import TeacherError
+from .lazy import lazy
 from .views import normalize
 from .weights import read_metadata, read_state_dict
 
-ALIASES = {"clip-b16": "open_clip:ViT-B-16:openai", "clip-l14": "open_clip:ViT-L-14:openai"}
+if TYPE_CHECKING:
+    from torch import nn
+
+torch = lazy("torch")  # the registry below is read without torch (`mdcache plan`)
+
+
+class NamedTeacher(NamedTuple):
+    """A teacher with a short name: its spec, and its shape at the default tap `final` and 224 px."""
+
+    spec: str
+    tokens: int
+    dim: int
+
+
+NAMED = {"clip-b16": NamedTeacher("open_clip:ViT-B-16:openai", 196, 768),  # MaskDistill's teacher
+         "clip-l14": NamedTeacher("open_clip:ViT-L-14:openai", 256, 1024)}
+ALIASES = {name: t.spec for name, t in NAMED.items()}
 TAPS = ("final", "ln_post", "proj")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -151,8 +165,12 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> No
 
 
 def _open_clip(spec: str, arch: str, tag: str | None, state: dict | None, path: str | None, random_init: bool,
-               tap: str, image_size: int | None) -> TeacherParts:
+               tap: str, image_size: int | None, model_args: dict) -> TeacherParts:
     import open_clip
+
+    if model_args:
+        raise TeacherError(f"teacher {spec!r}: model arguments are for timm teachers (open_clip takes a model config "
+                           ".json as ARCH)")
 
     if arch.endswith(".json"):
         if not os.path.exists(arch):
@@ -302,6 +320,7 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
                         tuple(model.patch_embed.grid_size), int(model.embed_dim))
 
 
+# family -> builder(spec, arch, tag, state, path, random_init, tap, image_size, model_args) -> TeacherParts
 FAMILIES = {"open_clip": _open_clip, "timm": _timm}
 
 
@@ -319,11 +338,7 @@ def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = F
     state = read_state_dict(weights) if weights else None
     if random_init:
         torch.manual_seed(seed)
-    if model_args and family != "timm":
-        raise TeacherError(f"teacher {spec!r}: model arguments are for timm teachers (open_clip takes a model config "
-                           f".json as ARCH)")
-    parts = FAMILIES[family](spec, arch, tag, state, weights, random_init, tap, image_size,
-                             **({"model_args": dict(model_args or {})} if family == "timm" else {}))
+    parts = FAMILIES[family](spec, arch, tag, state, weights, random_init, tap, image_size, dict(model_args or {}))
     parts.model.eval().requires_grad_(False).to(device)
     source = ("random-init" if random_init else
               "file:" + os.path.basename(weights) if weights else f"pretrained:{tag or 'timm'}")
@@ -359,14 +374,14 @@ def load_cache_teacher(cache, spec: str | None = None, weights: str | None = Non
     return teacher
 
 
-@torch.inference_mode()
 def run_teacher(teacher: Teacher, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Images -> float32 patch features [B, P, D]. uint8 images are moved as they are (4x fewer bytes than
     float) and normalized with the teacher's mean/std on its device; float images are taken as normalized."""
     device = next(teacher.model.parameters()).device
-    x = x.to(device, non_blocking=True)
-    if x.dtype == torch.uint8:
-        x = normalize(x, teacher.mean, teacher.std)
-    with autocast(device, precision):
-        out = teacher.features(x)
-    return out.float()
+    with torch.inference_mode():
+        x = x.to(device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = normalize(x, teacher.mean, teacher.std)
+        with autocast(device, precision):
+            out = teacher.features(x)
+        return out.float()

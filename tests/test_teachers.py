@@ -131,3 +131,19 @@ def test_a_teacher_trained_by_finetune_is_fed_what_it_learned_on(tmp_path, demo_
     with torch.no_grad():
         ref = model.eval().forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[0]
     assert keys[0] == sample.key and torch.allclose(torch.from_numpy(targets[0]), ref[0], atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["clip-b16", "clip-l14"])
+def test_the_registry_shapes_are_the_models(name):
+    """`mdcache plan` prices named teachers from the registry without building them: the recorded shapes must be
+    the models' (built here with random weights, at the default tap and 224 px)."""
+    from mdcache.teachers import NAMED
+
+    t = load_teacher(name, random_init=True)
+    assert (t.num_patches, t.dim) == (NAMED[name].tokens, NAMED[name].dim)
+
+
+def test_open_clip_teachers_refuse_model_arguments():
+    with pytest.raises(TeacherError, match="model arguments are for timm teachers"):
+        load_teacher(TINY_TEACHER, random_init=True, model_args={"depth": 2})
