@@ -63,7 +63,10 @@ def info(cfg: InfoConfig) -> None:
     t.add_row("source", f"{m['source']['spec']} ({fp['source']['shards']} {fp['source']['kind']} shards)")
     t.add_row("complete", f"{stats['shards_done']}/{stats['shards_total']} shards, {stats['samples']} images, "
                           f"{stats['skipped']} skipped")
-    t.add_row("size", f"{human_bytes(stats['bytes'])}, {human_bytes(stats['bytes_per_view'])} per view")
+    superseded = stats["bytes_stored"] - stats["bytes"]
+    t.add_row("size", f"{human_bytes(stats['bytes'])}, {human_bytes(stats['bytes_per_view'])} per view"
+                      + (f"; {human_bytes(superseded)} more in records superseded by growth (kept until removed by "
+                         "hand, see docs/cache-format.md)" if superseded else ""))
     t.add_row("fidelity", fidelity_text(stats["fidelity"]) + (f", rel-L2 {stats['fidelity']['mean_rel_l2']:.5f} "
                           f"(worst {stats['fidelity']['max_rel_l2']:.5f}) on {stats['fidelity']['tokens']} tokens"
                           if stats["fidelity"] else ""))
@@ -102,16 +105,11 @@ def ls(cfg: LsConfig) -> None:
                "bytes": human_bytes(s["bytes"]), "bytes/view": human_bytes(s["bytes_per_view"]),
                "fidelity": fidelity_text(s["fidelity"]), "created": f"{m['created_by']} {m['created_at']}"}
         t.add_row(m["cache_id"], *(row[n] for n in names))
-        groups.setdefault(views_of(c) or c.cache_id, []).append(m["cache_id"])
+        groups.setdefault(store.views_root(m), []).append(m["cache_id"])
     out.print(t if caches else f"no caches under {cfg.root}")
     for base, ids in groups.items():  # caches whose targets line up key by key and view by view
         if len(ids) > 1:
             out.print(f"same views: {', '.join(sorted(ids, key=lambda i: i != base))}")
-
-
-def views_of(cache: store.Cache) -> str | None:
-    """The id of the cache that drew the views this one replays (extract --views-of), if any."""
-    return store.views_of(cache.manifest)
 
 
 typer_command(app, extract.ExtractConfig, extract.run_cli, "extract")

@@ -306,7 +306,10 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     for shard in p.shards:
         try:
             # the first CALIB_VIEWS views of each image, whatever K: growing K keeps the calibration
-            recipe = replace(p.recipe, views=min(store.CALIB_VIEWS, p.recipe.views))
+            # (views are nested, so a K=1 cache calibrates on views it would store at K=2; --views-of: the ones
+            # the other cache stores)
+            recipe = replace(p.recipe, views=min(store.CALIB_VIEWS, p.views_of.views) if p.views_of
+                             else store.CALIB_VIEWS)
             stored = stored_views(p.views_of_ref, shard.name, recipe.views) if p.views_of else None
             for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options,
                                    stored=stored):
@@ -330,7 +333,7 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
 
 
 def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:
-    drew = (store.views_of(p.views_of.manifest) or p.views_of.cache_id) if p.views_of else None  # a chain's root
+    drew = store.views_root(p.views_of.manifest) if p.views_of else None  # a chain's root
     fp = store.fingerprint(p.teacher, p.recipe, p.shards, cfg.codec, p.precision, cfg.calib_images, views_of=drew)
     url = mfs.join(cfg.root, store.cache_id(fp))
 
@@ -623,7 +626,8 @@ def run_claimed(cache: store.Cache, todo: list, summary: dict, one_pass: Callabl
             summary["elsewhere"] = {}
             one_pass(todo, claims)
             cache.refresh()
-            for name in set(claims.mine()) - set(cache.commits) - set(summary["failed"]):
+            done = {n for n, rec in cache.commits.items() if int(rec["views"]) >= k}  # a shard still growing is not
+            for name in set(claims.mine()) - done - set(summary["failed"]):
                 claims.release(name)  # never wait on a claim of our own: that would wait forever
                 summary["failed"][name] = "claimed by this job but neither committed nor failed; released"
             before = len(todo)
@@ -652,8 +656,10 @@ def resume(cache: store.Cache, selected: list, k: int) -> tuple[list, dict]:
     if cache.index_problems:
         console.print(f"[yellow]warning:[/] {cache.url}/{store.COMMIT_INDEX} disagrees with the commit records "
                       f"({cache.index_problems[0]}{' ...' if len(cache.index_problems) > 1 else ''}): rewriting it")
-    broken = sorted(set(cache.missing_data()) & {s.name for s in selected})
-    if broken:  # a committed shard whose data was deleted must not be "reused" forever
+    for _ in range(len(cache.records) + 1):  # a grown shard may have lost the data of several records: each goes
+        broken = sorted(set(cache.missing_data()) & {s.name for s in selected})
+        if not broken:  # a committed shard whose data was deleted must not be "reused" forever
+            break
         check_writable(cache.url, cache.storage_options)
         for name in broken:
             console.print(f"[yellow]warning:[/] shard {name} is committed but its data "

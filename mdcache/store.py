@@ -85,7 +85,9 @@ def _record_name(path: str) -> str:
 
 
 def shard_of(stem: str) -> str:
-    return stem.split("@", 1)[0]
+    """The shard of a record stem: <shard>@<K> (format 2; a shard name may hold '@' itself) or <shard>."""
+    head, _, k = stem.rpartition("@")
+    return head if head and k.isdigit() else stem
 
 
 def record_stem(rec: dict) -> str:
@@ -99,9 +101,9 @@ def check_record(rec: Any, name: str, where: str) -> dict:
     if not isinstance(rec, dict):
         raise CacheError(f"{where}: not a commit record (a JSON {type(rec).__name__}): damaged")
     bad = [k for k, t in RECORD_FIELDS.items() if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)]
-    if not bad and (rec["shard"] != shard_of(name) or ("@" in name and record_stem(rec) != name)):
+    if not bad and record_stem(rec) != name:  # the record of another shard (or K) under this name
         bad = [f"shard {rec['shard']!r}"]
-    if not bad and not rec["path"].startswith(f"{SHARDS}/{shard_of(name)}."):
+    if not bad and not rec["path"].startswith(f"{SHARDS}/{rec['shard']}."):
         bad = [f"path {rec['path']!r}"]
     if not bad and (rec["views"] < 1 or rec["samples"] < 0 or any(
             not isinstance(v, list) or len(v) != rec["views"] for v in rec["checksums"].values())):
@@ -143,6 +145,14 @@ def fingerprint(teacher, recipe, shards: list, codec: str, precision: str, calib
 def views_of(manifest: dict) -> str | None:
     """The id of the cache that drew the views a cache replays (extract --views-of), or None: it drew them."""
     return manifest["fingerprint"]["views"].get("views_of")
+
+
+def views_root(manifest: dict) -> str:
+    """The id of the cache that drew a cache's views: the one it replays (--views-of), the root its source
+    had (a transcoded cache has its source's views), or itself. Caches with one root line up view by view."""
+    fp = manifest["fingerprint"]
+    return (manifest.get("views_drawn_by") or views_of(manifest) or fp.get("transcoded_from", {}).get("cache_id")
+            or manifest["cache_id"])
 
 
 def new_manifest(fp: dict, teacher, recipe, source_spec: str, shards: list, calibration: dict | None) -> dict:
@@ -636,7 +646,7 @@ class Cache:
     def missing_data(self) -> list[str]:
         """Committed shards whose data directory is gone, from one listing of shards/ (not a request per shard)."""
         fs, path = url_to_fs(self.url, self.storage_options)
-        sdir = join(path, "shards")
+        sdir = join(path, SHARDS)
         fs.invalidate_cache(sdir)
         present = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(sdir, detail=False)} if fs.exists(sdir) else set()
         return sorted(name for name, rec in self.commits.items() if rec["path"].rsplit("/", 1)[-1] not in present)
@@ -766,16 +776,19 @@ class Cache:
             samples += rec["samples"]
             skipped += len(rec.get("skipped", []))
         fs, path = url_to_fs(self.url, self.storage_options)
-        nbytes = 0
-        for rec in self.commits.values():
+
+        def size(rec: dict) -> int:
             try:  # recorded at commit; caches from before that are measured (a listing per shard)
-                nbytes += rec["bytes"] if rec.get("bytes") is not None else fs.du(join(path, rec["path"]))
+                return rec["bytes"] if rec.get("bytes") is not None else fs.du(join(path, rec["path"]))
             except FileNotFoundError:
-                pass
+                return 0
+        nbytes = sum(size(rec) for rec in self.commits.values())  # what a reader reads: each shard's newest
+        stored = nbytes + sum(size(rec) for stem, rec in self.records.items()  # + what growth left behind
+                              if rec is not self.commits.get(shard_of(stem)))
         views = sum(rec["samples"] * rec["views"] for rec in self.commits.values())
         return {"shards_done": len(self.commits), "shards_total": len(self.source_shards), "samples": samples,
-                "skipped": skipped, "bytes": nbytes, "bytes_per_view": nbytes / views if views else 0,
-                "fidelity": meter.report()}
+                "skipped": skipped, "bytes": nbytes, "bytes_stored": stored,
+                "bytes_per_view": nbytes / views if views else 0, "fidelity": meter.report()}
 
 
 def open_cache(url: str, storage_options: dict | None = None, local_cache: str | None = None,

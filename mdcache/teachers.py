@@ -303,6 +303,9 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
         size = int(image_size or cfg["input_size"][-1])
         with torch.no_grad():
             probe = model.eval().forward_features(torch.zeros(1, 3, size, size))
+        if probe.ndim != 4:  # e.g. MLP-Mixer: tokens without a patch_embed we know how to read
+            raise TeacherError(f"timm model {name!r}: neither a ViT (patch_embed) nor a CNN (a [B, C, H, W] feature "
+                               f"map; it gives {tuple(probe.shape)}): not supported as a teacher")
 
         def features(x):
             return model.forward_features(x).flatten(2).transpose(1, 2)

@@ -101,6 +101,7 @@ def open_or_create(cfg: TranscodeConfig, src: store.Cache, device) -> store.Cach
         return {**m, "format_version": store.FORMAT_VERSION, "cache_id": store.cache_id(fp), "fingerprint": fp,
                 "codec": store.codec_record(codec.name, calibration, tokens, src.teacher_dim),
                 "transcoded_from": {"cache": src.url, "cache_id": src.cache_id, "codec": src.codec},
+                "views_drawn_by": store.views_root(m),  # its views are its source's
                 "created_by": mfs.who(), "created_at": mfs.now(), "versions": store.software_versions()}
 
     return open_or_create_cache(url, fp, cfg.storage_options, manifest,

@@ -249,8 +249,9 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
         grid, dim, image_size = cache.patch_grid, cache.teacher_dim, cache.image_size
         k = min(c.views for c in caches)
         if cfg.cache_views > k:
-            raise ConfigError(f"--cache-views {cfg.cache_views}: {cache.url} stores {k} views per image (grow it with "
-                              f"`mdcache extract ... --views {cfg.cache_views}`)")
+            fewest = min(caches, key=lambda c: c.views)
+            raise ConfigError(f"--cache-views {cfg.cache_views}: {fewest.url} stores {k} views per image (grow it "
+                              f"with `mdcache extract ... --views {cfg.cache_views}`)")
         k = cfg.cache_views or k
     elif cfg.teacher and cfg.source:
         plan = data.plan_from_source(cfg.source, so)
@@ -284,9 +285,9 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
 def check_lined_up(cache: store.Cache, plan: list[data.ShardPlan], others: list[store.Cache]) -> None:
     """Caches of several teachers train one student only on the same views of the same images: checked here
     from their manifests and records (and again key by key and view by view as the stream reads them)."""
-    drew = store.views_of(cache.manifest) or cache.cache_id
+    drew = store.views_root(cache.manifest)
     for other in others:
-        if (store.views_of(other.manifest) or other.cache_id) != drew:
+        if store.views_root(other.manifest) != drew:
             raise ConfigError(f"--cache {other.url} does not share views with --cache {cache.url}: extract the second "
                               f"teacher with `mdcache extract ... --views-of {cache.url}`")
         theirs = {p.name: p.samples for p in data.plan_from_cache(other)}
@@ -355,7 +356,7 @@ def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: Pretrai
                                             beta=cfg.beta) for p, t in zip(pred if isinstance(pred, tuple) else (pred,),
                                                                            targets)]
     if not setup.extra:
-        return losses[0]
+        return losses[0] if setup.weight == 1.0 else setup.weight * losses[0]
     return sum(w * x for w, x in zip([setup.weight, *(e.weight for e in setup.extra)], losses))
 
 
@@ -408,7 +409,8 @@ class Run:
     def layout(self) -> dict:
         """What decides the data order and the schedule: exact resume needs all of it unchanged."""
         return {"world_size": self.dist.world, "lanes": max(1, self.cfg.workers), "batch_size": self.cfg.batch_size,
-                "accum_iter": self.cfg.accum_iter, "seed": self.cfg.seed, "steps_per_epoch": self.steps}
+                "accum_iter": self.cfg.accum_iter, "seed": self.cfg.seed, "steps_per_epoch": self.steps,
+                "views": self.setup.stream.views}  # a cache that grew since: the view of each epoch would change
 
     @property
     def meta(self) -> dict:
@@ -534,7 +536,12 @@ def resume(r: Run, path: str | None) -> tuple[int, int]:
     position = (0, 0)
     if path:
         ckpt = checkpoint.load_trainer_state(path, "pretrain")
-        checkpoint.check_resumable(ckpt, r.layout, path)
+        layout = {k: v for k, v in r.layout.items() if k != "views" or "views" in ckpt}  # older checkpoints: no K
+        if "views" in ckpt and ckpt["views"] != layout["views"]:
+            raise checkpoint.CheckpointError(
+                f"cannot resume exactly from {path}: it trained on {ckpt['views']} views per image, the cache now "
+                f"gives {layout['views']} (it grew): resume with --cache-views {ckpt['views']}")
+        checkpoint.check_resumable(ckpt, layout, path)
         unwrap(r.model).load_state_dict(ckpt["model"])
         r.optimizer.load_state_dict(ckpt["optimizer"])
         r.scheduler.load_state_dict(ckpt["scheduler"])

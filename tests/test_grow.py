@@ -54,6 +54,9 @@ def test_growing_k_extends_the_same_cache(grown):
     assert run_cli("verify", grown["url"]).stdout.strip() == "OK"
     row = next(r for r in run_cli("ls", str(grown["root"] / "a")).stdout.splitlines() if cache.cache_id in r)
     assert " 8 " in row and "growing" not in row
+    stats = cache.stats()  # what readers read (the K=8 records) and what is stored (the K=2 ones too)
+    assert stats["bytes_stored"] > stats["bytes"] > 0
+    assert "more in records superseded by growth" in " ".join(run_cli("info", grown["url"]).stdout.split())
 
 
 def test_a_grown_cache_is_byte_identical_to_a_fresh_one(grown):
@@ -189,3 +192,43 @@ def test_students_of_a_grown_and_a_fresh_cache_are_the_same(grown, tmp_path):
     r = invoke("pretrain", "--cache", k2, *TRAIN_FLAGS, "--cache-views", "3", "--out", tmp_path / "no",
                module="mdtrain")
     assert r.exit_code != 0 and "stores 2 views per image" in r.stderr
+    # a run that trained on 2 views does not resume on 8 because its cache grew meanwhile: the views of every
+    # later epoch would change; it says how to resume
+    again = ["--cache", grown["url"], *TRAIN_FLAGS, "--workers", "0", "--epochs", "3", "--stop-after", "2", "--out",
+             tmp_path / "first2", "--resume", "auto"]
+    r = invoke("pretrain", *again, module="mdtrain")
+    assert r.exit_code == 2 and "resume with --cache-views 2" in r.stderr, r.stderr
+    assert invoke("pretrain", *again, "--cache-views", "2", module="mdtrain").exit_code == 0
+
+
+def test_a_shard_named_with_an_at_sign_opens_and_grows(demo_data, tmp_path):
+    """Records are <shard>@<K>.json: a source shard whose own name holds '@' (img@2x-000000.tar) must still
+    be read as its shard, not as 'img' (a reviewer found caches of such sources unreadable)."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(demo_data / "train-000000.tar", src / "img@2x-000000.tar")
+    spec = str(src / "img@2x-000000.tar")
+    url, _ = extract(extract_cfg(spec, str(tmp_path / "root")), progress=False)
+    assert open_cache(url, records=True).shard_names == ["img@2x-000000"]
+    extract(extract_cfg(spec, str(tmp_path / "root"), views=3), progress=False)
+    cache = open_cache(url, records=True)
+    assert sorted(cache.records) == ["img@2x-000000@2", "img@2x-000000@3"] and cache.views == 3
+    assert store.shard_of("img@2x-000000@3") == "img@2x-000000" and store.shard_of("img@2x-000000") == "img@2x-000000"
+    assert run_cli("verify", url).stdout.strip() == "OK"
+
+
+def test_a_grown_shard_that_lost_all_its_data_is_computed_again_in_one_run(train_spec, tmp_path):
+    """Both records of a grown shard name deleted data: one extract withdraws both and computes the shard
+    (withdrawing only the newest would try to grow from the lost K=2 data and fail)."""
+    import shutil
+
+    spec = two_shards(train_spec)
+    url, _ = extract(extract_cfg(spec, str(tmp_path), shards="0:1"), progress=False)
+    extract(extract_cfg(spec, str(tmp_path), shards="0:1", views=3), progress=False)
+    for rec in open_cache(url, records=True).records.values():
+        shutil.rmtree(Path(url) / rec["path"])
+    _, summary = extract(extract_cfg(spec, str(tmp_path), shards="0:1", views=3), progress=False)
+    assert summary["committed"] == ["train-000000"] and not summary["failed"] and not summary["grow"]
+    assert open_cache(url).commits["train-000000"]["views"] == 3

@@ -97,6 +97,17 @@ def test_a_convolutional_teacher_on_the_same_views(caches, train_spec, tmp_path)
     assert config["teachers"][1]["dim"] == 512 and config["teachers"][1]["targets"] == "bilinear 2x2 -> 4x4"
 
 
+def test_a_transcoded_cache_keeps_its_sources_views(caches, tmp_path):
+    """A transcode of A has A's views: it trains beside B (made on A's views) and `ls` groups all three."""
+    from helpers import run_cli
+
+    a2 = run_cli("transcode", caches["a"], "--codec", "int8", "--root", str(tmp_path)).stdout.strip().splitlines()[-1]
+    pretrain("--cache", a2, "--cache", caches["b"], "--out", str(tmp_path / "run"))
+    ids = [open_cache(u).cache_id for u in (caches["a"], a2)]
+    assert all(i in run_cli("ls", str(tmp_path)).stdout for i in ids[1:])
+    assert open_cache(a2).manifest["views_drawn_by"] == ids[0]
+
+
 def test_caches_that_do_not_share_views_are_refused(caches, tmp_path):
     r = invoke("pretrain", "--cache", caches["a"], "--cache", caches["other"], *FLAGS, "--out", str(tmp_path / "x"),
                module="mdtrain")
