@@ -221,11 +221,31 @@ def max_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(g["lr"] for g in optimizer.param_groups)
 
 
-def train_one_epoch(model: torch.nn.Module, r: Recipe, ema: Any, batches: Iterator, epoch: int, skip: int,
-                    budget: int | None, steps_est: int, cfg: FinetuneConfig, dist: Dist, device: torch.device,
-                    precision: str) -> dict:
+@dataclass
+class Run:
+    """What the loop and its helpers share (pretrain's shape: one object, not a dozen arguments)."""
+
+    cfg: FinetuneConfig
+    dist: Dist
+    device: torch.device
+    precision: str
+    model: torch.nn.Module  # DDP-wrapped under torchrun
+    recipe: Recipe
+    ema: Any
+    steps_est: int  # batches per epoch per rank (the schedule's unit)
+    layout: dict  # what exact resume needs unchanged
+
+    @property
+    def net(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+
+def train_one_epoch(run: Run, batches: Iterator, epoch: int, skip: int, budget: int | None) -> dict:
     """Train from batch `skip` of the epoch (the ones before were done by a run that stopped there) until the
     data ends on any rank or `budget` optimizer steps are done. Returns this rank's sums, not averages."""
+    cfg, dist, device, precision, model, recipe, ema = (run.cfg, run.dist, run.device, run.precision, run.model,
+                                                        run.recipe, run.ema)
+    steps_est = run.steps_est
     model.train()
     it = iter(batches)
     for _ in range(skip):  # the order is a function of (seed, epoch, rank): skipping replays it exactly
@@ -239,26 +259,27 @@ def train_one_epoch(model: torch.nn.Module, r: Recipe, ema: Any, batches: Iterat
             ended = True
             break
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True).long()
-        r.scheduler.step(epoch + min(n / steps_est, 1.0))  # per-step lr, warmup in (fractional) epochs
-        if r.mixup is not None:
-            x, y = r.mixup(x, y)
+        recipe.scheduler.step(epoch + min(n / steps_est, 1.0))  # per-step lr, warmup in (fractional) epochs
+        if recipe.mixup is not None:
+            x, y = recipe.mixup(x, y)
         with autocast(device, precision):
-            loss = r.criterion(model(x), y)
-        r.optimizer.zero_grad(set_to_none=True)
-        r.scaler.scale(loss).backward()
+            loss = recipe.criterion(model(x), y)
+        recipe.optimizer.zero_grad(set_to_none=True)
+        recipe.scaler.scale(loss).backward()
         if cfg.clip_grad:
-            r.scaler.unscale_(r.optimizer)
+            recipe.scaler.unscale_(recipe.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
+        recipe.scaler.step(recipe.optimizer)
+        recipe.scaler.update()
         if ema is not None:
             ema.update(unwrap(model))
         loss_sum, images, n, done = loss_sum + loss.detach().double(), images + len(x), n + 1, done + 1  # on device
         if cfg.log_every and n % cfg.log_every == 0:  # a logging step: the one read from the device
             check_finite(loss_sum / done, epoch, n)
             if dist.main:
+                rate = images * dist.world / (time.perf_counter() - t0)
                 console.print(f"epoch {epoch} step {n}/{steps_est} loss {float(loss.detach()):.4f} lr "
-                              f"{max_lr(r.optimizer):.2e} {images * dist.world / (time.perf_counter() - t0):.1f} img/s")
+                              f"{max_lr(recipe.optimizer):.2e} {rate:.1f} img/s")
     loss_sum = float(loss_sum)
     check_finite(loss_sum, epoch, n)
     return {"ended": ended, "batch_in_epoch": n, "done": done, "sums": [loss_sum, done, images],
@@ -270,12 +291,13 @@ def check_finite(loss: Any, epoch: int, step: int) -> None:
         raise FloatingPointError(f"loss is {float(loss)} at epoch {epoch} step {step}; stopping")
 
 
-def trainer_state(net: torch.nn.Module, r: Recipe, ema: Any, pos: dict, layout: dict, cfg: FinetuneConfig) -> dict:
+def trainer_state(run: Run, pos: dict) -> dict:
     """last.ckpt: everything --resume needs, tensors and plain data only."""
-    return {**pos, "model": net.state_dict(), "optimizer": r.optimizer.state_dict(),
+    r, ema = run.recipe, run.ema
+    return {**pos, "model": run.net.state_dict(), "optimizer": r.optimizer.state_dict(),
             "scheduler": r.scheduler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "scaler": r.scaler.state_dict() if r.scaler.is_enabled() else None,
-            "layout": layout, "config": public_config(cfg)}
+            "layout": run.layout, "config": public_config(run.cfg)}
 
 
 def save_epoch(outdir: OutputDir, net: torch.nn.Module, ema: Any, state: dict, row: dict, is_best: bool, meta: dict,
@@ -351,8 +373,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     net = unwrap(model)
     ema = ModelEmaV3(net, decay=cfg.model_ema_decay) if cfg.model_ema else None
-    r = build_recipe(cfg, net, num_classes, dist.world)
-    r.scaler = grad_scaler(device, precision)
+    recipe = build_recipe(cfg, net, num_classes, dist.world)
+    recipe.scaler = grad_scaler(device, precision)
 
     layout = {k: getattr(cfg, k) for k in ("model", "model_args", "image_size", "global_pool", "norm", "batch_size",
                                            "epochs",
@@ -366,10 +388,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         mid_epoch = state["batch_in_epoch"] > 0  # the skipped batches are this world's: it must not change
         check_resumable(state["layout"], {k: v for k, v in layout.items() if k != "world" or mid_epoch}, resume)
         net.load_state_dict(state["model"])
-        r.optimizer.load_state_dict(state["optimizer"])
-        r.scheduler.load_state_dict(state["scheduler"])
+        recipe.optimizer.load_state_dict(state["optimizer"])
+        recipe.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
-            r.scaler.load_state_dict(state["scaler"])
+            recipe.scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         pos = {k: state[k] for k in pos}
@@ -379,29 +401,30 @@ def finetune(cfg: FinetuneConfig) -> dict:
             console.print(f"resumed from {resume} at epoch {pos['epoch']}, batch {pos['batch_in_epoch']}")
     rows = log.truncate(lambda row: state is not None and row["epoch"] < pos["epoch"]) if dist.main else []
     steps_est = labelled.batches_per_epoch(train.samples, cfg.batch_size, dist.world)
+    run = Run(cfg, dist, device, precision, model, recipe, ema, steps_est, layout)
     meta = weights_meta("classifier", cfg.model, cfg.image_size, mean, std, cfg.model_args, layer_scale,
                         num_classes=num_classes, crop_pct=cfg.crop_pct, global_pool=cfg.global_pool or None)
     if dist.main:
         with open(outdir.path("config.json"), "w") as f:
-            json.dump({**public_config(cfg), "resolved": {**meta, "lr": r.lr, "world": dist.world,
+            json.dump({**public_config(cfg), "resolved": {**meta, "lr": recipe.lr, "world": dist.world,
                        "effective_batch": cfg.batch_size * dist.world, "precision": precision,
                        "train_samples": train.samples}}, f, indent=1)
         console.print(f"finetune {cfg.model}: {num_classes} classes, {train.samples} train images, effective batch "
-                      f"{cfg.batch_size * dist.world}, lr {r.lr:.2e}, ~{steps_est} steps/epoch, {precision}, {device}")
+                      f"{cfg.batch_size * dist.world}, lr {recipe.lr:.2e}, ~{steps_est} steps/epoch, {precision}, "
+                      f"{device}")
 
     row: dict = {}
     budget = cfg.stop_after  # optimizer steps left in this run (None: no limit)
     while pos["epoch"] < cfg.epochs:
         epoch = pos["epoch"]
-        s = train_one_epoch(model, r, ema, train.batches(epoch), epoch, pos["batch_in_epoch"], budget, steps_est,
-                            cfg, dist, device, precision)
+        s = train_one_epoch(run, train.batches(epoch), epoch, pos["batch_in_epoch"], budget)
         budget = None if budget is None else budget - s["done"]
         sums = [a + b for a, b in zip(pos["partial"], s["sums"])]
         pos.update(step=pos["step"] + s["done"])
         if not s["ended"]:  # --stop-after reached mid-epoch: save where we are, with the epoch's sums so far
             pos.update(batch_in_epoch=s["batch_in_epoch"], partial=all_reduce_sum(sums, dist))
             if dist.main:
-                save_trainer_state(outdir.path(CKPT_NAME), "finetune", trainer_state(net, r, ema, pos, layout, cfg))
+                save_trainer_state(outdir.path(CKPT_NAME), "finetune", trainer_state(run, pos))
                 outdir.push()
                 console.print(f"stopped after {pos['step']} steps (epoch {epoch}, batch {pos['batch_in_epoch']}); "
                               f"--resume auto continues")
@@ -411,7 +434,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             raise ConfigError(f"epoch {epoch}: no training batch (fewer than --batch-size {cfg.batch_size} images "
                               f"per process in --train?)")
         v = evaluate_batches(model, val.batches(epoch), device, precision, dist)
-        row = {"epoch": epoch, "train_loss": loss_sum / steps, "lr": max_lr(r.optimizer),
+        row = {"epoch": epoch, "train_loss": loss_sum / steps, "lr": max_lr(recipe.optimizer),
                "steps": int(steps // dist.world), "images": int(images), "train_seconds": s["seconds"],
                "val_top1": v["top1"], "val_top5": v["top5"], "val_loss": v["loss"], "val_n": v["n"]}
         if ema is not None:
@@ -423,7 +446,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         pos.update(epoch=epoch + 1, batch_in_epoch=0, partial=[0.0, 0.0, 0.0])
         if dist.main:
             rows.append(row)
-            save_epoch(outdir, net, ema, trainer_state(net, r, ema, pos, layout, cfg), row, is_best, meta, log, rows)
+            save_epoch(outdir, net, ema, trainer_state(run, pos), row, is_best, meta, log, rows)
             best = pos["best"]
             console.print(f"epoch {epoch}: train loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, val top-1 "
                           f"{row['val_top1']:.2f} top-5 {row['val_top5']:.2f} (best {best['val_top1']:.2f} @ "

@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     anchor = s.timed("teacher", anchors, s, d, tweights)
     ks, seeds = [int(k) for k in a.ks.split(",") if k], [int(x) for x in a.seeds.split(",")]
     arms = [("online-fresh", None), *((f"K={k} {a.codec}", k) for k in ks), ("random-init", None)]
-    jobs = [(arm, k, seed) for arm, k in arms for seed in seeds]
+    jobs = [(arm, k, seed) for seed in seeds for arm, k in arms]  # seed by seed: a study cut short has whole seeds
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         done = list(pool.map(lambda job: student(s, *job, tweights, d), jobs))
     runs: dict[str, list[dict]] = {}
