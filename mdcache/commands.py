@@ -137,7 +137,9 @@ def run_command(fn: Callable[[Any], Any], cfg: Any) -> Any:
         fields = dict(cfg) if isinstance(cfg, dict) else (
             {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else {})
         ranked = sorted(fields, key=lambda k: k not in ("cache", "root", "out"))  # where a job writes, first
-        url = next((fields[k] for k in ranked if isinstance(fields[k], str) and "://" in fields[k]), None)
+        values = ((v,) if isinstance(v, str) else v if isinstance(v, (list, tuple)) else () for k in ranked
+                  for v in (fields[k],))  # repeatable options (pretrain's --cache) hold lists of URLs
+        url = next((u for vs in values for u in vs if isinstance(u, str) and "://" in u), None)
         known = storage_error(e, url)
         if known is None:
             raise

@@ -156,6 +156,13 @@ def test_study_quick_form_produces_every_output(tmp_path):
     assert str(tmp_path) not in json.dumps(r)  # paths relative to the run folder
     assert (out / "study.png").stat().st_size > 10_000 and (out / "curves.png").exists()
     assert "Seed-paired differences" in (out / "results.md").read_text()
+    # the partial report of a study still running reads the same outputs: every finished run, one row each
+    part = subprocess.run([sys.executable, "pipelines/study/partial.py", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert part.returncode == 0, part.stderr
+    rows = [line for line in part.stdout.splitlines() if line.startswith("| ") and "seed |" not in line]
+    assert {r.split(" | ")[0][2:] for r in rows} == {"online-fresh", "K2-int8", "random-init", "scratch"}
+    assert "K2-int8 - online, knn_top1" in part.stdout and "one pair: no interval" in part.stdout
 
 
 def test_study_statistics_are_seed_paired_with_a_t_interval():
