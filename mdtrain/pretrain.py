@@ -45,7 +45,7 @@ from .runtime import (
     ignore_sigint,
     init_distributed,
     make_deterministic,
-    mean_over_ranks,
+    means_over_ranks,
     unwrap,
 )
 from .student import Student, build_student
@@ -400,6 +400,8 @@ class Run:
     step: int = 0                          # optimizer steps so far (all runs of this training)
     run_steps: int = 0                     # optimizer steps in this process (--stop-after)
     loss: float = float("nan")
+    since: Any = None                      # device sum of the step losses since the last logged step
+    since_steps: int = 0
     metrics: MetricsLog | None = None      # rank 0
     samples: MetricsLog | None = None      # --log-samples
     stop: StopFlag = field(default_factory=lambda: StopFlag(console))
@@ -506,15 +508,21 @@ def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
         r.step += 1
         r.run_steps += 1
         r.scheduler.step_update(num_updates=r.step)
+        step_loss = loss_sum / cfg.accum_iter  # stays on the device: summed, not read, between logging steps
+        r.since, r.since_steps = (step_loss if r.since is None else r.since + step_loss), r.since_steps + 1
         stop_after = cfg.stop_after is not None and r.run_steps >= cfg.stop_after
         if (cfg.log_every and r.step % cfg.log_every == 0) or stop_after or (i >= r.steps and epoch + 1 == cfg.epochs):
-            r.loss = mean_over_ranks(loss_sum / cfg.accum_iter, r.dist)  # the step's one read from the device
+            mean_steps = r.since_steps
+            r.loss, loss_mean = means_over_ranks(torch.stack([step_loss, r.since / mean_steps]),
+                                                 r.dist)  # the step's one read from the device
+            r.since, r.since_steps = None, 0
             if not math.isfinite(r.loss):
                 raise FloatingPointError(f"loss is {r.loss} at step {r.step} (epoch {epoch}); stopping")
             if r.dist.main:
                 dt = time.perf_counter() - t0
                 row = {"step": r.step, "epoch": round(epoch + i / r.steps, 4), "loss": r.loss,
-                       "lr": opt.param_groups[0]["lr"], "images_per_s": round(seen * r.dist.world / max(dt, 1e-9), 2),
+                       "loss_mean": loss_mean, "mean_steps": mean_steps, "lr": opt.param_groups[0]["lr"],
+                       "images_per_s": round(seen * r.dist.world / max(dt, 1e-9), 2),
                        "data_wait": round(waited / max(dt, 1e-9), 4)}
                 if grad_norm is not None:
                     row["grad_norm"] = round(float(grad_norm), 4)
@@ -618,7 +626,8 @@ def close_logs(r: Run, stopped: bool, epoch: int, batch: int) -> None:
 
 
 class StepProgress:
-    """Rich progress on rank 0 when stderr is a terminal; otherwise a line every 50 steps (rank 0)."""
+    """Rich progress on rank 0 when stderr is a terminal; otherwise a line at every logged step (--log-every),
+    with the mean loss of the steps since the previous one (rank 0)."""
 
     def __init__(self, live: bool, quiet: bool, total: int, done: int):
         self.live, self.quiet, self.total, self.done = live, quiet, total, done
@@ -636,7 +645,8 @@ class StepProgress:
             )
 
             self.bar = Progress(TextColumn("[bold]pretrain[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.1f} img/s"),
+                                TextColumn("loss {task.fields[loss]:.4f} (mean)"),
+                                TextColumn("{task.fields[ips]:.1f} img/s"),
                                 TimeElapsedColumn(), TimeRemainingColumn(), console=console)
             self.bar.__enter__()
             self.task = self.bar.add_task("pretrain", total=self.total, completed=self.done, loss=float("nan"), ips=0.0)
@@ -644,9 +654,10 @@ class StepProgress:
 
     def update(self, row: dict) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=row["step"], loss=row["loss"], ips=row["images_per_s"])
-        elif not self.quiet and (row["step"] % 50 == 0 or row["step"] == self.total):
-            console.print(f"step {row['step']}/{self.total} epoch {row['epoch']:.2f} loss {row['loss']:.4f} "
+            self.bar.update(self.task, completed=row["step"], loss=row["loss_mean"], ips=row["images_per_s"])
+        elif not self.quiet:
+            console.print(f"step {row['step']}/{self.total} epoch {row['epoch']:.2f} loss {row['loss_mean']:.4f} "
+                          f"(mean of {row['mean_steps']} step{'s' if row['mean_steps'] > 1 else ''}) "
                           f"lr {row['lr']:.3g} {row['images_per_s']:.1f} img/s")
 
     def __exit__(self, *exc) -> None:

@@ -111,13 +111,13 @@ def all_reduce_sum(values: list[float], dist: Dist) -> list[float]:
     return t.tolist()
 
 
-def mean_over_ranks(t: torch.Tensor, dist: Dist) -> float:
-    """A device scalar averaged over ranks and read on the host: a sync, for logging steps only."""
+def means_over_ranks(t: torch.Tensor, dist: Dist) -> list[float]:
+    """Device scalars (a 1-d tensor) averaged over ranks and read on the host in one go: one sync."""
     if dist.world > 1:
         t = t.detach().clone()
         tdist.all_reduce(t)
         t /= dist.world
-    return float(t)
+    return t.tolist()
 
 
 def any_rank(flag: bool, dist: Dist) -> bool:

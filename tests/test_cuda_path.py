@@ -187,7 +187,7 @@ def test_a_training_step_reads_nothing_from_the_device_outside_logging_steps(tmp
         pretrain(PretrainConfig(cache=url, out=str(tmp_path / "pt"), student="vit_tiny_patch16_224", batch_size=8,
                                 workers=0, epochs=1, warmup_epochs=0, lr=1e-3, progress=False, log_every=4,
                                 stop_after=8, shuffle_buffer=8, accum_iter=1))
-    assert mode.reads == {"runtime.py:mean_over_ranks": 2, "pretrain.py:train_one_epoch": 2}, mode.reads
+    assert mode.reads == {"runtime.py:means_over_ranks": 2, "pretrain.py:train_one_epoch": 2}, mode.reads
 
 
 def test_a_finetune_step_reads_nothing_from_the_device(demo_data, tmp_path):

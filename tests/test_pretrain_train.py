@@ -205,3 +205,22 @@ def test_checkpoints_at_save_every_and_at_each_epoch_end(cache_url, tmp_path, on
     assert [seen[s] for s in range(1, 18)] == [None] * 4 + [4] * 4 + [8] * 4 + [12] * 3 + [15, 16]
     ck = load_ckpt(out / "last.ckpt")
     assert (ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (1, 2, 17)
+
+
+def test_the_console_prints_each_logged_step_with_the_mean_since_the_last(cache_url, tmp_path):
+    """`--log-every 4` printed every 50 steps and one batch's loss: now a line per logged step, and its loss is the
+    mean of the steps since the previous line (summed on the device, read once): the same run logged every
+    step gives the same mean."""
+    from helpers import invoke
+
+    flags = ["--cache", cache_url, *TRAIN_FLAGS, "--workers", "0", "--epochs", "1", "--stop-after", "8"]
+    every = invoke("pretrain", *flags, "--out", tmp_path / "every", module="mdtrain")
+    four = invoke("pretrain", *flags, "--log-every", "4", "--out", tmp_path / "four", module="mdtrain")
+    assert every.exit_code == four.exit_code == 0, four.stderr
+    losses = [r["loss"] for r in read_jsonl(tmp_path / "every" / "metrics.jsonl")]
+    rows = read_jsonl(tmp_path / "four" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [4, 8] and [r["mean_steps"] for r in rows] == [4, 4]
+    for row, chunk in zip(rows, (losses[:4], losses[4:])):
+        assert abs(row["loss_mean"] - sum(chunk) / 4) < 1e-5 and row["loss"] == pytest.approx(chunk[-1], rel=1e-6)
+    lines = [line for line in four.stderr.splitlines() if line.startswith("step ")]
+    assert len(lines) == 2 and all("(mean of 4 steps)" in line for line in lines), four.stderr
