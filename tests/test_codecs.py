@@ -118,6 +118,30 @@ def test_int4_packs_two_codes_per_byte_and_keeps_token_fidelity(feats):
     assert len(levels) == 16 and np.all(np.diff(levels) > 0) and not np.allclose(np.diff(levels), np.diff(levels)[0])
 
 
+@pytest.mark.parametrize("shape", ["tiny teacher", "CLIP-B/16"])
+def test_int4_on_a_cpu_is_the_torch_encoder_in_one_pass(feats, shape, monkeypatch):
+    """The numba encoder (one pass per token and candidate scale) stores what the torch encoder stores: the
+    same scales and codes on real tiny-teacher features and on CLIP-B/16-shaped ones with outlier channels."""
+    from mdcache import int4_cpu
+
+    if not int4_cpu.available():
+        pytest.fail("numba is missing (it is installed with ffcv): the int4 CPU encoder cannot run")
+    g = torch.Generator().manual_seed(0)
+    x = feats if shape == "tiny teacher" else (
+        torch.randn(4, 196, 768, generator=g) * torch.rand(768, generator=g) * 3 + torch.randn(768, generator=g))
+    c = codecs.get_codec("int4")
+    calib = c.calibrate(x[:2].reshape(-1, x.shape[-1]))
+    fast = c.encode(x, calib)
+    monkeypatch.setenv("MDCACHE_INT4_TORCH", "1")
+    slow = c.encode(x, calib)
+    assert fast.keys() == slow.keys() and all(fast[k].dtype == slow[k].dtype for k in fast)
+    assert (fast["scales"] == slow["scales"]).mean() > 0.999  # sums in another order: a rare near tie may differ
+    assert (fast["targets"] == slow["targets"]).mean() > 0.999
+    ref = fidelity(x, c.decode({k: torch.from_numpy(v) for k, v in slow.items()}, calib))
+    got = fidelity(x, c.decode({k: torch.from_numpy(v) for k, v in fast.items()}, calib))
+    assert got["mean_rel_l2"] == pytest.approx(ref["mean_rel_l2"], rel=1e-3)
+
+
 def test_int4_nibbles_are_low_channel_first(feats):
     """The format doc's decoding rule, checked on the bytes: channel 2i is the low nibble of byte i."""
     c = codecs.get_codec("int4")
