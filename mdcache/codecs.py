@@ -23,7 +23,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -237,6 +237,25 @@ FAMILIES = {"pca": pca_codec}  # parametric codecs: NAME:PARAM
 
 
 @functools.lru_cache(maxsize=None)
+def calibrate_on(name: str, batches: Iterable[tuple[int, torch.Tensor]], images: int,
+                 nothing: Callable[[], Exception]) -> dict | None:
+    """A codec's calibration from feature batches (images in the batch, features [..., D]) taken in order until
+    `images` images: deterministic, so every extractor or transcoder of a cache derives the same numbers.
+    None for codecs without one; `nothing()` is raised when no batch came."""
+    codec = get_codec(name)
+    if codec.calibrate is None:
+        return None
+    feats, n = [], 0
+    for count, f in batches:
+        feats.append(f.cpu())
+        n += count
+        if n >= images:
+            break
+    if not feats:
+        raise nothing()
+    return codec.calibrate(torch.cat(feats))
+
+
 def get_codec(name: str) -> Codec:
     """The codec a name gives, made once (it is looked up on every read and decode)."""
     if name in CODECS:

@@ -299,37 +299,26 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     unreadable shard is passed over (it fails again, by name, when its turn comes)."""
     from .teachers import run_teacher
 
-    codec = codecs.get_codec(cfg.codec)
-    if codec.calibrate is None:
-        return None
-    feats, n, passed = [], 0, []
-    for shard in p.shards:
-        try:
-            # the first CALIB_VIEWS views of each image, whatever K: growing K keeps the calibration
-            # (views are nested, so a K=1 cache calibrates on views it would store at K=2; --views-of: the ones
-            # the other cache stores)
-            recipe = replace(p.recipe, views=min(store.CALIB_VIEWS, p.views_of.views) if p.views_of
-                             else store.CALIB_VIEWS)
-            stored = stored_views(p.views_of_ref, shard.name, recipe.views) if p.views_of else None
-            for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options,
-                                   stored=stored):
-                if b.error:
-                    raise sources.SourceError(b.error)
-                if b.keys:
-                    feats.append(run_teacher(p.teacher, b.images, p.precision).cpu())
-                    n += len(b.keys)
-                if n >= cfg.calib_images or b.last:
-                    break
-        except sources.SourceError as e:
-            passed.append(f"{shard.name} ({e})")
-        if n >= cfg.calib_images:
-            break
-    if passed:
-        console.print(f"[yellow]warning:[/] calibration passed over unreadable shard(s): {'; '.join(passed[:3])}")
-    if not feats:
-        raise sources.SourceError(f"no decodable image in {len(p.shards)} source shard(s) to calibrate the {cfg.codec} "
-                                  f"codec on (first: {p.shards[0].url})")
-    return codec.calibrate(torch.cat(feats))
+    # the first CALIB_VIEWS views of each image, whatever K: growing K keeps the calibration (views are nested, so
+    # a K=1 cache calibrates on views it would store at K=2; --views-of: the ones the other cache stores)
+    recipe = replace(p.recipe, views=min(store.CALIB_VIEWS, p.views_of.views) if p.views_of else store.CALIB_VIEWS)
+
+    def batches() -> Iterator[tuple[int, torch.Tensor]]:
+        for shard in p.shards:
+            try:
+                stored = stored_views(p.views_of_ref, shard.name, recipe.views) if p.views_of else None
+                for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options,
+                                       stored=stored):
+                    if b.error:
+                        raise sources.SourceError(b.error)
+                    if b.keys:
+                        yield len(b.keys), run_teacher(p.teacher, b.images, p.precision)
+            except sources.SourceError as e:
+                console.print(f"[yellow]warning:[/] calibration passed over unreadable shard {shard.name} ({e})")
+
+    return codecs.calibrate_on(cfg.codec, batches(), cfg.calib_images, lambda: sources.SourceError(
+        f"no decodable image in {len(p.shards)} source shard(s) to calibrate the {cfg.codec} codec on (first: "
+        f"{p.shards[0].url})"))
 
 
 def open_or_create(cfg: ExtractConfig, p: Prepared) -> store.Cache:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -64,21 +64,19 @@ def encoded_rows(src: store.Cache, per_view: list[dict[str, np.ndarray]], rows: 
 def calibrate(cfg: TranscodeConfig, src: store.Cache, device) -> dict | None:
     """The new codec's calibration from the decoded targets of the source's first committed images, their
     first CALIB_VIEWS views (as extract: a cache that grows keeps its calibration)."""
-    codec = codecs.get_codec(cfg.codec)
-    if codec.calibrate is None:
-        return None
-    feats, n = [], 0
-    for shard in src.shard_names:
-        views = min(store.CALIB_VIEWS, src.views)
-        per_view = [src.read_encoded(shard, v)[1] for v in range(views)]
-        take = slice(0, cfg.calib_images - n)
-        feats.append(src.decode(encoded_rows(src, per_view, take, device)).cpu())
-        n += len(feats[-1]) // views
-        if n >= cfg.calib_images:
-            break
-    if not n:
-        raise CacheError(f"{src.url}: no committed images to calibrate the {cfg.codec} codec on")
-    return codec.calibrate(torch.cat(feats))
+    views = min(store.CALIB_VIEWS, src.views)
+
+    def batches() -> Iterator[tuple[int, torch.Tensor]]:
+        n = 0
+        for shard in src.shard_names:
+            per_view = [src.read_encoded(shard, v)[1] for v in range(views)]
+            feats = src.decode(encoded_rows(src, per_view, slice(0, cfg.calib_images - n), device))
+            n += len(feats) // views
+            if len(feats):
+                yield len(feats) // views, feats
+
+    return codecs.calibrate_on(cfg.codec, batches(), cfg.calib_images, lambda: CacheError(
+        f"{src.url}: no committed images to calibrate the {cfg.codec} codec on"))
 
 
 def default_root(src_url: str) -> str:
