@@ -168,9 +168,8 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
     yield batch(True)
 
 
-def stored_views(views_of: tuple[str, dict | None], shard: str, k: int) -> dict[str, np.ndarray]:
-    """{key: params of views 0..k-1 [k,11]} of one shard of the --views-of cache (url, storage options)."""
-    cache = store.open_cache(*views_of)
+def stored_views(cache: store.Cache, shard: str, k: int) -> dict[str, np.ndarray]:
+    """{key: params of views 0..k-1 [k,11]} of one shard of the --views-of cache."""
     if shard not in cache.commits:
         raise sources.SourceError(f"the --views-of cache {cache.url} has no committed shard {shard}")
     per_view = [cache.read_encoded(shard, v, targets=False) for v in range(k)]
@@ -193,16 +192,17 @@ def _extract_stream_class() -> type:
         def __iter__(self):
             info = torch.utils.data.get_worker_info()
             wid, nw = (info.id, info.num_workers) if info else (0, 1)
+            base = store.open_cache(*self.views_of) if self.views_of else None  # once per worker, not per shard
             for shard in self.shards[wid::nw]:
                 t0 = time.perf_counter()
-                stem = f"{shard.name}@{self.recipe.views}"  # done once this record exists
+                stem = store.stem_of(shard.name, self.recipe.views)  # done once this record exists
                 why_not = self.claims.acquire(shard.name, stem) if self.claims else None
                 claim_seconds = time.perf_counter() - t0
                 if why_not:  # committed meanwhile, or another extractor is on it
                     yield Batch(shard.name, skip=why_not)
                     continue
                 try:
-                    stored = stored_views(self.views_of, shard.name, self.recipe.views) if self.views_of else None
+                    stored = stored_views(base, shard.name, self.recipe.views) if base else None
                 except (sources.SourceError, CacheError) as e:
                     yield Batch(shard.name, error=f"--views-of: {e}", claim_seconds=claim_seconds)
                     continue
@@ -306,7 +306,7 @@ def calibrate(cfg: ExtractConfig, p: Prepared) -> dict | None:
     def batches() -> Iterator[tuple[int, torch.Tensor]]:
         for shard in p.shards:
             try:
-                stored = stored_views(p.views_of_ref, shard.name, recipe.views) if p.views_of else None
+                stored = stored_views(p.views_of, shard.name, recipe.views) if p.views_of else None
                 for b in shard_batches(shard, recipe, min(cfg.batch_size, cfg.calib_images), p.storage_options,
                                        stored=stored):
                     if b.error:

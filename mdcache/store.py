@@ -90,9 +90,14 @@ def shard_of(stem: str) -> str:
     return head if head and k.isdigit() else stem
 
 
+def stem_of(shard: str, views: int) -> str:
+    """The record stem of a shard with K views in format 2: one record per (shard, K), a cache grows by new ones."""
+    return f"{shard}@{views}"
+
+
 def record_stem(rec: dict) -> str:
-    """The file a record is committed as: one per (shard, K) in format 2, so a cache grows by new records."""
-    return f"{rec['shard']}@{rec['views']}" if rec.get("format_version", 1) >= 2 else rec["shard"]
+    """The file a record is committed as (commits/<stem>.json)."""
+    return stem_of(rec["shard"], rec["views"]) if rec.get("format_version", 1) >= 2 else rec["shard"]
 
 
 def check_record(rec: Any, name: str, where: str) -> dict:

@@ -142,7 +142,7 @@ def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: l
                              advance=lambda: bar.advance(task))
         try:
             for shard in todo:
-                why_not = claims.acquire(shard.name, f"{shard.name}@{k}")
+                why_not = claims.acquire(shard.name, store.stem_of(shard.name, k))
                 if why_not:
                     if why_not != "committed":
                         summary["elsewhere"][shard.name] = why_not

@@ -320,19 +320,19 @@ def save_epoch(outdir: OutputDir, net: torch.nn.Module, ema: Any, state: dict, r
 def resolve_model(cfg: FinetuneConfig) -> FinetuneConfig:
     """--model, --model-arg and --image-size default to what --init's weights record (a pretrained student
     records all three); explicit options win; without a record, vit_base_patch16_224 at 224 px."""
-    meta: dict = {}
+    found: dict = {"meta": {}}  # describe_weights: explicit options win over what the weights record
     if cfg.init:
         try:
-            meta = describe_weights(fetch(cfg.init, cfg.storage_options), cfg.model, cfg.image_size,
-                                    model_args=cfg.model_args or None)
+            found = describe_weights(fetch(cfg.init, cfg.storage_options), cfg.model, cfg.image_size,
+                                     model_args=cfg.model_args or None)
         except ConfigError as e:
             if "no such weights file" in str(e):
                 raise
-    recorded = meta.get("meta", {}).get("model") or meta.get("meta", {}).get("timm_model")
+    recorded = found["meta"].get("model") or found["meta"].get("timm_model")
     same = not cfg.model or cfg.model == recorded  # recorded arguments belong to the recorded model only
-    return replace(cfg, model=cfg.model or meta.get("model") or DEFAULT_MODEL,
-                   model_args=cfg.model_args or (meta.get("model_args", {}) if same else {}),
-                   image_size=cfg.image_size or meta.get("image_size") or DEFAULT_IMAGE_SIZE)
+    return replace(cfg, model=cfg.model or found.get("model") or DEFAULT_MODEL,
+                   model_args=cfg.model_args or (found.get("model_args", {}) if same else {}),
+                   image_size=cfg.image_size or found.get("image_size") or DEFAULT_IMAGE_SIZE)
 
 
 def finetune(cfg: FinetuneConfig) -> dict:

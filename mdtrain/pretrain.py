@@ -199,10 +199,16 @@ class ExtraTeacher:
     its model."""
 
     cache: store.Cache
-    dim: int
-    grid: tuple[int, int]
     weight: float = 1.0
     teacher: Any = None
+
+    @property
+    def dim(self) -> int:
+        return self.cache.teacher_dim
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.cache.patch_grid)
 
 
 @dataclass
@@ -244,7 +250,7 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
         cache = caches[0]
         plan = data.plan_from_cache(cache, cfg.source)
         weights = cfg.teacher_weight or [1.0] * len(caches)
-        extra = [ExtraTeacher(c, c.teacher_dim, tuple(c.patch_grid), float(w)) for c, w in zip(caches[1:], weights[1:])]
+        extra = [ExtraTeacher(c, float(w)) for c, w in zip(caches[1:], weights[1:])]
         check_lined_up(cache, plan, [e.cache for e in extra])
         grid, dim, image_size = cache.patch_grid, cache.teacher_dim, cache.image_size
         k = min(c.views for c in caches)
@@ -355,9 +361,7 @@ def student_loss(model: torch.nn.Module, setup: Setup, batch: dict, cfg: Pretrai
     losses = [objective.masked_feature_loss(p, t, batch["mask"], target_norm=cfg.target_norm, loss=cfg.loss,
                                             beta=cfg.beta) for p, t in zip(pred if isinstance(pred, tuple) else (pred,),
                                                                            targets)]
-    if not setup.extra:
-        return losses[0] if setup.weight == 1.0 else setup.weight * losses[0]
-    return sum(w * x for w, x in zip([setup.weight, *(e.weight for e in setup.extra)], losses))
+    return sum(w * x for w, x in zip([setup.weight, *(e.weight for e in setup.extra)], losses))  # x1.0, +0: exact
 
 
 # ----------------------------------------------------------------------------- optimization
