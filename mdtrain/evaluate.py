@@ -31,53 +31,61 @@ from .checkpoint import read_state_dict
 from .classifier import InitError, build_model, describe_weights, evaluate_batches, layer_scale_of, load_backbone
 from .runtime import init_distributed
 
+MODEL = "model (unset: from the weights)"
+RUN = "run"
+
 
 @dataclass
-class EvalConfig:
+class FrozenModelConfig:
+    """What eval, knn and linprobe share: the weights, how they become a model (each unset option is read
+    from the weights' metadata, as `mdtrain finetune` and `pretrain` record it), and how the run goes."""
+
+    weights: str = opt("", "Model weights, path or fsspec URL (.safetensors).", required=True)
+    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.", group=MODEL)
+    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)", group=MODEL)
+    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1,
+                                    group=MODEL)
+    global_pool: Optional[str] = opt(None, "Pooling (timm global_pool): None = from the weights' metadata (avg for "
+                                           "a pretrained student, whose CLS token is never trained), else the model "
+                                           "default; avg, token.", group=MODEL)
+    crop_pct: Optional[float] = opt(None, "Center-crop fraction of every labelled set; None = from the weights' "
+                                          "metadata, else 0.875.", gt=0, le=1, group=MODEL)
+    batch_size: int = opt(64, "Images per forward pass, per process.", ge=1, group=RUN)
+    workers: int = opt(2, "Data loading workers.", ge=0, group=RUN)
+    precision: str = precision_opt(group=RUN)
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.", group=RUN)
+    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).", group=RUN)
+
+
+@dataclass
+class EvalConfig(FrozenModelConfig):
     """Top-1/top-5 accuracy of a classifier (e.g. runs/ft/best.safetensors) on a labelled set."""
 
     weights: str = opt("", "Classifier weights (path or fsspec URL): .safetensors from `mdtrain finetune` (model and "
                            "size read from its metadata).", required=True)
     val: str = opt("", "Labelled data: tar shards with .cls, a class folder, or with --loader ffcv a .beton.",
                    required=True)
-    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
-    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
     num_classes: Optional[int] = opt(None, "Classes; None = from the classifier's shape in the weights.", ge=1)
-    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1)
-    global_pool: Optional[str] = opt(None, "timm global_pool; None = from the weights' metadata / the model default.")
-    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.",
-                                    gt=0, le=1)
-    batch_size: int = opt(64, "Batch size per process.", ge=1)
-    workers: int = opt(2, "Data loading workers.", ge=0)
     loader: str = opt("default", "default or ffcv.")
-    precision: str = precision_opt()
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
-    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 @dataclass
-class KnnConfig:
+class FrozenFeaturesConfig(FrozenModelConfig):
+    """knn and linprobe: a backbone's pooled features on a labelled training set and an evaluation set."""
+
+    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any .safetensors in timm "
+                           "naming, e.g. from finetune: a classifier in it is ignored).", required=True)
+    train: str = opt("", "Labelled training set (the k-NN memory, the probe's training data): tar shards with .cls "
+                         "or a class folder.", required=True)
+    val: str = opt("", "Labelled evaluation set.", required=True)
+
+
+@dataclass
+class KnnConfig(FrozenFeaturesConfig):
     """k-NN classification (k=20, cosine, temperature-weighted votes as in DINO) on frozen features."""
 
-    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any finetune .safetensors: "
-                           "the classifier is ignored).", required=True)
-    train: str = opt("", "Labelled reference set (the k-NN memory): tar shards with .cls or a class folder.",
-                     required=True)
-    val: str = opt("", "Labelled query set.", required=True)
-    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
-    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
-    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1)
-    global_pool: Optional[str] = opt(None, "Feature pooling: None = from the weights (avg for a pretrained student, "
-                                           "whose CLS token is never trained), else the model default; avg, token.")
-    crop_pct: Optional[float] = opt(None, "Center-crop fraction for both sets; None = from the weights' metadata, "
-                                          "else 0.875.", gt=0, le=1)
     k: int = opt(20, "Neighbours that vote.", ge=1)
     temperature: float = opt(0.07, "Vote weight exp(cosine / T).", gt=0)
-    batch_size: int = opt(64, "Batch size for feature extraction.", ge=1)
-    workers: int = opt(2, "Data loading workers.", ge=0)
-    precision: str = precision_opt()
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
-    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def _mean_std(model_name: str, meta: dict) -> tuple[tuple, tuple]:
@@ -197,31 +205,15 @@ def knn(cfg: KnnConfig) -> dict:
 # ----------------------------------------------------------------------------- linear probe
 
 @dataclass
-class LinprobeConfig:
+class LinprobeConfig(FrozenFeaturesConfig):
     """Linear probe on frozen features (MAE protocol: BatchNorm without affine + one linear layer)."""
 
-    weights: str = opt("", "Backbone weights, path or fsspec URL (student.safetensors, or any .safetensors in timm "
-                           "naming: a classifier in it is ignored).", required=True)
-    train: str = opt("", "Labelled training set for the probe: tar shards with .cls or a class folder.", required=True)
-    val: str = opt("", "Labelled evaluation set.", required=True)
-    model: Optional[str] = opt(None, "timm model name; None = from the weights' metadata.")
-    model_args: dict = model_args_opt("--model-arg", "model (None = from the weights\' metadata)")
-    image_size: Optional[int] = opt(None, "Image side; None = from the weights' metadata, else 224.", ge=1)
-    global_pool: Optional[str] = opt(None, "Feature pooling: None = from the weights (avg for a pretrained student, "
-                                           "whose CLS token is never trained), else the model default; avg, token.")
-    crop_pct: Optional[float] = opt(None, "Center-crop fraction; None = from the weights' metadata, else 0.875.",
-                                    gt=0, le=1)
     epochs: int = opt(100, "Epochs over the (precomputed) training features.", ge=1)
     warmup_epochs: int = opt(10, "Linear warmup epochs.", ge=0)
     probe_batch_size: int = opt(256, "Batch size of the probe's SGD steps.", ge=1)
     lr: float = opt(0.1, "Peak SGD learning rate (momentum 0.9, cosine to 0).", gt=0)
     weight_decay: float = opt(0.0, "Weight decay of the linear layer (MAE: 0).", ge=0)
     seed: int = opt(0, "Seed of the probe's init and batch order.", ge=0)
-    batch_size: int = opt(64, "Batch size for feature extraction.", ge=1)
-    workers: int = opt(2, "Data loading workers.", ge=0)
-    precision: str = precision_opt()
-    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
-    storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
 def train_probe(train_f: torch.Tensor, train_y: torch.Tensor, classes: int, epochs: int, warmup_epochs: int,
