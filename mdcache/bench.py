@@ -122,7 +122,7 @@ def bench(cfg: BenchConfig) -> dict:
             "extract_ips": extract_ips, "teacher_only_views_per_s": teacher_ips * cfg.views,
             "extract_views_per_s": extract_ips * cfg.views, "ratio": extract_ips / teacher_ips, "target": 0.85,
             "cache": url, "overhead_share": summary["overhead_seconds"] / max(summary["shard_seconds"], 1e-9),
-            **device_report(p)}
+            "data_wait": summary["wait_seconds"] / summary["seconds"], **device_report(p)}
 
 
 def save(cfg: BenchConfig, r: dict) -> bool:
@@ -160,7 +160,8 @@ def run_cli(cfg: BenchConfig) -> None:
     console.print(f"full extraction      : {r['extract_ips']:8.2f} images/s = {r['extract_views_per_s']:9.1f} views/s"
                   + (f", peak GPU memory {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else ""))
     verdict = "meets" if r["ratio"] >= r["target"] else "BELOW"
-    console.print(f"ratio extraction/teacher-only: {r['ratio']:.3f} ({verdict} target >= {r['target']})")
+    console.print(f"ratio extraction/teacher-only: {r['ratio']:.3f} ({verdict} target >= {r['target']}); the "
+                  f"teacher waited for the workers {r['data_wait']:.0%} of the time")
     share = r["overhead_share"]
     console.print(f"claims + commit records: {100 * share:.2f}% of shard time "
                   f"({'meets' if share < 0.02 else 'ABOVE'} target < 2%) on {r['cache'].rsplit('/', 1)[0]}")

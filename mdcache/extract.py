@@ -9,7 +9,6 @@ re-running the same command resumes.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import codecs, sources, store, views
 from . import fs as mfs
@@ -26,6 +24,7 @@ from .commands import ViewOptions, check_options, model_args_opt, opt, precision
 from .devices import resolve_precision, use_device
 from .errors import CacheError, CacheNotFound, ConfigError
 from .lazy import lazy
+from .progress import Meter, live_default
 
 torch = lazy("torch")
 if TYPE_CHECKING:
@@ -439,8 +438,8 @@ def warn_unmixed(summary: dict) -> None:
 
 def new_summary(cache_url: str, reused: int) -> dict:
     return {"cache": cache_url, "reused": reused, "committed": [], "lost_race": [], "failed": {}, "skipped": 0,
-            "images": 0, "seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0, "shard_seconds": 0.0, "labels": {},
-            "unmixed": {}}
+            "images": 0, "seconds": 0.0, "wait_seconds": 0.0, "elsewhere": {}, "overhead_seconds": 0.0,
+            "shard_seconds": 0.0, "labels": {}, "unmixed": {}}
 
 
 class ShardWriter:
@@ -701,20 +700,16 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
                       views_of=p.views_of_ref),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")
-    columns = [TextColumn("[bold]extract[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-               TextColumn("{task.fields[ips]:.1f} img/s"), TextColumn("{task.fields[imgs]} imgs"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    t0, images = time.time(), 0
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("extract", total=len(todo), ips=0.0, imgs=0)
+    meter = Meter("extract", "shards", len(todo), live=progress, quiet=True, cumulative=True, console=console)
+    with meter:
         writer = ShardWriter(cache, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
-                             advance=lambda: bar.advance(task))
+                             advance=meter.advance)
         try:
-            for b in loader:
+            for b in meter.data(loader):
                 if b.skip:
                     if b.skip != "committed":
                         summary["elsewhere"][b.shard] = b.skip
-                    bar.advance(task)
+                    meter.advance()
                     continue
                 feats = ref = None
                 if b.keys:
@@ -724,18 +719,27 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
                     m = writer.fidelity_views(b)
                     if m:
                         ref = feats[:m] if p.precision == "fp32" else run_teacher(teacher, b.images[:m], "fp32")
-                    images += len(b.keys)
+                    meter.count(len(b.keys))
                 writer.add(b, feats, ref)
-                bar.update(task, ips=images / max(time.time() - t0, 1e-9), imgs=images)
+                meter.report()
         finally:
             writer.close()
-    summary["images"] += images
-    summary["seconds"] += time.time() - t0
+    add_run_time(summary, meter)
+
+
+def add_run_time(summary: dict, meter: Meter) -> None:
+    """A pass's images, seconds and loader wait into the run's summary (a run may take several passes)."""
+    summary["images"] += meter.items_total
+    summary["seconds"] += time.perf_counter() - meter.started
+    summary["wait_seconds"] += meter.waited_total
 
 
 def report(url: str, summary: dict, who: str, details: str = "") -> None:
     """The end of an extract or transcode run: what was done, what failed, what others hold; the URL last."""
-    console.print(f"committed {len(summary['committed'])} shard(s), {summary['images']} images, reused "
+    secs = max(summary["seconds"], 1e-9)
+    rate = (f" in {summary['seconds']:.0f}s ({summary['images'] / secs:.1f} img/s, waiting for the input "
+            f"{summary['wait_seconds'] / secs:.0%} of it)" if summary["images"] else "")
+    console.print(f"committed {len(summary['committed'])} shard(s), {summary['images']} images{rate}, reused "
                   f"{summary['reused']}{details}" +
                   (f", {len(summary['lost_race'])} shard(s) committed by another {who} first"
                    if summary["lost_race"] else ""))
@@ -750,5 +754,5 @@ def report(url: str, summary: dict, who: str, details: str = "") -> None:
 
 
 def run_cli(cfg: ExtractConfig) -> None:
-    url, summary = extract(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("MDCACHE_PROGRESS")))
+    url, summary = extract(cfg, progress=live_default())
     report(url, summary, "extractor", f", skipped {summary['skipped']} undecodable sample(s)")

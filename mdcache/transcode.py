@@ -8,12 +8,10 @@ fidelity is measured against the decoded source. Claims, commits and resume are 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import codecs, sources, store
 from . import fs as mfs
@@ -21,8 +19,9 @@ from .claims import Claims
 from .commands import check_options, opt, storage_options_opt
 from .devices import use_device
 from .errors import CacheError, ConfigError
-from .extract import Batch, ShardWriter, console, open_or_create_cache, report, resume, run_claimed
+from .extract import Batch, ShardWriter, add_run_time, console, open_or_create_cache, report, resume, run_claimed
 from .lazy import lazy
+from .progress import Meter, live_default
 
 torch = lazy("torch")
 
@@ -134,23 +133,22 @@ def transcode(cfg: TranscodeConfig, progress: bool = True) -> tuple[str, dict]:
 def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: list[sources.SourceShard],
              summary: dict, device, progress: bool, claims: Claims) -> None:
     k = src.views
-    columns = [TextColumn("[bold]transcode[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-               TimeElapsedColumn()]
-    with Progress(*columns, console=console, disable=not progress) as bar:
-        task = bar.add_task("transcode", total=len(todo))
+    meter = Meter("transcode", "shards", len(todo), live=progress, quiet=True, cumulative=True, console=console)
+    with meter:
         writer = ShardWriter(cache, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
-                             advance=lambda: bar.advance(task))
+                             advance=meter.advance)
         try:
             for shard in todo:
                 why_not = claims.acquire(shard.name, store.stem_of(shard.name, k))
                 if why_not:
                     if why_not != "committed":
                         summary["elsewhere"][shard.name] = why_not
-                    bar.advance(task)
+                    meter.advance()
                     continue
                 first = summary["grow"].get(shard.name, 0)  # views the new cache holds already
                 try:
-                    reads = [src.read_encoded(shard.name, v, targets=v >= first) for v in range(k)]
+                    with meter.waiting():  # the input side: reading the source cache
+                        reads = [src.read_encoded(shard.name, v, targets=v >= first) for v in range(k)]
                 except CacheError as e:  # a damaged source shard: named, the rest goes on
                     writer.add(Batch(shard.name, last=True, error=str(e)))
                     continue
@@ -165,13 +163,15 @@ def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: l
                     if b.keys:
                         b.views = params[rows]
                         feats = src.decode(encoded_rows(src, per_view, rows, device))
-                        summary["images"] += len(b.keys)
+                        meter.count(len(b.keys))
                     m = writer.fidelity_views(b) if b.keys else 0
                     writer.add(b, feats, feats[:m] if m else None)
+                    meter.report()
         finally:
             writer.close()
+    add_run_time(summary, meter)
 
 
 def run_cli(cfg: TranscodeConfig) -> None:
-    url, summary = transcode(cfg, progress=sys.stderr.isatty() or bool(os.environ.get("MDCACHE_PROGRESS")))
+    url, summary = transcode(cfg, progress=live_default())
     report(url, summary, "transcoder")

@@ -30,6 +30,7 @@ from mdcache.commands import check_options, model_args_opt, opt, precision_opt, 
 from mdcache.devices import autocast, grad_scaler, resolve_precision, use_device
 from mdcache.errors import ConfigError
 from mdcache.fs import fetch
+from mdcache.progress import Meter, live_default
 
 from . import labelled
 from .checkpoint import (
@@ -234,6 +235,7 @@ class Run:
     ema: Any
     steps_est: int  # batches per epoch per rank (the schedule's unit)
     layout: dict  # what exact resume needs unchanged
+    meter: Any = None  # mdcache.progress.Meter: the bar or lines, images/s, loader wait
 
     @property
     def net(self) -> torch.nn.Module:
@@ -250,6 +252,7 @@ def train_one_epoch(run: Run, batches: Iterator, epoch: int, skip: int, budget: 
     it = iter(batches)
     for _ in range(skip):  # the order is a function of (seed, epoch, rank): skipping replays it exactly
         next(it, None)
+    it, waited = run.meter.data(it), run.meter.waited_total
     n, done, images, ended, t0 = skip, 0, 0, False, time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64: a resumed epoch's sums add up exactly
     while budget is None or done < budget:
@@ -274,16 +277,16 @@ def train_one_epoch(run: Run, batches: Iterator, epoch: int, skip: int, budget: 
         if ema is not None:
             ema.update(unwrap(model))
         loss_sum, images, n, done = loss_sum + loss.detach().double(), images + len(x), n + 1, done + 1  # on device
+        run.meter.count(len(x) * dist.world)
+        run.meter.advance()
         if cfg.log_every and n % cfg.log_every == 0:  # a logging step: the one read from the device
             check_finite(loss_sum / done, epoch, n)
-            if dist.main:
-                rate = images * dist.world / (time.perf_counter() - t0)
-                console.print(f"epoch {epoch} step {n}/{steps_est} loss {float(loss.detach()):.4f} lr "
-                              f"{max_lr(recipe.optimizer):.2e} {rate:.1f} img/s")
+            run.meter.report(epoch=epoch + n / steps_est, loss=float(loss.detach()), lr=max_lr(recipe.optimizer))
     loss_sum = float(loss_sum)
     check_finite(loss_sum, epoch, n)
-    return {"ended": ended, "batch_in_epoch": n, "done": done, "sums": [loss_sum, done, images],
-            "seconds": time.perf_counter() - t0}
+    seconds = time.perf_counter() - t0
+    return {"ended": ended, "batch_in_epoch": n, "done": done, "sums": [loss_sum, done, images], "seconds": seconds,
+            "data_wait": round(min((run.meter.waited_total - waited) / max(seconds, 1e-9), 1.0), 4)}
 
 
 def check_finite(loss: Any, epoch: int, step: int) -> None:
@@ -415,44 +418,49 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
     row: dict = {}
     budget = cfg.stop_after  # optimizer steps left in this run (None: no limit)
-    while pos["epoch"] < cfg.epochs:
-        epoch = pos["epoch"]
-        s = train_one_epoch(run, train.batches(epoch), epoch, pos["batch_in_epoch"], budget)
-        budget = None if budget is None else budget - s["done"]
-        sums = [a + b for a, b in zip(pos["partial"], s["sums"])]
-        pos.update(step=pos["step"] + s["done"])
-        if not s["ended"]:  # --stop-after reached mid-epoch: save where we are, with the epoch's sums so far
-            pos.update(batch_in_epoch=s["batch_in_epoch"], partial=all_reduce_sum(sums, dist))
+    run.meter = Meter("finetune", "steps", cfg.epochs * steps_est, pos["step"], live=dist.main and live_default(),
+                      quiet=not dist.main or not cfg.log_every, console=console,
+                      fields={"epoch": "epoch {:.2f}", "loss": "loss {:.4f}", "lr": "lr {:.2e}"})
+    with run.meter:
+        while pos["epoch"] < cfg.epochs:
+            epoch = pos["epoch"]
+            s = train_one_epoch(run, train.batches(epoch), epoch, pos["batch_in_epoch"], budget)
+            budget = None if budget is None else budget - s["done"]
+            sums = [a + b for a, b in zip(pos["partial"], s["sums"])]
+            pos.update(step=pos["step"] + s["done"])
+            if not s["ended"]:  # --stop-after reached mid-epoch: save where we are, with the epoch's sums so far
+                pos.update(batch_in_epoch=s["batch_in_epoch"], partial=all_reduce_sum(sums, dist))
+                if dist.main:
+                    save_trainer_state(outdir.path(CKPT_NAME), "finetune", trainer_state(run, pos))
+                    outdir.push()
+                    console.print(f"stopped after {pos['step']} steps (epoch {epoch}, batch {pos['batch_in_epoch']}); "
+                                  f"--resume auto continues")
+                break
+            loss_sum, steps, images = all_reduce_sum(sums, dist)
+            if steps == 0:
+                raise ConfigError(f"epoch {epoch}: no training batch (fewer than --batch-size {cfg.batch_size} images "
+                                  f"per process in --train?)")
+            v = evaluate_batches(model, val.batches(epoch), device, precision, dist)
+            row = {"epoch": epoch, "train_loss": loss_sum / steps, "lr": max_lr(recipe.optimizer),
+                   "steps": int(steps // dist.world), "images": int(images), "train_seconds": s["seconds"],
+                   "data_wait": s["data_wait"],
+                   "val_top1": v["top1"], "val_top5": v["top5"], "val_loss": v["loss"], "val_n": v["n"]}
+            if ema is not None:
+                e = evaluate_batches(ema.module, val.batches(epoch), device, precision, dist)
+                row.update(ema_top1=e["top1"], ema_top5=e["top5"])
+            is_best = row["val_top1"] > pos["best"]["val_top1"]
+            if is_best:
+                pos["best"] = {"val_top1": row["val_top1"], "val_top5": row["val_top5"], "epoch": epoch}
+            pos.update(epoch=epoch + 1, batch_in_epoch=0, partial=[0.0, 0.0, 0.0])
             if dist.main:
-                save_trainer_state(outdir.path(CKPT_NAME), "finetune", trainer_state(run, pos))
-                outdir.push()
-                console.print(f"stopped after {pos['step']} steps (epoch {epoch}, batch {pos['batch_in_epoch']}); "
-                              f"--resume auto continues")
-            break
-        loss_sum, steps, images = all_reduce_sum(sums, dist)
-        if steps == 0:
-            raise ConfigError(f"epoch {epoch}: no training batch (fewer than --batch-size {cfg.batch_size} images "
-                              f"per process in --train?)")
-        v = evaluate_batches(model, val.batches(epoch), device, precision, dist)
-        row = {"epoch": epoch, "train_loss": loss_sum / steps, "lr": max_lr(recipe.optimizer),
-               "steps": int(steps // dist.world), "images": int(images), "train_seconds": s["seconds"],
-               "val_top1": v["top1"], "val_top5": v["top5"], "val_loss": v["loss"], "val_n": v["n"]}
-        if ema is not None:
-            e = evaluate_batches(ema.module, val.batches(epoch), device, precision, dist)
-            row.update(ema_top1=e["top1"], ema_top5=e["top5"])
-        is_best = row["val_top1"] > pos["best"]["val_top1"]
-        if is_best:
-            pos["best"] = {"val_top1": row["val_top1"], "val_top5": row["val_top5"], "epoch": epoch}
-        pos.update(epoch=epoch + 1, batch_in_epoch=0, partial=[0.0, 0.0, 0.0])
-        if dist.main:
-            rows.append(row)
-            save_epoch(outdir, net, ema, trainer_state(run, pos), row, is_best, meta, log, rows)
-            best = pos["best"]
-            console.print(f"epoch {epoch}: train loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, val top-1 "
-                          f"{row['val_top1']:.2f} top-5 {row['val_top5']:.2f} (best {best['val_top1']:.2f} @ "
-                          f"{best['epoch']})" + (f", ema top-1 {row['ema_top1']:.2f}" if ema is not None else ""))
-        if dist.world > 1:
-            torch.distributed.barrier()
+                rows.append(row)
+                save_epoch(outdir, net, ema, trainer_state(run, pos), row, is_best, meta, log, rows)
+                best = pos["best"]
+                console.print(f"epoch {epoch}: train loss {row['train_loss']:.4f}, lr {row['lr']:.2e}, val top-1 "
+                              f"{row['val_top1']:.2f} top-5 {row['val_top5']:.2f} (best {best['val_top1']:.2f} @ "
+                              f"{best['epoch']})" + (f", ema top-1 {row['ema_top1']:.2f}" if ema is not None else ""))
+            if dist.world > 1:
+                torch.distributed.barrier()
     log.close()
     return {**row, "best_top1": pos["best"]["val_top1"], "best_epoch": pos["best"]["epoch"],
             "num_classes": num_classes, "step": pos["step"]}

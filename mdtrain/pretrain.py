@@ -12,7 +12,6 @@ import json
 import math
 import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
@@ -32,6 +31,7 @@ from mdcache.commands import (
 )
 from mdcache.devices import autocast, grad_scaler, resolve_precision, use_device
 from mdcache.errors import ConfigError
+from mdcache.progress import Meter
 
 from . import checkpoint, data, objective
 from .masking import DEFAULT_MASK_RATIO, DEFAULT_MIN_PATCHES, scaled_min_patches
@@ -409,7 +409,7 @@ class Run:
     metrics: MetricsLog | None = None      # rank 0
     samples: MetricsLog | None = None      # --log-samples
     stop: StopFlag = field(default_factory=lambda: StopFlag(console))
-    progress: Any = None
+    meter: Any = None                      # mdcache.progress.Meter: the bar or lines, images/s, loader wait
 
     @property
     def layout(self) -> dict:
@@ -465,7 +465,7 @@ def pretrain(cfg: PretrainConfig, on_step: Callable[[dict], None] | None = None)
 
     epoch, i, stopped = start_epoch, start_batch, False
     model.train()
-    with r.stop, r.progress:
+    with r.stop, r.meter:
         for epoch in range(start_epoch, cfg.epochs):
             i, stopped = train_one_epoch(r, epoch, start_batch if epoch == start_epoch else 0)
             if stopped or epoch + 1 == cfg.epochs:
@@ -487,14 +487,11 @@ def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
         return skip, True
     loader = data.make_loader(make_stream(r.setup, epoch, skip), cfg.workers, pin_memory=r.device.type == "cuda",
                               worker_init_fn=ignore_sigint)
-    batches = iter(loader)
-    i, t0, seen, waited = skip, time.perf_counter(), 0, 0.0
+    batches, i = r.meter.data(loader), skip
     while i < r.steps:
         loss_sum = torch.zeros((), device=r.device)
         for micro in range(cfg.accum_iter):
-            t_wait = time.perf_counter()
             batch = data.to_device(next(batches), r.device, r.setup.stream)
-            waited += time.perf_counter() - t_wait
             if r.samples:
                 r.samples.write({"epoch": epoch, "batch": i, "keys": batch["keys"], "views": batch["views"]})
             sync = r.dist.world == 1 or micro == cfg.accum_iter - 1  # DDP all-reduces on the last micro-step only
@@ -502,7 +499,7 @@ def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
                 loss = student_loss(model, r.setup, batch, cfg, r.precision, r.device)
                 r.scaler.scale(loss / cfg.accum_iter).backward()
             loss_sum += loss.detach()
-            seen += len(batch["keys"])
+            r.meter.count(len(batch["keys"]) * r.dist.world)
             i += 1
         r.scaler.unscale_(opt)  # (no-op unless fp16) clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad) if cfg.clip_grad > 0 else None
@@ -522,19 +519,16 @@ def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
             r.since, r.since_steps = None, 0
             if not math.isfinite(r.loss):
                 raise FloatingPointError(f"loss is {r.loss} at step {r.step} (epoch {epoch}); stopping")
+            row = {"step": r.step, "epoch": round(epoch + i / r.steps, 4), "loss": r.loss, "loss_mean": loss_mean,
+                   "mean_steps": mean_steps, "lr": opt.param_groups[0]["lr"]}
+            rates = r.meter.report(r.step, **row)  # every rank: each resets its counts
             if r.dist.main:
-                dt = time.perf_counter() - t0
-                row = {"step": r.step, "epoch": round(epoch + i / r.steps, 4), "loss": r.loss,
-                       "loss_mean": loss_mean, "mean_steps": mean_steps, "lr": opt.param_groups[0]["lr"],
-                       "images_per_s": round(seen * r.dist.world / max(dt, 1e-9), 2),
-                       "data_wait": round(waited / max(dt, 1e-9), 4)}
+                row.update(images_per_s=rates["items_per_s"], data_wait=rates["data_wait"])
                 if grad_norm is not None:
                     row["grad_norm"] = round(float(grad_norm), 4)
                 r.metrics.write(row)
-                r.progress.update(row)
                 if r.on_step:
                     r.on_step(row)
-            t0, seen, waited = time.perf_counter(), 0, 0.0
         if any_rank(stop_after or r.stop.requested, r.dist):  # over the host's control group: no device sync
             return i, True  # every rank stops on the same step, or DDP deadlocks
         if cfg.save_every and r.step % cfg.save_every == 0 and i < r.steps:
@@ -572,8 +566,10 @@ def open_logs(r: Run, resumed: str | None, epoch: int, batch: int, lr: float, ef
     if cfg.log_samples or os.path.exists(samples.path):
         samples.truncate(lambda row: bool(resumed) and (row["epoch"], row["batch"]) < (epoch, batch))
     r.samples = samples if cfg.log_samples else None
-    r.progress = StepProgress(cfg.progress and main and sys.stderr.isatty(), not main,
-                              cfg.epochs * (r.steps // cfg.accum_iter), r.step)
+    r.meter = Meter("pretrain", "steps", cfg.epochs * (r.steps // cfg.accum_iter), r.step,
+                    live=cfg.progress and main and sys.stderr.isatty(), quiet=not main, console=console,
+                    fields={"epoch": "epoch {:.2f}", "loss_mean": "loss {:.4f}", "mean_steps": "(mean of {} steps)",
+                            "lr": "lr {:.3g}"})
     if not main:
         return
     r.metrics = MetricsLog(r.outdir.path("metrics.jsonl"), tuple(cfg.log), os.path.basename(cfg.out.rstrip("/")),
@@ -627,46 +623,6 @@ def close_logs(r: Run, stopped: bool, epoch: int, batch: int) -> None:
                       f"{loss}; wrote {r.cfg.out}/{', '.join(wrote)}")
     if r.dist.world > 1:
         torch.distributed.barrier()
-
-
-class StepProgress:
-    """Rich progress on rank 0 when stderr is a terminal; otherwise a line at every logged step (--log-every),
-    with the mean loss of the steps since the previous one (rank 0)."""
-
-    def __init__(self, live: bool, quiet: bool, total: int, done: int):
-        self.live, self.quiet, self.total, self.done = live, quiet, total, done
-        self.bar = None
-
-    def __enter__(self) -> "StepProgress":
-        if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("[bold]pretrain[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
-                                TextColumn("loss {task.fields[loss]:.4f} (mean)"),
-                                TextColumn("{task.fields[ips]:.1f} img/s"),
-                                TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-            self.bar.__enter__()
-            self.task = self.bar.add_task("pretrain", total=self.total, completed=self.done, loss=float("nan"), ips=0.0)
-        return self
-
-    def update(self, row: dict) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=row["step"], loss=row["loss_mean"], ips=row["images_per_s"])
-        elif not self.quiet:
-            console.print(f"step {row['step']}/{self.total} epoch {row['epoch']:.2f} loss {row['loss_mean']:.4f} "
-                          f"(mean of {row['mean_steps']} step{'s' if row['mean_steps'] > 1 else ''}) "
-                          f"lr {row['lr']:.3g} {row['images_per_s']:.1f} img/s")
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
 
 
 def run_cli(cfg: PretrainConfig) -> None:

@@ -257,6 +257,9 @@ def test_folder_source_virtual_shards(tmp_path, folder_source):
     assert len(cache.source_shards) == 12 and not cache.complete
     assert cache.manifest["source"]["classes"][:2] == ["astronaut", "camera"]
     assert cache.keys("folder-000000")[0] == "astronaut/astronaut-000"
+    # the end-of-run line says how fast it went and how much of that the teacher spent waiting for the workers
+    assert re.search(r"committed 3 shard\(s\), \d+ images in \d+s \([\d.]+ img/s, waiting for the input \d+% of "
+                     r"it\)", p.stderr), p.stderr
 
 
 def test_info_and_ls(tmp_path, train_spec):

@@ -242,6 +242,7 @@ def test_from_scratch_baseline_is_the_same_command_without_init(tmp_path, data):
     finetune(cfg(data, out, resume="auto", **kw))
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     assert [x["epoch"] for x in rows] == [0, 1] and rows[1]["train_loss"] < rows[0]["train_loss"], rows
+    assert all(0 <= x["data_wait"] <= 1 for x in rows)  # the share of the epoch spent waiting for the loader
 
 
 def test_resume_mid_epoch_is_exact(tmp_path, data, student):
@@ -264,7 +265,7 @@ def test_resume_mid_epoch_is_exact(tmp_path, data, student):
     ea = safetensors.torch.load_file(os.path.join(a, "ema.safetensors"))
     eb = safetensors.torch.load_file(os.path.join(b, "ema.safetensors"))
     assert ea.keys() == eb.keys() and all(torch.equal(ea[k], eb[k]) for k in ea)
-    strip = lambda r: {k: v for k, v in r.items() if k != "train_seconds"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("train_seconds", "data_wait")}  # noqa: E731
     ra, rb = read_jsonl(os.path.join(a, "metrics.jsonl")), read_jsonl(os.path.join(b, "metrics.jsonl"))
     assert len(ra) == 3 and [strip(x) for x in ra] == [strip(x) for x in rb]
 

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,5 +223,5 @@ def test_the_console_prints_each_logged_step_with_the_mean_since_the_last(cache_
     assert [r["step"] for r in rows] == [4, 8] and [r["mean_steps"] for r in rows] == [4, 4]
     for row, chunk in zip(rows, (losses[:4], losses[4:])):
         assert abs(row["loss_mean"] - sum(chunk) / 4) < 1e-5 and row["loss"] == pytest.approx(chunk[-1], rel=1e-6)
-    lines = [line for line in four.stderr.splitlines() if line.startswith("step ")]
-    assert len(lines) == 2 and all("(mean of 4 steps)" in line for line in lines), four.stderr
+    lines = [line for line in four.stderr.splitlines() if re.match(r"pretrain \d+/\d+ steps ", line)]
+    assert len(lines) == 2 and all("(mean of 4 steps)" in line and "data wait" in line for line in lines), four.stderr
