@@ -13,11 +13,13 @@ import socket
 import threading
 import time
 import uuid
+from typing import Iterator
 
 from rich.console import Console
 
 from . import fs as mfs
 from . import store
+from .errors import CacheError
 
 
 def new_owner() -> str:
@@ -122,19 +124,26 @@ class Claims:
     def mine(self) -> list[str]:
         """Shards this owner currently holds claims on (claims made in loader workers included)."""
         fs, path = mfs.url_to_fs(self.cache_url, self.storage_options)
-        cdir = mfs.join(path, store.CLAIMS)
-        fs.invalidate_cache(cdir)
-        out = []
-        for p in (fs.ls(cdir, detail=False) if fs.exists(cdir) else []):
-            if not p.endswith(".json"):
-                continue
-            try:
-                rec = mfs.read_json(fs, p)
-            except FileNotFoundError:
-                continue
-            if rec.get("owner") == self.owner:
-                out.append(rec["shard"])
-        return out
+        return [rec["shard"] for _, rec in records(fs, mfs.join(path, store.CLAIMS)) if rec.get("owner") == self.owner]
+
+
+def records(fs, cdir: str, damaged: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(path, record) of every claim in `cdir`, read now. A claim released while listed is passed over; a
+    damaged one raises, or goes into `damaged` when given (gc removes it: no owner can be renewing it)."""
+    fs.invalidate_cache(cdir)
+    for p in fs.ls(cdir, detail=False) if fs.exists(cdir) else []:
+        if not p.endswith(".json"):  # write probes, an object store's directory marker
+            continue
+        try:
+            rec = mfs.read_json(fs, p)
+        except FileNotFoundError:
+            continue
+        except CacheError:
+            if damaged is None:
+                raise
+            damaged.append(p)
+            continue
+        yield p, rec
 
 
 class Renewer(threading.Thread):

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from . import fs as mfs
 from . import store
-from .claims import owner_is_dead
+from .claims import owner_is_dead, records
 from .commands import opt, storage_options_opt
 from .errors import CacheError
 
@@ -63,26 +63,16 @@ def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
     fs.invalidate_cache(path)
     now = time.time()
     out, live_claims = [], set()
-    cdir = mfs.join(path, store.CLAIMS)
+    cdir, damaged = mfs.join(path, store.CLAIMS), []
     for p in fs.ls(cdir, detail=False) if fs.exists(cdir) else []:
-        name = p.rsplit("/", 1)[-1]
-        if name.startswith(".write-probe-"):
-            if now - _mtime(fs, p) > grace:
-                out.append((p, "stale write probe"))
-            continue
-        if not name.endswith(".json"):  # an object store's directory marker
-            continue
-        try:
-            rec = mfs.read_json(fs, p)
-        except FileNotFoundError:
-            continue
-        except CacheError:  # damaged: no owner can be renewing it
-            out.append((p, "damaged claim"))
-            continue
+        if p.rsplit("/", 1)[-1].startswith(".write-probe-") and now - _mtime(fs, p) > grace:
+            out.append((p, "stale write probe"))
+    for p, rec in records(fs, cdir, damaged):
         if rec.get("expires", 0) < now or owner_is_dead(rec.get("owner", "")):  # (a committed shard may be growing)
             out.append((p, f"expired claim of {rec.get('owner')}"))
         else:
             live_claims.add(rec.get("shard"))
+    out += [(p, "damaged claim") for p in damaged]
     referenced = {rec["path"].rsplit("/", 1)[-1] for rec in cache.records.values()}  # every K a shard grew through
     sdir = mfs.join(path, store.SHARDS)
     for p in fs.ls(sdir, detail=False) if fs.exists(sdir) else []:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
@@ -700,35 +701,38 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
                       views_of=p.views_of_ref),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")
-    meter = Meter("extract", "shards", len(todo), live=progress, quiet=True, cumulative=True, console=console)
+    with shard_pass("extract", cache, k, claims, todo, summary, cfg.fidelity_images, progress) as (meter, writer):
+        for b in meter.data(loader):
+            if b.skip:
+                if b.skip != "committed":
+                    summary["elsewhere"][b.shard] = b.skip
+                meter.advance()
+                continue
+            feats = ref = None
+            if b.keys:
+                if isinstance(b.images, list):  # --replay-on device
+                    b.images = replay_on_device(b, p.recipe, p.device)
+                feats = run_teacher(teacher, b.images, p.precision)
+                m = writer.fidelity_views(b)
+                if m:
+                    ref = feats[:m] if p.precision == "fp32" else run_teacher(teacher, b.images[:m], "fp32")
+                meter.count(len(b.keys))
+            writer.add(b, feats, ref)
+            meter.report()
+
+
+@contextmanager
+def shard_pass(what: str, cache: store.Cache, k: int, claims: Claims | None, todo: list[sources.SourceShard],
+               summary: dict, fidelity_images: int, progress: bool) -> Iterator[tuple[Meter, ShardWriter]]:
+    """One pass of a shard job (extract, transcode): its progress meter and the writer that commits; the pass's
+    images, seconds and input wait go into the run's summary (a run may take several passes)."""
+    meter = Meter(what, "shards", len(todo), live=progress, quiet=True, cumulative=True, console=console)
     with meter:
-        writer = ShardWriter(cache, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
-                             advance=meter.advance)
+        writer = ShardWriter(cache, k, claims, todo, summary, fidelity_images, log=not progress, advance=meter.advance)
         try:
-            for b in meter.data(loader):
-                if b.skip:
-                    if b.skip != "committed":
-                        summary["elsewhere"][b.shard] = b.skip
-                    meter.advance()
-                    continue
-                feats = ref = None
-                if b.keys:
-                    if isinstance(b.images, list):  # --replay-on device
-                        b.images = replay_on_device(b, p.recipe, p.device)
-                    feats = run_teacher(teacher, b.images, p.precision)
-                    m = writer.fidelity_views(b)
-                    if m:
-                        ref = feats[:m] if p.precision == "fp32" else run_teacher(teacher, b.images[:m], "fp32")
-                    meter.count(len(b.keys))
-                writer.add(b, feats, ref)
-                meter.report()
+            yield meter, writer
         finally:
             writer.close()
-    add_run_time(summary, meter)
-
-
-def add_run_time(summary: dict, meter: Meter) -> None:
-    """A pass's images, seconds and loader wait into the run's summary (a run may take several passes)."""
     summary["images"] += meter.items_total
     summary["seconds"] += time.perf_counter() - meter.started
     summary["wait_seconds"] += meter.waited_total

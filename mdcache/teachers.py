@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from .devices import autocast
@@ -44,23 +44,6 @@ ALIASES = {name: t.spec for name, t in NAMED.items()}
 TAPS = ("final", "ln_post", "proj")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass
-class Teacher:
-    spec: str
-    model: nn.Module
-    features: Callable[[torch.Tensor], torch.Tensor]  # normalized images [B,3,H,W] -> [B, P, D]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    image_size: int
-    patch_grid: tuple[int, int]
-    dim: int
-    identity: dict  # goes into the cache fingerprint
-
-    @property
-    def num_patches(self) -> int:
-        return self.patch_grid[0] * self.patch_grid[1]
 
 
 def parse_spec(spec: str) -> tuple[str, str, str | None]:
@@ -143,12 +126,24 @@ class TeacherParts:
     """What a family builder returns: the frozen-to-be model and how to tap it."""
 
     model: nn.Module
-    features: Callable[[torch.Tensor], torch.Tensor]
+    features: Callable[[torch.Tensor], torch.Tensor]  # normalized images [B,3,H,W] -> [B, P, D]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_size: int
     patch_grid: tuple[int, int]
     dim: int
+
+
+@dataclass
+class Teacher(TeacherParts):
+    """A built teacher: its parts, the spec that named it, and what goes into the cache fingerprint."""
+
+    spec: str
+    identity: dict
+
+    @property
+    def num_patches(self) -> int:
+        return self.patch_grid[0] * self.patch_grid[1]
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
@@ -352,8 +347,7 @@ def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = F
         identity["init_seed"] = seed
     if model_args:  # only when given, so the ids of existing caches do not change
         identity["model_args"] = dict(sorted(model_args.items()))
-    return Teacher(spec=spec, model=parts.model, features=parts.features, mean=parts.mean, std=parts.std,
-                   image_size=parts.image_size, patch_grid=parts.patch_grid, dim=parts.dim, identity=identity)
+    return Teacher(**{f.name: getattr(parts, f.name) for f in fields(parts)}, spec=spec, identity=identity)
 
 
 def load_cache_teacher(cache, spec: str | None = None, weights: str | None = None, device: str | torch.device = "cpu",

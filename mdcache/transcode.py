@@ -19,9 +19,9 @@ from .claims import Claims
 from .commands import check_options, opt, storage_options_opt
 from .devices import use_device
 from .errors import CacheError, ConfigError
-from .extract import Batch, ShardWriter, add_run_time, console, open_or_create_cache, report, resume, run_claimed
+from .extract import Batch, console, open_or_create_cache, report, resume, run_claimed, shard_pass
 from .lazy import lazy
-from .progress import Meter, live_default
+from .progress import live_default
 
 torch = lazy("torch")
 
@@ -133,43 +133,36 @@ def transcode(cfg: TranscodeConfig, progress: bool = True) -> tuple[str, dict]:
 def run_pass(cfg: TranscodeConfig, src: store.Cache, cache: store.Cache, todo: list[sources.SourceShard],
              summary: dict, device, progress: bool, claims: Claims) -> None:
     k = src.views
-    meter = Meter("transcode", "shards", len(todo), live=progress, quiet=True, cumulative=True, console=console)
-    with meter:
-        writer = ShardWriter(cache, k, claims, todo, summary, cfg.fidelity_images, log=not progress,
-                             advance=meter.advance)
-        try:
-            for shard in todo:
-                why_not = claims.acquire(shard.name, store.stem_of(shard.name, k))
-                if why_not:
-                    if why_not != "committed":
-                        summary["elsewhere"][shard.name] = why_not
-                    meter.advance()
-                    continue
-                first = summary["grow"].get(shard.name, 0)  # views the new cache holds already
-                try:
-                    with meter.waiting():  # the input side: reading the source cache
-                        reads = [src.read_encoded(shard.name, v, targets=v >= first) for v in range(k)]
-                except CacheError as e:  # a damaged source shard: named, the rest goes on
-                    writer.add(Batch(shard.name, last=True, error=str(e)))
-                    continue
-                keys, per_view = reads[0][0], [r[1] for r in reads[first:]]
-                params = np.stack([r[2] for r in reads], 1)  # [N, K, fields]
-                skipped = list(src.commits[shard.name].get("skipped", []))
-                for i in range(0, max(len(keys), 1), cfg.batch_size):
-                    rows = slice(i, i + cfg.batch_size)
-                    b = Batch(shard.name, keys=keys[rows], skipped=skipped if i == 0 else [],
-                              last=i + cfg.batch_size >= len(keys), first_view=first)
-                    feats = None
-                    if b.keys:
-                        b.views = params[rows]
-                        feats = src.decode(encoded_rows(src, per_view, rows, device))
-                        meter.count(len(b.keys))
-                    m = writer.fidelity_views(b) if b.keys else 0
-                    writer.add(b, feats, feats[:m] if m else None)
-                    meter.report()
-        finally:
-            writer.close()
-    add_run_time(summary, meter)
+    with shard_pass("transcode", cache, k, claims, todo, summary, cfg.fidelity_images, progress) as (meter, writer):
+        for shard in todo:
+            why_not = claims.acquire(shard.name, store.stem_of(shard.name, k))
+            if why_not:
+                if why_not != "committed":
+                    summary["elsewhere"][shard.name] = why_not
+                meter.advance()
+                continue
+            first = summary["grow"].get(shard.name, 0)  # views the new cache holds already
+            try:
+                with meter.waiting():  # the input side: reading the source cache
+                    reads = [src.read_encoded(shard.name, v, targets=v >= first) for v in range(k)]
+            except CacheError as e:  # a damaged source shard: named, the rest goes on
+                writer.add(Batch(shard.name, last=True, error=str(e)))
+                continue
+            keys, per_view = reads[0][0], [r[1] for r in reads[first:]]
+            params = np.stack([r[2] for r in reads], 1)  # [N, K, fields]
+            skipped = list(src.commits[shard.name].get("skipped", []))
+            for i in range(0, max(len(keys), 1), cfg.batch_size):
+                rows = slice(i, i + cfg.batch_size)
+                b = Batch(shard.name, keys=keys[rows], skipped=skipped if i == 0 else [],
+                          last=i + cfg.batch_size >= len(keys), first_view=first)
+                feats = None
+                if b.keys:
+                    b.views = params[rows]
+                    feats = src.decode(encoded_rows(src, per_view, rows, device))
+                    meter.count(len(b.keys))
+                m = writer.fidelity_views(b) if b.keys else 0
+                writer.add(b, feats, feats[:m] if m else None)
+                meter.report()
 
 
 def run_cli(cfg: TranscodeConfig) -> None:
