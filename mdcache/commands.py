@@ -235,15 +235,16 @@ class ViewOptions:
                                               "ops, 3x faster, runs on a GPU too) or pil-rgb-crop-bicubic-flip-"
                                               "enhance-v1 (PIL, the replay of caches made before).", group="Views")
 
-    replay_on: str = opt("workers", "Where views are replayed: workers (the loader processes) or device (workers only "
-                                    "decode; the model's device crops, resizes and jitters: a GPU when CPU cores are "
-                                    "short; the tensor replay only).", group="Views")
+    replay_on: str = opt("workers", "Where views are made: workers (the loader processes decode and replay), device "
+                                    "(workers decode; the model's device crops, resizes and jitters) or device-decode "
+                                    "(workers only read the files; the device decodes JPEGs too: nvJPEG on a GPU, on "
+                                    "a CPU the same pixels as PIL). The tensor replay only; a GPU when CPU cores are "
+                                    "short.", group="Views")
 
     def view_recipe(self, image_size: int, seed: int):
-        from .views import ViewRecipe, check_replay
+        from .views import ViewRecipe, check_replay, check_replay_on
 
-        if self.replay_on not in ("workers", "device"):
-            raise ConfigError(f"--replay-on {self.replay_on!r}: choose workers or device")
+        check_replay_on(self.replay_on, self.replay)
         return ViewRecipe(image_size=image_size, scale=tuple(self.crop_scale), ratio=tuple(self.crop_ratio),
                           flip=self.flip, views=self.views, seed=seed, color_jitter=self.color_jitter,
                           replay=check_replay(self.replay))

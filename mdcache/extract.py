@@ -39,7 +39,8 @@ class ExtractConfig(ViewOptions):
     """Run a frozen teacher once over K augmented views per image and cache its patch features."""
 
     source: str = opt("", "Source: WebDataset tars (brace pattern, glob, comma list; local or fsspec URL) or an "
-                          "image folder.", required=True)
+                          "image folder. Required, except with --views-of: then that cache's source (as it "
+                          "recorded it).")
     teacher: str = opt("clip-b16", "Teacher: clip-b16, clip-l14, open_clip:ARCH[:PRETRAINED] (ARCH may be a config "
                                    ".json), timm:MODEL (a ViT, or a CNN: its last feature map's cells are the tokens).")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher (timm teachers; recorded in the fingerprint)")
@@ -93,7 +94,8 @@ class Batch:
     keys: list[str] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)   # undecodable samples: {key, error}
     images: torch.Tensor | list | None = None           # [n*K, 3, S, S] uint8 (normalized on the device), or with
-    #                                                     --replay-on device the n decoded images [3, H, W] uint8
+    #                                                     --replay-on device the n decoded images [3, H, W] uint8,
+    #                                                     with device-decode the n image files uint8 [bytes]
     views: np.ndarray | None = None                     # [n, K, len(VIEW_FIELDS)] int32
     labels: list[int] = field(default_factory=list)      # class labels of the source's samples, when it has them
     last: bool = True
@@ -103,33 +105,50 @@ class Batch:
     first_view: int = 0                                 # views before it are stored already (a growing shard)
 
 
-def image_views(sample: sources.Sample, recipe: views.ViewRecipe, on_device: bool = False,
+def image_views(sample: sources.Sample, recipe: views.ViewRecipe, replay_on: str = "workers",
                 first: int = 0, given: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
     """Decode one sample and produce its K views: (uint8 images of views first..K-1 [K-first,3,S,S], params of
-    all K [K,11]); on_device: the decoded image [3,H,W] instead, for `replay_on_device`. Views are drawn in
-    sequence from a per-key generator, so the first views of a K'-view recipe are a K-view recipe's views.
+    all K [K,11]); `--replay-on device`: the decoded image [3,H,W] instead, for `replay_on_device`; device-decode:
+    the image file [bytes] (its size read from the header). Views are drawn in sequence from a per-key
+    generator, so the first views of a K'-view recipe are a K-view recipe's views.
     `given`: the params another cache stored for this key (--views-of), replayed instead of drawn."""
-    image = views.decode_image(sample.data)
+    image = views.decode_image(sample.data) if replay_on != "device-decode" else None
+    h, w = (image.height, image.width) if image else views.image_size_of(sample.data)
     if given is None:
-        params = views.sample_views(sample.key, image.height, image.width, recipe)
-    elif (int(given[0, 5]), int(given[0, 6])) != (image.height, image.width):
-        raise ValueError(f"the image is {image.height}x{image.width} px, the --views-of cache's views were drawn on "
+        params = views.sample_views(sample.key, h, w, recipe)
+    elif (int(given[0, 5]), int(given[0, 6])) != (h, w):
+        raise ValueError(f"the image is {h}x{w} px, the --views-of cache's views were drawn on "
                          f"{given[0, 5]}x{given[0, 6]} px (the source changed)")
     else:
         params = given
-    if on_device:
+    if replay_on == "device-decode":
+        return views.encoded_tensor(sample.data), params
+    if replay_on == "device":
         return views.image_tensor(image), params
     return views.view_pixels(image, params[first:], recipe.image_size, recipe.replay), params
 
 
-def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device) -> torch.Tensor:
-    """The views (first_view on) of a batch of decoded images, replayed on `device`: uint8 [n*(K-first),3,S,S]."""
+def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device, decode: bool = False) -> torch.Tensor:
+    """The views (first_view on) of a batch of decoded images, replayed on `device`: uint8 [n*(K-first),3,S,S].
+    `decode`: the batch holds image files, decoded on `device` first; one that fails is skipped by name, as a
+    loader worker skips an image it cannot decode."""
+    while decode:
+        try:
+            b.images, decode = views.decode_batch(b.images, device), False
+        except views.ImageDecodeError as e:
+            b.skipped.append({"key": b.keys[e.index], "error": str(e)})
+            del b.keys[e.index], b.images[e.index]
+            b.views = np.delete(b.views, e.index, 0)
+            if len(b.labels) > e.index:
+                del b.labels[e.index]
+            if not b.keys:
+                return torch.empty(0, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8, device=device)
     return torch.cat([views.view_pixels(x.to(device, non_blocking=True), p[b.first_view:], recipe.image_size,
                                         recipe.replay) for x, p in zip(b.images, b.views)])
 
 
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_size: int,
-                  storage_options: dict | None = None, on_device: bool = False, first: int = 0,
+                  storage_options: dict | None = None, replay_on: str = "workers", first: int = 0,
                   stored: dict[str, np.ndarray] | None = None) -> Iterator[Batch]:
     """Batches of one shard, in order. The last one has last=True (and error= if the shard broke).
     `stored`: {key: params [K,11]} of the --views-of cache; a key it lacks is skipped, by name."""
@@ -139,7 +158,7 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
         out = Batch(shard.name, keys=list(keys), skipped=list(skipped), labels=list(labels), last=last, error=error,
                     first_view=first)
         if keys:
-            out.images, out.views = list(imgs) if on_device else torch.cat(imgs), np.stack(params)
+            out.images, out.views = list(imgs) if replay_on != "workers" else torch.cat(imgs), np.stack(params)
         keys.clear(), imgs.clear(), params.clear(), skipped.clear(), labels.clear()
         return out
 
@@ -153,7 +172,7 @@ def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_si
                 skipped.append({"key": sample.key, "error": "not in the --views-of cache (skipped there)"})
                 continue
             try:
-                x, p = image_views(sample, recipe, on_device, first, given)
+                x, p = image_views(sample, recipe, replay_on, first, given)
             except Exception as e:  # undecodable image: skip, count, list; never drop silently
                 skipped.append({"key": sample.key, "error": f"{type(e).__name__}: {e}"})
                 continue
@@ -184,8 +203,8 @@ def _extract_stream_class() -> type:
         """Each DataLoader worker takes whole shards (i, i+W, ...), so a shard's batches stay ordered."""
 
         def __init__(self, shards, recipe, batch_size, storage_options=None, claims: Claims | None = None,
-                     on_device: bool = False, grow: dict | None = None, views_of: tuple | None = None):
-            self.shards, self.recipe, self.on_device, self.grow = shards, recipe, on_device, grow or {}
+                     replay_on: str = "workers", grow: dict | None = None, views_of: tuple | None = None):
+            self.shards, self.recipe, self.replay_on, self.grow = shards, recipe, replay_on, grow or {}
             self.views_of = views_of  # (url, storage options) of the cache whose views are replayed
             self.batch_size, self.storage_options, self.claims = batch_size, storage_options, claims
 
@@ -206,7 +225,7 @@ def _extract_stream_class() -> type:
                 except (sources.SourceError, CacheError) as e:
                     yield Batch(shard.name, error=f"--views-of: {e}", claim_seconds=claim_seconds)
                     continue
-                for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.on_device,
+                for b in shard_batches(shard, self.recipe, self.batch_size, self.storage_options, self.replay_on,
                                        self.grow.get(shard.name, 0), stored):
                     b.claim_seconds, claim_seconds = claim_seconds, 0.0  # reported once, with the first batch
                     yield b
@@ -247,10 +266,20 @@ class Prepared:
         return (self.views_of.url, self.views_of.storage_options) if self.views_of else None
 
 
+def with_source(cfg: ExtractConfig) -> ExtractConfig:
+    """--views-of without --source: the images are the --views-of cache's, where its manifest says they are."""
+    if cfg.source:
+        return cfg
+    if not cfg.views_of:
+        raise ConfigError("--source is required: the images to extract (or --views-of CACHE: that cache's images)")
+    return replace(cfg, source=store.open_cache(cfg.views_of, cfg.storage_options).manifest["source"]["spec"])
+
+
 def prepare(cfg: ExtractConfig) -> Prepared:
     """Check the options, list the source, and load the teacher (weights fetched from any URL first)."""
     from .teachers import load_teacher
 
+    cfg = with_source(cfg)
     check_options(cfg)
     so = cfg.storage_options
     codecs.get_codec(cfg.codec)
@@ -264,10 +293,11 @@ def prepare(cfg: ExtractConfig) -> Prepared:
         console.print("[yellow]warning:[/] teacher uses RANDOM weights (--random-init): targets are for tests/demos "
                       "only")
     codecs.get_codec(cfg.codec).shapes(teacher.num_patches, teacher.dim)  # refused now, not after calibrating
-    if cfg.views_of:
-        base = open_views_of(cfg, shards)
-        return Prepared(so, shards, device, precision, teacher, recipe_of(base, teacher.image_size, cfg.views), base)
-    return Prepared(so, shards, device, precision, teacher, cfg.recipe(teacher.image_size))
+    base = open_views_of(cfg, shards) if cfg.views_of else None
+    recipe = recipe_of(base, teacher.image_size, cfg.views) if base else cfg.recipe(teacher.image_size)
+    if cfg.replay_on == "device-decode" and device.type == "cuda":  # nvJPEG's pixels: a recipe of their own
+        recipe = replace(recipe, decoder=views.DECODER_NVJPEG)
+    return Prepared(so, shards, device, precision, teacher, recipe, base)
 
 
 def open_views_of(cfg: ExtractConfig, shards: list[sources.SourceShard]) -> store.Cache:
@@ -674,6 +704,7 @@ def resume(cache: store.Cache, selected: list, k: int) -> tuple[list, dict]:
 
 def extract(cfg: ExtractConfig, progress: bool = True, prepared: Prepared | None = None) -> tuple[str, dict]:
     """Run an extraction; returns (cache URL, summary). Raises on setup errors, reports shard errors."""
+    cfg = with_source(cfg)
     p = prepared or prepare(cfg)
     rank, world = rank_world()
     selected = sources.select(p.shards, cfg.shards)[rank::world]  # a bad --shards is refused before a cache exists
@@ -697,7 +728,7 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
     teacher, k = p.teacher, p.recipe.views
     loader = torch.utils.data.DataLoader(
         _stream_cls()(todo, p.recipe, cfg.batch_size, p.storage_options, claims,
-                      on_device=views.check_replay_on(cfg.replay_on, p.recipe.replay), grow=summary["grow"],
+                      replay_on=views.check_replay_on(cfg.replay_on, p.recipe.replay), grow=summary["grow"],
                       views_of=p.views_of_ref),
         batch_size=None, num_workers=min(cfg.workers, len(todo)), persistent_workers=False,
         prefetch_factor=4 if cfg.workers else None, pin_memory=p.device.type == "cuda")
@@ -709,9 +740,9 @@ def run_pass(cfg: ExtractConfig, p: Prepared, cache: store.Cache, todo: list[sou
                 meter.advance()
                 continue
             feats = ref = None
+            if b.keys and isinstance(b.images, list):  # --replay-on device or device-decode
+                b.images = replay_on_device(b, p.recipe, p.device, decode=cfg.replay_on == "device-decode")
             if b.keys:
-                if isinstance(b.images, list):  # --replay-on device
-                    b.images = replay_on_device(b, p.recipe, p.device)
                 feats = run_teacher(teacher, b.images, p.precision)
                 m = writer.fidelity_views(b)
                 if m:

@@ -237,9 +237,10 @@ def _load_open_clip(model: nn.Module, state: dict, path: str) -> None:
 
 def weights_preprocessing(path: str | None) -> dict:
     """What a weights file says about how it was trained (mdtrain writes it): the input normalization
-    (`mean`, `std`) and the model's arguments (`model_args`, `global_pool`). A teacher must be fed the inputs
-    it learned on: a model trained with ImageNet's mean/std and fed timm's default 0.5/0.5 sees 0.46x
-    the contrast, and its targets are those of another function."""
+    (`mean`, `std`), the input size (`image_size`) and the model's arguments (`model_args`, `global_pool`). A
+    teacher must be fed the inputs it learned on: a model trained with ImageNet's mean/std and fed timm's
+    default 0.5/0.5 sees 0.46x the contrast, and a CNN trained on 28 px images and fed 224 px views sees
+    shapes eight times larger than any it learned: its targets are those of another function."""
     meta = read_metadata(path) if path else {}
     out: dict = {}
     try:
@@ -250,7 +251,9 @@ def weights_preprocessing(path: str | None) -> dict:
         raise TeacherError(f"--teacher-weights {path}: its metadata is not valid JSON ({e})") from None
     if meta.get("global_pool"):
         args["global_pool"] = meta["global_pool"]
-    out["model_args"] = {k: v for k, v in args.items() if k != "img_size"}
+    if str(meta.get("image_size", "")).isdigit():
+        out["image_size"] = int(meta["image_size"])
+    out["model_args"] = {k: v for k, v in args.items() if k != "img_size"}  # the input size: `image_size`
     return out
 
 
@@ -262,6 +265,7 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
 
     recorded = weights_preprocessing(path)
     kw = {**recorded["model_args"], **model_args, "num_classes": 0}  # given arguments win over recorded ones
+    image_size = image_size or recorded.get("image_size")  # --image-size, else the size the weights trained at
     if image_size:
         kw["img_size"] = image_size
     if not random_init and state is None:

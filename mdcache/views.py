@@ -32,6 +32,9 @@ REPLAY_PIL = "pil-rgb-crop-bicubic-flip-enhance-v1"
 REPLAY_TENSOR = "tensor-bicubic-aa-v1"
 REPLAYS = (REPLAY_PIL, REPLAY_TENSOR)
 REPLAY_IMPL = REPLAY_TENSOR  # what new caches use
+# How JPEGs become pixels, when it changes them: PIL and torchvision on a CPU are both libjpeg-turbo (the same
+# pixels), nvJPEG (`--replay-on device-decode` on a GPU) rounds its IDCT otherwise, so it is its own recipe.
+DECODER_CPU, DECODER_NVJPEG = "libjpeg-turbo", "nvjpeg"
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale
 
 
@@ -47,20 +50,27 @@ class ViewRecipe:
     seed: int = 0
     color_jitter: float = 0.0  # brightness = contrast = saturation strength (BEiT v2 uses 0.4); 0: off
     replay: str = REPLAY_IMPL
+    decoder: str = DECODER_CPU
 
     def identity(self) -> dict:
         return {"image_size": self.image_size, "scale": list(self.scale), "ratio": [round(r, 8) for r in self.ratio],
                 "flip": self.flip, "views": self.views, "seed": self.seed, "color_jitter": self.color_jitter,
-                "replay": self.replay}
+                "replay": self.replay, **({"decoder": self.decoder} if self.decoder != DECODER_CPU else {})}
 
 
-def check_replay_on(where: str, impl: str) -> bool:
-    """True when views are to be replayed on the model's device (`--replay-on device`)."""
-    if where == "device" and check_replay(impl) != REPLAY_TENSOR:
-        from .errors import ConfigError
+REPLAY_ON = ("workers", "device", "device-decode")
 
-        raise ConfigError(f"--replay-on device needs the tensor replay ({REPLAY_TENSOR}); this cache's is {impl}")
-    return where == "device"
+
+def check_replay_on(where: str, impl: str) -> str:
+    """Where pixels are made (`--replay-on`): workers (decode and replay), device (workers decode, the model's
+    device replays), device-decode (workers only read the bytes; the device decodes JPEGs and replays)."""
+    from .errors import ConfigError
+
+    if where not in REPLAY_ON:
+        raise ConfigError(f"--replay-on {where!r}: choose {', '.join(REPLAY_ON)}")
+    if where != "workers" and check_replay(impl) != REPLAY_TENSOR:
+        raise ConfigError(f"--replay-on {where} needs the tensor replay ({REPLAY_TENSOR}); this cache's is {impl}")
+    return where
 
 
 def check_replay(impl: str) -> str:
@@ -264,6 +274,82 @@ def normalize(images, mean: tuple[float, ...], std: tuple[float, ...]):
 def to_tensor(view: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]):
     """PIL view -> normalized float32 CHW tensor (`normalize` of its pixels)."""
     return normalize(image_tensor(view)[None], mean, std)[0]
+
+
+def jpeg_components(data) -> int | None:
+    """Colour components of a JPEG from its frame header (1 gray, 3 YCbCr, 4 CMYK/YCCK); None if the bytes are
+    not a JPEG or end before the frame header. Reads the markers only, not the image."""
+    b = bytes(data[:65536]) if not isinstance(data, bytes) else data
+    if b[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(b):
+        if b[i] != 0xFF:
+            return None
+        marker = b[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
+            return b[i + 9] if i + 9 < len(b) else None
+        i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
+    return None
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(height, width) from the image's header, without decoding it (views are drawn on the full image)."""
+    import io
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.height, im.width
+
+
+def encoded_tensor(data: bytes):
+    """The image file's bytes as uint8 [N] (what a loader worker ships when the device decodes)."""
+    import torch
+
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class ImageDecodeError(ValueError):
+    """Image `index` of a batch could not be decoded (the caller names its key)."""
+
+    def __init__(self, index: int, why: str):
+        super().__init__(why)
+        self.index = index
+
+
+def decode_batch(datas: list, device) -> list:
+    """Encoded images (uint8 [N] each) -> decoded uint8 [3,H,W] on `device`, as `decode_image` decodes them.
+    Gray and colour JPEGs are decoded in one batch by torchvision on `device` (nvJPEG on a GPU; on a CPU
+    libjpeg-turbo, the decoder PIL uses: the same pixels); PNG, WebP and CMYK JPEGs by PIL, then moved."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    out: list = [None] * len(datas)
+    fast = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3)]
+    if fast:
+        try:
+            decoded = decode_jpeg([datas[i] for i in fast], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad image fails the batch: find it
+            decoded = []
+            for i in fast:
+                try:
+                    decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as e:  # "decode_jpeg, <source file>:<line>, Image is incomplete or truncated"
+                    why = str(e).splitlines()[0].rsplit(", ", 1)[-1]
+                    raise ImageDecodeError(i, f"undecodable JPEG: {why}") from None
+        for i, x in zip(fast, decoded):
+            out[i] = x
+    for i, d in enumerate(datas):
+        if out[i] is None:
+            try:
+                out[i] = image_tensor(decode_image(d.numpy().tobytes())).to(device, non_blocking=True)
+            except Exception as e:
+                raise ImageDecodeError(i, f"{type(e).__name__}: {e}") from None
+    return out
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -67,7 +67,8 @@ class StreamConfig:
     with_targets: bool = True
     fresh_crops: bool = False               # online without a cache: a new crop per (epoch, key), not K replayed
     replay: str = views.REPLAY_IMPL         # the cache's view replay (online: the recipe's)
-    replay_on_device: bool = False          # workers ship decoded images; the step replays them on its device
+    replay_on: str = "workers"              # device: workers ship decoded images, the step replays them on its
+    #                                         device; device-decode: workers ship the files, the device decodes too
     storage_options: dict | None = field(default=None, hash=False)
 
 
@@ -248,15 +249,18 @@ class ShardStream(torch.utils.data.IterableDataset):
     def load(self, item: tuple) -> dict:
         """Decode + replay the stored view + mask: the per-sample work, done in loader workers."""
         plan, i, sample, params, arrays, view = item
-        image = views.decode_image(sample.data)
+        where = self.cfg.replay_on
+        image = views.decode_image(sample.data) if where != "device-decode" else None
         if params is None:  # online mode without a cache: the same sampler `mdcache extract` uses
-            params = views.sample_views(sample.key, image.height, image.width, self.recipe)[view]
+            h, w = (image.height, image.width) if image else views.image_size_of(sample.data)
+            params = views.sample_views(sample.key, h, w, self.recipe)[view]
         mask = self.masker(views.key_rng(self.cfg.seed, f"mask/{self.epoch}/{sample.key}"))
         out = {"mask": torch.from_numpy(mask.reshape(-1)), "key": sample.key, "shard": plan.name, "view": view}
-        if self.cfg.replay_on_device:  # the decoded image and its view: `replay_on` makes the pixels there
-            out["image"], out["params"] = views.image_tensor(image), torch.from_numpy(np.asarray(params))
-        else:
+        if where == "workers":
             out["image"] = views.view_pixels(image, params, self.cfg.image_size, self.cfg.replay)
+        else:  # the decoded image (or the file) and its view: the step's device makes the pixels
+            out["image"] = views.image_tensor(image) if image else views.encoded_tensor(sample.data)
+            out["params"] = torch.from_numpy(np.asarray(params))
         if arrays is not None and self.cfg.with_targets:
             out["targets"] = {name: a[i] for name, a in arrays.items()}
         return out
@@ -287,12 +291,19 @@ def make_loader(stream: ShardStream, workers: int, pin_memory: bool = False,
 
 
 def to_device(batch: dict, device: torch.device, cfg: StreamConfig | None = None) -> dict:
-    """A batch on the device. A batch of decoded images (a stream with replay_on_device) has its views
-    replayed there with the stream's (the cache's) implementation: uint8 [B,3,S,S] either way."""
+    """A batch on the device. A batch of decoded images (`--replay-on device`) has its views replayed there
+    with the stream's (the cache's) implementation, a batch of image files (`device-decode`) is decoded there
+    first: uint8 [B,3,S,S] either way."""
     out = dict(batch)
     if "params" in batch:
+        images = batch["images"]
+        if cfg.replay_on == "device-decode":
+            try:
+                images = views.decode_batch(images, device)
+            except views.ImageDecodeError as e:
+                raise DataError(f"shard {batch['shards'][e.index]!r}, sample {batch['keys'][e.index]!r}: {e}") from None
         out["images"] = torch.stack([views.view_pixels(x.to(device, non_blocking=True), p.numpy(), cfg.image_size,
-                                                       cfg.replay) for x, p in zip(batch["images"], out.pop("params"))])
+                                                       cfg.replay) for x, p in zip(images, out.pop("params"))])
     else:
         out["images"] = batch["images"].to(device, non_blocking=True)
     out["mask"] = batch["mask"].to(device, non_blocking=True)

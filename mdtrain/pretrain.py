@@ -281,8 +281,8 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
                              lanes=max(1, cfg.workers), with_targets=with_targets and teacher is None,
                              fresh_crops=cfg.fresh_crops, storage_options=so,
                              replay=cache.replay if cache is not None else recipe.replay,
-                             replay_on_device=views.check_replay_on(cfg.replay_on, cache.replay if cache is not None
-                                                                    else recipe.replay))
+                             replay_on=views.check_replay_on(cfg.replay_on, cache.replay if cache is not None
+                                                             else recipe.replay))
     return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher,
                  teacher_precision=resolve_precision(cfg.precision, device),
                  weight=float(cfg.teacher_weight[0]) if cfg.teacher_weight else 1.0, extra=extra)

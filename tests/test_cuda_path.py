@@ -221,7 +221,7 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "tiny" / "gpu_check.json").read_text())
-    for where in ("workers", "device"):
+    for where in ("workers", "device", "device-decode"):
         e = r["extraction"][f"replay_on_{where}"]
         assert e["extract_views_per_s"] > 0 and e["teacher_only_views_per_s"] > 0
     t = r["training"]["tiny"]
@@ -229,3 +229,5 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
     assert r["syncs"]["syncs_per_step_outside_logging_steps"] == 0
     assert all(c["decode_max_abs_diff"] == 0 for c in r["codecs"].values())  # CPU vs CPU: identical
     assert r["replay"]["max_level_difference"] == 0 and set(r["seconds"]) == set(r["stages"])
+    d = r["decode"]  # torchvision's CPU decoder is PIL's libjpeg-turbo: the same pixels
+    assert d["max_level_difference"] == 0 and d["decode_images_per_s"] > 0 and d["images"] > 0

@@ -352,3 +352,27 @@ def test_views_replayed_on_the_device_give_the_same_cache(tmp_path, train_spec):
     with pytest.raises(ConfigError, match="--replay-on device needs the tensor replay"):
         extract(extract_cfg(train_spec, str(tmp_path / "c"), shards="0:1", replay_on="device",
                             replay="pil-rgb-crop-bicubic-flip-enhance-v1"), progress=False)
+
+
+def test_views_decoded_on_the_device_give_the_same_cache_and_skip_the_same_images(tmp_path, demo_data):
+    """--replay-on device-decode: workers ship the files, the device decodes (torchvision; on a CPU the same
+    libjpeg-turbo as PIL) and replays. The same cache, byte for byte; a truncated JPEG, found only on the device,
+    is skipped by name as the workers skip it, and the batch it was in is kept."""
+    good = [(s.key, s.data) for s in iter_samples(list_source(str(demo_data / "train-000000.tar"))[0])][:10]
+    src = tmp_path / "src"
+    src.mkdir()
+    write_tar(src / "mixed-000000.tar", [(f"{k}.jpg", d) for k, d in good[:3]] +
+              [("broken.jpg", good[3][1][: len(good[3][1]) // 3]), ("garbage.png", b"not a png at all")] +
+              [(f"{k}.jpg", d) for k, d in good[4:]])
+    made = {}
+    for where in ("workers", "device-decode"):
+        url, _ = extract(extract_cfg(str(src / "mixed-000000.tar"), str(tmp_path / where), color_jitter=0.4,
+                                     replay_on=where, workers=1, batch_size=4), progress=False)
+        made[where] = open_cache(url)
+    a, b = made["workers"], made["device-decode"]
+    assert a.cache_id == b.cache_id and b.manifest["fingerprint"]["views"].get("decoder") is None  # a CPU: no nvJPEG
+    ra, rb = a.commits["mixed-000000"], b.commits["mixed-000000"]
+    assert ra["checksums"] == rb["checksums"] and a.keys("mixed-000000") == b.keys("mixed-000000")
+    skipped = {s["key"]: s["error"] for s in rb["skipped"]}
+    assert set(skipped) == {s["key"] for s in ra["skipped"]} == {"broken", "garbage"}
+    assert "undecodable JPEG" in skipped["broken"] and "truncated" in skipped["broken"]

@@ -215,15 +215,32 @@ def test_fresh_crops_are_new_every_epoch_and_a_pure_function_of_seed_epoch_key(t
     assert all(any(torch.equal(crops[e][k], crops[f][k]) for f in (0, 1)) for e in (2, 3) for k in crops[e])
 
 
-def test_views_replayed_on_the_device_equal_the_workers(cache):
+@pytest.mark.parametrize("where", ["device", "device-decode"])
+def test_views_replayed_on_the_device_equal_the_workers(cache, where):
     """--replay-on device: workers ship decoded images, the step's device replays the views with the cache's
-    implementation. On the CPU that is the same kernel: the same pixels, bit for bit (on a GPU within 2
-    levels, tests/test_views_sources.py), with the same targets and masks."""
+    implementation; device-decode: workers ship the image files and the device decodes them too. On the CPU
+    both are the same kernels (torchvision's JPEG decoder is libjpeg-turbo, as PIL's): the same pixels, bit for
+    bit (on a GPU within 2 levels, tests/test_views_sources.py), with the same targets and masks."""
     plan = data.plan_from_cache(cache)
     cfg = scfg(lanes=1, replay=cache.replay)
     here = next(iter(data.ShardStream(plan, cfg, 0, cache=cache)))
-    there = next(iter(data.ShardStream(plan, replace(cfg, replay_on_device=True), 0, cache=cache)))
-    assert isinstance(there["images"], list) and there["images"][0].shape[1:] != (64, 64)  # decoded, not replayed
-    on = data.to_device(there, torch.device("cpu"), replace(cfg, replay_on_device=True))
+    there = next(iter(data.ShardStream(plan, replace(cfg, replay_on=where), 0, cache=cache)))
+    shipped = there["images"][0]
+    assert isinstance(there["images"], list) and shipped.shape[1:] != (64, 64)  # decoded or encoded, not replayed
+    assert shipped.ndim == (1 if where == "device-decode" else 3)
+    assert where == "device" or views.jpeg_components(shipped) == 3  # a colour JPEG: torchvision decodes it
+    on = data.to_device(there, torch.device("cpu"), replace(cfg, replay_on=where))
     assert torch.equal(on["images"], here["images"]) and torch.equal(on["mask"], here["mask"])
     assert all(torch.equal(on["targets"][n], here["targets"][n]) for n in here["targets"]) and "params" not in on
+
+
+def test_an_image_the_device_cannot_decode_is_named(cache):
+    """device-decode finds a bad file only on the device: the error names its shard and key, as the workers'."""
+    plan = data.plan_from_cache(cache)
+    cfg = replace(scfg(lanes=1, replay=cache.replay), replay_on="device-decode")
+    batch = next(iter(data.ShardStream(plan, cfg, 0, cache=cache)))
+    batch["images"][1] = batch["images"][1][: len(batch["images"][1]) // 2]  # truncated on the way
+    with pytest.raises(data.DataError, match=f"shard {batch['shards'][1]!r}, sample {batch['keys'][1]!r}: "):
+        data.to_device(batch, torch.device("cpu"), cfg)
+
+

@@ -112,6 +112,7 @@ def test_a_teacher_trained_by_finetune_is_fed_what_it_learned_on(tmp_path, demo_
     assert recorded == _mean_std("vit_tiny_patch16_224", meta) and recorded[0] != (0.5, 0.5, 0.5)
     teacher = load_teacher(TIMM_TEACHER, weights=weights, image_size=32)  # depth and pooling from the weights
     assert (teacher.mean, teacher.std) == recorded and teacher.identity["mean"] == list(recorded[0])
+    assert load_teacher(TIMM_TEACHER, weights=weights).image_size == 32  # the size it trained at, unasked
     from helpers import extract_cfg
 
     cfg = extract_cfg(str(demo_data / "train-000000.tar"), str(tmp_path / "c"), teacher=TIMM_TEACHER,
@@ -131,6 +132,22 @@ def test_a_teacher_trained_by_finetune_is_fed_what_it_learned_on(tmp_path, demo_
     with torch.no_grad():
         ref = model.eval().forward_intermediates(x, indices=1, norm=False, output_fmt="NLC", intermediates_only=True)[0]
     assert keys[0] == sample.key and torch.allclose(torch.from_numpy(targets[0]), ref[0], atol=2e-3, rtol=1e-3)
+
+
+def test_a_cnn_teacher_runs_at_the_size_its_weights_trained_at(tmp_path):
+    """A CNN takes any input size, so nothing used to stop a ResNet trained on 28 px images (as the study's
+    second teacher) from being fed 224 px views: 8x larger shapes than it ever saw, a 28x28 feature map
+    instead of its 4x4. Its weights record the size (`mdtrain finetune` writes it): that is the default."""
+    from mdtrain.checkpoint import save_weights, weights_meta
+
+    args = {"output_stride": 8, "channels": [8, 16, 32, 64]}
+    model = timm.create_model("resnet18", num_classes=10, **args)
+    path = str(tmp_path / "cnn.safetensors")
+    save_weights(path, model.state_dict(), weights_meta("classifier", "resnet18", 28, (0.5,) * 3, (0.25,) * 3,
+                                                        args, num_classes=10, global_pool="avg"))
+    t = load_teacher("timm:resnet18", weights=path)
+    assert (t.image_size, t.patch_grid, t.dim) == (28, (4, 4), 64) and t.identity["image_size"] == 28
+    assert load_teacher("timm:resnet18", weights=path, image_size=56).patch_grid == (7, 7)  # --image-size wins
 
 
 @pytest.mark.slow

@@ -47,6 +47,16 @@ def test_the_second_teacher_sees_exactly_the_stored_views(pair):
     assert check.stdout.strip() == "OK" and "teacher check on 8 replayed views" in check.stderr
 
 
+def test_the_source_defaults_to_the_views_of_caches(pair, tmp_path):
+    """`mdcache extract --teacher T2 --views-of A`, as a user types it: A's images, without --source again."""
+    again = run_cli("extract", "--views-of", pair["a"], "--teacher", "open_clip:tests/assets/tiny-clip.json",
+                    "--random-init", "--teacher-seed", "1", "--image-size", "32", "--codec", "int8",
+                    "--root", str(pair["root"]), "--workers", "0", "--batch-size", "8", "--calib-images", "16")
+    assert again.stdout.strip().splitlines()[-1] == pair["b"] and "reusing 2 committed shard(s)" in again.stderr
+    missing = run_cli("extract", "--teacher", "clip-b16", "--root", str(tmp_path), check=False)
+    assert missing.returncode == 2 and "--source is required" in missing.stderr
+
+
 def test_ls_and_info_say_which_caches_share_views(pair):
     a, b = open_cache(pair["a"]), open_cache(pair["b"])
     ls = run_cli("ls", str(pair["root"])).stdout

@@ -6,13 +6,16 @@ No network: random-init teachers and students, data made on the spot (pipelines/
 On one GPU (about 6-8 minutes):
 
   extraction   CLIP-B/16 (random weights, bf16 where native): `mdcache bench` full pipeline vs teacher only,
-               views replayed in the loader workers (CPU) and on the GPU (--replay-on device)
+               views replayed in the loader workers (CPU), on the GPU (--replay-on device), and decoded and
+               replayed on the GPU (--replay-on device-decode: nvJPEG)
   training     ViT-B/16 and ViT-S/16 students at batch 256 from that cache: `mdtrain bench` loader, cached
                step, online step, in-memory compute ratio, peak GPU memory, loader images/s per core
   syncs        host-device synchronizations per training step outside logging steps
                (torch.cuda.set_sync_debug_mode), counted over real steps
   codecs       int8/int4/pca encode on the GPU against the CPU (same bytes or within rounding)
   replay       the tensor replay on the GPU against the CPU (levels that differ)
+  decode       nvJPEG (torchvision, batched) against PIL on the same JPEGs: levels that differ, images/s of
+               each (PIL on one core), and decode + replay of 8 views per image on the GPU
   tests        `pytest -m cuda` (exact resume and online == offline on the GPU, with --deterministic)
 
 --tiny runs every stage on the CPU with a tiny teacher and student in a minute (CI runs it); --dry-run
@@ -36,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "pipelines" / "bench"))
 
 TINY_CLIP = str(ROOT / "tests" / "assets" / "tiny-clip.json")
-STAGES = ("extraction", "training", "syncs", "codecs", "replay", "tests")
+STAGES = ("extraction", "training", "syncs", "codecs", "replay", "decode", "tests")
 
 
 def settings(tiny: bool) -> dict:
@@ -54,7 +57,7 @@ def extraction(s: dict, spec: str, root: str, device: str) -> dict:
     from mdcache import bench
 
     out = {}
-    for where in ("workers", "device"):
+    for where in ("workers", "device", "device-decode"):
         cfg = bench.BenchConfig(source=spec, teacher=s["teacher"], random_init=True, image_size=s["size"],
                                 views=s["views"], codec="int8", batch_size=s["batch"], workers=s["workers"],
                                 device=device, root=os.path.join(root, f"extract-{where}"), repeats=2,
@@ -63,7 +66,8 @@ def extraction(s: dict, spec: str, root: str, device: str) -> dict:
         out[f"replay_on_{where}"] = {k: r[k] for k in ("extract_views_per_s", "teacher_only_views_per_s", "ratio",
                                                       "device", "precision") if k in r}
         out[f"replay_on_{where}"]["peak_gpu_mb"] = r.get("peak_gpu_mb")
-        out["cache"] = r["cache"]
+        if where == "workers":  # the cache the training stages read (device-decode on a GPU makes an nvjpeg one)
+            out["cache"] = r["cache"]
     return out
 
 
@@ -167,6 +171,47 @@ def replay_on_device(spec: str, size: int, device: str) -> dict:
     return {"device": str(dev), "max_level_difference": worst, "fraction_of_pixels_that_differ": differ / n}
 
 
+def decode_on_device(spec: str, size: int, device: str) -> dict:
+    """nvJPEG against PIL: the same JPEGs decoded both ways, pixels compared, and each one's rate."""
+    from mdcache import sources, views
+
+    dev = torch.device("cuda") if device == "auto" and torch.cuda.is_available() else torch.device(
+        "cpu" if device == "auto" else device)
+    datas = [smp.data for shard in sources.list_source(spec) for smp in sources.iter_samples(shard)][:256]
+    files = [views.encoded_tensor(d) for d in datas]
+    recipe = views.ViewRecipe(image_size=size, views=8, color_jitter=0.4)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    worst, differ, n = 0, 0, 0
+    for d, x in zip(datas, views.decode_batch(files, dev)):
+        diff = (x.cpu().int() - views.image_tensor(views.decode_image(d)).int()).abs()
+        worst, differ, n = max(worst, int(diff.max())), differ + int((diff > 0).sum()), n + diff.numel()
+    params = [views.sample_views(f"k{i}", *views.image_size_of(d), recipe) for i, d in enumerate(datas)]
+    rates = {}
+    for name, fn in (("decode", lambda: views.decode_batch(files, dev)),
+                     ("decode_and_8_views", lambda: [views.view_pixels(x, p, size, views.REPLAY_TENSOR) for x, p in
+                                                     zip(views.decode_batch(files, dev), params)])):
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        rates[f"{name}_images_per_s"] = len(files) / best
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    for d in datas:
+        views.decode_image(d)
+    rates["pil_decode_images_per_s_one_core"] = len(datas) / (time.perf_counter() - t0)
+    return {"device": str(dev), "images": len(datas), "max_level_difference": worst,
+            "fraction_of_pixels_that_differ": differ / max(n, 1), **rates}
+
+
 def cuda_tests(tiny: bool) -> dict:
     if tiny:
         return {"skipped": "tiny mode: the CPU suite runs these tests already"}
@@ -222,6 +267,8 @@ def main() -> None:
             result[stage] = codecs_on_device(a.device)
         elif stage == "replay":
             result[stage] = replay_on_device(spec, s["size"], a.device)
+        elif stage == "decode":
+            result[stage] = decode_on_device(spec, s["size"], a.device)
         elif stage == "tests":
             result[stage] = cuda_tests(a.tiny)
         timings[stage] = round(time.time() - t0, 1)

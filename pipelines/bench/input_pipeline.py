@@ -112,7 +112,8 @@ def trainer(spec: str, tmp: str, repeats: int, size: int) -> dict:
 
     out = {}
     for name, impl, where in (("old", views.REPLAY_PIL, "workers"), ("new", views.REPLAY_TENSOR, "workers"),
-                              ("new_replay_on_device", views.REPLAY_TENSOR, "device")):
+                              ("new_replay_on_device", views.REPLAY_TENSOR, "device"),
+                              ("new_decode_on_device", views.REPLAY_TENSOR, "device-decode")):
         url = make_cache(spec, os.path.join(tmp, impl), impl, size)
         setup = setup_data(PretrainConfig(cache=url, batch_size=64, workers=1, seed=0, replay_on=where),
                            torch.device("cpu"))
@@ -183,6 +184,8 @@ def main() -> None:
              f"{t['new'] / t['old']:.2f}x | >= 300: {'met' if t['new'] >= 300 else 'MISSED'} |",
              f"| trainer loader, workers only decode (`--replay-on device`) | | "
              f"{t['new_replay_on_device']:.0f} | | |",
+             f"| trainer loader, workers only read the files (`--replay-on device-decode`) | | "
+             f"{t['new_decode_on_device']:.0f} | | |",
              f"| extraction writer, views/s (int8, CLIP-B/16 shape; {store.WRITE_THREADS} threads) | | "
              f"{r['writer_views_per_s']:.0f} | | |"]
     os.makedirs(a.out, exist_ok=True)
