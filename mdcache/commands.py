@@ -221,7 +221,9 @@ class ViewOptions:
     """The view recipe's options, shared by `mdcache extract` and `mdtrain pretrain`'s online mode."""
 
     views: int = opt(2, "Views (augmented crops) per image.", ge=1, group="Views")
-    image_size: int = opt(224, "Teacher/student input size in pixels.", ge=1, group="Views")
+    image_size: Optional[int] = opt(None, "Teacher (and student) input size in pixels; None = the size the teacher's "
+                                          "weights record (`mdtrain finetune` writes it), else the model's own "
+                                          "(224 for clip-b16).", ge=1, group="Views")
     crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.",
                                           gt=0, le=1, group="Views")
     crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.",

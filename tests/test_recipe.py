@@ -164,6 +164,19 @@ def test_study_quick_form_produces_every_output(tmp_path):
             if line.startswith("| ") and not line.startswith("| ---") and "seed |" not in line]
     assert {r.split(" | ")[0][2:] for r in rows} == {"online-fresh", "K2-int8", "random-init", "scratch"}
     assert "K2-int8 - online, knn_top1" in part.stdout and "one pair: no interval" in part.stdout
+    # the caches-that-grow study on the same run folder: it reuses the data, the ViT teacher, its K=2 cache and
+    # student, and adds a CNN teacher on those views, students of each and of both, and a grown cache
+    t = subprocess.run([sys.executable, "pipelines/study/teachers.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert t.returncode == 0, t.stdout[-3000:] + t.stderr[-3000:]
+    g = json.load(open(out / "teachers" / "results.json"))
+    assert g["students"]["vit"]["from"] == "students/K2-int8/seed0"  # the views study's student, not trained again
+    assert g["students"]["cnn"]["teacher_weights"] == ["0", "1"] and g["students"]["cnn"]["heldout_loss"] is None
+    assert all(0 <= g["students"][k][m] <= 100 for k in ("cnn", "vit+cnn") for m in ("knn_top1", "finetune_top1"))
+    second = g["two_teacher_run"][1]  # the CNN's 4x4 map at 28 px (the size it trained at), resampled
+    assert second["grid"] == [4, 4] and second["targets"] == "bilinear 4x4 -> 7x7"
+    assert g["growth"]["same_cache_grown"] and g["growth"]["identical_bytes"] and g["growth"]["identical_students"]
+    assert g["teachers"]["cnn"]["test_top1"] > 10 and str(tmp_path) not in json.dumps(g)
 
 
 def test_study_statistics_are_seed_paired_with_a_t_interval():
