@@ -419,3 +419,24 @@ def test_two_extractors_grow_a_shared_cache_together(s3, bucket_data):
         for v in range(4):
             (ka, xa, va), (kb, xb, vb) = cache.read_encoded(name, v), other.read_encoded(name, v)
             assert ka == kb and np.array_equal(va, vb) and all(np.array_equal(xa[k], xb[k]) for k in xa), (name, v)
+
+
+def test_a_second_teacher_on_a_bucket_caches_views_trains_with_it(s3, bucket_data, tmp_path):
+    """`--views-of` a cache in the bucket (its source taken from it), the new cache in the bucket too, and one
+    student trained from both with read-only credentials: the two caches line up key by key and view by view."""
+    root = "s3://team/two"
+    a = run_cli(*extract_args(bucket_data, root), env=s3.env()).stdout.strip().splitlines()[-1]
+    b = run_cli("extract", "--views-of", a, "--root", root, "--teacher", TINY_TEACHER, "--random-init",
+                "--teacher-seed", "1", "--image-size", "32", "--codec", "int8", "--workers", "0", "--batch-size", "4",
+                "--calib-images", "8", env=s3.env()).stdout.strip().splitlines()[-1]
+    ca, cb = open_cache(a, s3.options()), open_cache(b, s3.options())
+    assert cb.manifest["fingerprint"]["views"]["views_of"] == ca.cache_id and cb.complete
+    for name in ca.shard_names:
+        for v in range(2):
+            (ka, _, pa), (kb, _, pb) = ca.read_encoded(name, v, targets=False), cb.read_encoded(name, v, targets=False)
+            assert ka == kb and np.array_equal(pa, pb), (name, v)
+    out = tmp_path / "run"
+    run_cli("pretrain", "--cache", a, "--cache", b, "--out", str(out), "--epochs", "1", "--stop-after", "3",
+            *TRAIN_FLAGS, module="mdtrain", env=s3.env(s3_server.READER))
+    teachers = json.loads((out / "config.json").read_text())["teachers"]
+    assert [t["cache_id"] for t in teachers] == [ca.cache_id, cb.cache_id] and teachers[1]["grid"] == [2, 2]
