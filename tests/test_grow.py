@@ -134,7 +134,7 @@ def as_format_1(url: str) -> str:
     return str(new)
 
 
-def test_format_1_caches_still_open_and_read_but_never_grow(train_spec, tmp_path):
+def test_format_1_caches_still_open_and_read_but_never_grow(train_spec, tmp_path, capsys):
     url, _ = extract(extract_cfg(train_spec, str(tmp_path / "v1"), shards="0:1"), progress=False)
     expected = open_cache(url).read_encoded("train-000000", 1)
     old = as_format_1(url)
@@ -144,8 +144,11 @@ def test_format_1_caches_still_open_and_read_but_never_grow(train_spec, tmp_path
     assert keys == expected[0] and np.array_equal(x["targets"], expected[1]["targets"])
     verify_partial(old)
     # the same settings now name a format-2 cache (K left the identity): a new cache, the old one untouched
+    capsys.readouterr()
     new, _ = extract(extract_cfg(train_spec, str(tmp_path / "v1"), shards="0:1", views=3), progress=False)
     assert new != old and open_cache(new).format_version == 2 and open_cache(old).views == 2
+    said = " ".join(capsys.readouterr().err.split())  # the upgrade says where the old cache is, once
+    assert said.count(f"note: {old} (format 1, 2 views) beside it was made by an earlier mdcache") == 1, said
     todo = [s for s in cache.sources() if s.name == "train-000000"]
     from mdcache.extract import resume
 
