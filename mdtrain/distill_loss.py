@@ -43,6 +43,9 @@ class DistillLossConfig(ViewOptions):
     random_init: bool = opt(False, "Randomly initialised teacher with --teacher-seed (tests only).")
     teacher_seed: int = opt(0, "Init seed of a --random-init teacher.", ge=0)
     tap: str = opt("final", "Teacher feature tap (final, ln_post, proj): the one the student was trained on.")
+    head: int = opt(0, "Which head of a student of several teachers (--cache A --cache B): 0 = the first cache's "
+                       "teacher's, i = the i-th other's; --teacher must be that head's teacher (targets on another "
+                       "grid are resampled to the student's, as in training).", ge=0)
     seed: int = opt(12345, "Seed of the held-out crops and masks (keep it fixed across the students compared).", ge=0)
     batch_size: int = opt(128, "Images per batch (a last partial batch per loader worker is dropped).", ge=1)
     workers: int = opt(1, "Loader worker processes.", ge=0)
@@ -70,16 +73,16 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
                              and f.name not in ("storage_options", "log")})
     device = use_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    student = build_student(pcfg.student, image_size=size, grid=grid, teacher_dim=int(ckpt["teacher_dim"]),
+    state, dim = head_state(ckpt, cfg.head, cfg.ckpt)
+    student = build_student(pcfg.student, image_size=size, grid=grid, teacher_dim=dim,
                             layer_scale=pcfg.layer_scale or None, model_args=pcfg.student_args or {})
-    student.load_state_dict({k: v for k, v in ckpt["model"].items()  # a multi-teacher student: the first teacher's
-                             if not k.startswith("extra_heads.")})  # head, measured against --teacher
+    student.load_state_dict(state)  # the one head measured against --teacher
     student.to(device).eval()
     teacher = load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
                            image_size=size, device=device, seed=cfg.teacher_seed, model_args=cfg.teacher_args)
-    if tuple(teacher.patch_grid) != grid or teacher.dim != int(ckpt["teacher_dim"]):
-        raise ConfigError(f"teacher {cfg.teacher!r} gives {teacher.patch_grid} x {teacher.dim} targets, but the "
-                          f"student in {cfg.ckpt} was trained on {grid} x {ckpt['teacher_dim']}")
+    if (tuple(teacher.patch_grid) != grid and cfg.head == 0) or teacher.dim != dim:
+        raise ConfigError(f"teacher {cfg.teacher!r} gives {teacher.patch_grid} x {teacher.dim} targets, but head "
+                          f"{cfg.head} of the student in {cfg.ckpt} was trained on {grid} x {dim}")
     cache = recipe = None
     if cfg.cache:  # the stored views: every view of every image, once (epochs 0..K-1 cycle through them)
         cache = store.open_cache(cfg.cache, cfg.storage_options)
@@ -105,7 +108,20 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     if not images:
         raise ConfigError(f"{cfg.cache or cfg.source}: no full batch of {cfg.batch_size} images; lower --batch-size")
     return {"loss": total / images, "images": images, "ckpt": cfg.ckpt, "step": ckpt["step"], "teacher": cfg.teacher,
-            "tap": cfg.tap, "seed": cfg.seed, "crops": "stored" if cache else "fresh"}
+            "head": cfg.head, "tap": cfg.tap, "seed": cfg.seed, "crops": "stored" if cache else "fresh"}
+
+
+def head_state(ckpt: dict, head: int, path: str) -> tuple[dict, int]:
+    """The student's weights with head `head` as its only head (0: the first teacher's), and its width."""
+    model = ckpt["model"]
+    extra = sorted({int(k.split(".")[1]) for k in model if k.startswith("extra_heads.")})
+    if head > len(extra):
+        raise ConfigError(f"--head {head}: the student in {path} has {1 + len(extra)} head(s) (0"
+                          f"{'-' + str(len(extra)) if extra else ''})")
+    state = {k: v for k, v in model.items() if not k.startswith(("extra_heads.", "head."))}
+    src = "head." if head == 0 else f"extra_heads.{head - 1}."
+    state.update({"head." + k[len(src):]: v for k, v in model.items() if k.startswith(src)})
+    return state, int(state["head.weight"].shape[0])
 
 
 def run_cli(cfg: DistillLossConfig) -> None:

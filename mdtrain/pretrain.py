@@ -336,6 +336,7 @@ def targets_for(setup: Setup, batch: dict) -> list[torch.Tensor]:
 
         out = [run_teacher(t, batch["images"], setup.teacher_precision)
                for t in (setup.teacher, *(e.teacher for e in setup.extra))]
+        out[0] = on_grid(out[0], setup.teacher.patch_grid, setup.stream.grid)  # (distill-loss of another head)
     return [out[0], *(on_grid(t, e.grid, setup.stream.grid) for t, e in zip(out[1:], setup.extra))]
 
 

@@ -67,7 +67,17 @@ def test_the_second_teacher_counts_with_its_weight(caches, tmp_path):
     r = invoke("distill-loss", "--ckpt", str(tmp_path / "two" / "last.ckpt"), "--teacher", TINY_TEACHER,
                "--random-init", "--cache", caches["a"], "--batch-size", "8", "--workers", "0", module="mdtrain")
     assert r.exit_code == 0, r.stderr[-2000:]  # a multi-teacher student, measured on its first teacher's head
-    assert json.loads(r.stdout.strip().splitlines()[-1])["loss"] > 0
+    first = json.loads(r.stdout.strip().splitlines()[-1])
+    # --head 1: the second head against the second teacher (seed 1), on the same crops
+    second = invoke("distill-loss", "--ckpt", str(tmp_path / "two" / "last.ckpt"), "--teacher", TINY_TEACHER,
+                    "--random-init", "--teacher-seed", "1", "--head", "1", "--cache", caches["a"], "--batch-size",
+                    "8", "--workers", "0", module="mdtrain")
+    assert second.exit_code == 0, second.stderr[-2000:]
+    got = json.loads(second.stdout.strip().splitlines()[-1])
+    assert got["head"] == 1 and got["loss"] > 0 and got["loss"] != first["loss"] and got["images"] == first["images"]
+    none = invoke("distill-loss", "--ckpt", str(tmp_path / "two" / "last.ckpt"), "--teacher", TINY_TEACHER,
+                  "--random-init", "--head", "2", "--cache", caches["a"], module="mdtrain")
+    assert none.exit_code == 2 and "has 2 head(s) (0-1)" in " ".join(none.stderr.split())
 
 
 def test_a_teacher_on_another_grid_is_resampled_to_the_students(caches, tmp_path):
@@ -95,6 +105,12 @@ def test_a_convolutional_teacher_on_the_same_views(caches, train_spec, tmp_path)
     pretrain("--cache", caches["a"], "--cache", cnn, "--out", str(tmp_path / "run"))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["teachers"][1]["dim"] == 512 and config["teachers"][1]["targets"] == "bilinear 2x2 -> 4x4"
+    # the CNN's head, measured against the CNN: its 2x2 targets resampled to the student's 4x4, as in training
+    r = invoke("distill-loss", "--ckpt", str(tmp_path / "run" / "last.ckpt"), "--teacher", "timm:resnet18",
+               "--random-init", "--head", "1", "--cache", caches["a"], "--batch-size", "8", "--workers", "0",
+               module="mdtrain")
+    assert r.exit_code == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1])["loss"] > 0
 
 
 def test_a_transcoded_cache_keeps_its_sources_views(caches, tmp_path):

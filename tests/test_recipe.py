@@ -172,6 +172,7 @@ def test_study_quick_form_produces_every_output(tmp_path):
     g = json.load(open(out / "teachers" / "results.json"))
     assert g["students"]["vit"]["from"] == "students/K2-int8/seed0"  # the views study's student, not trained again
     assert g["students"]["cnn"]["teacher_weights"] == ["0", "1"] and g["students"]["cnn"]["heldout_loss"] is None
+    assert all(g["students"][k]["heldout_loss_cnn_head"] > 0 for k in ("cnn", "vit+cnn"))  # head 1 vs the CNN
     assert all(0 <= g["students"][k][m] <= 100 for k in ("cnn", "vit+cnn") for m in ("knn_top1", "finetune_top1"))
     second = g["two_teacher_run"][1]  # the CNN's 4x4 map at 28 px (the size it trained at), resampled
     assert second["grid"] == [4, 4] and second["targets"] == "bilinear 4x4 -> 7x7"

@@ -92,13 +92,21 @@ def cnn_cache(s: study.Study, weights: str, views_of: str) -> str:
                  "--batch-size", "256", "--workers", str(a.workers), log="extract.log")
 
 
-def heldout_loss(s: study.Study, sdir: str, teacher: list[str], d: dict) -> float:
-    """The student's (first head's) masked-feature loss against that teacher on fresh test crops."""
+def heldout_loss(s: study.Study, sdir: str, teacher: list[str], d: dict, head: int = 0) -> float:
+    """The loss of one head of the student (0: the first cache's teacher's) against that head's teacher, on
+    fresh test crops."""
     a = s.a
     r = s.run(PY, "-m", "mdtrain", "distill-loss", "--ckpt", os.path.join(sdir, "last.ckpt"), *teacher,
-              "--source", d["test"], *study.view_flags(a), "--seed", "10000", "--workers", str(a.workers),
-              log="distill-loss.log", threads=1 if a.jobs > 1 else None)
+              "--head", str(head), "--source", d["test"], *study.view_flags(a), "--seed", "10000",
+              "--workers", str(a.workers), log="distill-loss.log", threads=1 if a.jobs > 1 else None)
     return json.loads(r)["loss"]
+
+
+def cnn_head_loss(s: study.Study, name: str, cnn_teacher: list[str], d: dict) -> float:
+    """Held-out loss of a two-cache student's CNN head (head 1) against the CNN teacher (SDIR/cnn-head.json)."""
+    sdir = os.path.join(s.out, "teachers", "students", name)
+    return s.cached_json(os.path.join(sdir, "cnn-head.json"),
+                         lambda: {"loss": heldout_loss(s, sdir, cnn_teacher, d, head=1)})["loss"]
 
 
 def student(s: study.Study, name: str, caches: list[str], weights: list[str], teacher: list[str] | None,
@@ -219,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
             ("growth", lambda: growth(s, tweights, d))]
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         done = dict(zip([n for n, _ in jobs], pool.map(lambda job: job[1](), jobs)))
+    cnn_t = ["--teacher", f"timm:{CNN}", "--teacher-weights", cweights]
+    for name in ("cnn", "vit+cnn"):
+        done[name]["heldout_loss_cnn_head"] = cnn_head_loss(s, name, cnn_t, d)
     grid = json.load(open(os.path.join(s.out, "teachers", "students", "vit+cnn", "config.json")))
     results = {"config": {**vars(a), "out": ".", "data": s.rel(a.data) if a.data else None},
                "machine": study.machine(),
@@ -248,20 +259,21 @@ def main(argv: list[str] | None = None) -> None:
 
 def markdown(r: dict) -> str:
     t, px = r["teachers"], r["raw_pixels"]
-    rows = ["| | held-out loss (ViT head, vs the ViT) | k-NN top-1 % | linear probe % | finetune top-1 % |",
-            "|---|---|---|---|---|"]
+    rows = ["| | held-out loss: ViT head vs the ViT | CNN head vs the CNN | k-NN top-1 % | linear probe % | "
+            "finetune top-1 % |", "|---|---|---|---|---|---|"]
     names = {"vit": "student of the ViT cache", "cnn": "student of the CNN cache",
              "vit+cnn": "student of both caches (two heads)"}
     for key, label in names.items():
         v = r["students"][key]
         loss = "-" if v.get("heldout_loss") is None else f"{v['heldout_loss']:.4f}"
-        rows.append(f"| {label} | {loss} | {v['knn_top1']:.2f} | {v['linprobe_top1']:.2f} | "
+        cnn = "-" if v.get("heldout_loss_cnn_head") is None else f"{v['heldout_loss_cnn_head']:.4f}"
+        rows.append(f"| {label} | {loss} | {cnn} | {v['knn_top1']:.2f} | {v['linprobe_top1']:.2f} | "
                     f"{v['finetune_top1']:.2f} |")
     for key, label in (("vit", "ViT teacher"), ("cnn", "CNN teacher")):
         if "test_top1" in t[key]:
-            rows.append(f"| {label} (frozen; {t[key]['test_top1']:.2f}% as a classifier) | - | "
+            rows.append(f"| {label} (frozen; {t[key]['test_top1']:.2f}% as a classifier) | - | - | "
                         f"{t[key]['knn_top1']:.2f} | {t[key]['linprobe_top1']:.2f} | - |")
-    rows.append(f"| raw pixels | - | {px['knn_top1']:.2f} | {px['linprobe_top1']:.2f} | - |")
+    rows.append(f"| raw pixels | - | - | {px['knn_top1']:.2f} | {px['linprobe_top1']:.2f} | - |")
     g = r["growth"]
     rows += ["", f"Growth: a K=2 cache grown to K=8 ({'the same cache' if g['same_cache_grown'] else 'ANOTHER cache'}"
              f" grew) against a fresh K=8 extraction: {g['views_compared']} stored views compared, bytes "
