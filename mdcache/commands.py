@@ -222,8 +222,8 @@ class ViewOptions:
 
     views: int = opt(2, "Views (augmented crops) per image.", ge=1, group="Views")
     image_size: Optional[int] = opt(None, "Teacher (and student) input size in pixels; None = the size the teacher's "
-                                          "weights record (`mdtrain finetune` writes it), else the model's own "
-                                          "(224 for clip-b16).", ge=1, group="Views")
+                                          "weights record (`mdtrain finetune` writes it), else 224.", ge=1,
+                                    group="Views")
     crop_scale: tuple[float, float] = opt((0.2, 1.0), "RandomResizedCrop area scale range: MIN MAX.",
                                           gt=0, le=1, group="Views")
     crop_ratio: tuple[float, float] = opt((0.75, 1.3333333333), "RandomResizedCrop aspect ratio range: MIN MAX.",

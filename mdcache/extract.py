@@ -378,23 +378,28 @@ def open_or_create_cache(url: str, fp: dict, so: dict, make_manifest: Callable[[
         pass
     check_writable(url, so)
     console.print(f"[bold]new cache[/] {url}{note}")
-    for old in older_relatives(url, fp, so):
+    for old, differ in older_relatives(url, fp, so):
+        why = (f"cache ids changed since (format {store.FORMAT_VERSION}), so these settings name this new cache"
+               if not differ else f"its view settings differ ({', '.join(differ)})")
         console.print(f"note: {old} beside it was made by an earlier mdcache from the same teacher weights, source "
-                      f"and codec; cache ids changed since (format {store.FORMAT_VERSION}), so these settings "
-                      "name this new cache. The old one stays readable (`mdtrain pretrain --cache` it) but cannot "
+                      f"and codec; {why}. The old one stays readable (`mdtrain pretrain --cache` it) but cannot "
                       "grow; `mdcache rm` it when it is no longer needed.")
     store.create_manifest(url, make_manifest(), so)
     return store.open_cache(url, so)
 
 
-def older_relatives(url: str, fp: dict, so: dict) -> list[str]:
+def older_relatives(url: str, fp: dict, so: dict) -> list[tuple[str, list[str]]]:
     """Caches beside `url` that an earlier cache format made from the same teacher weights, source and codec
-    (an upgrade would otherwise extract them again without a word): 'ID (format F, K views)' each."""
+    (an upgrade would otherwise extract them again without a word): ('ID (format F, K views)', the view
+    settings that differ, K apart) each."""
     def same(old: dict) -> bool:
         teacher = all(old.get("teacher", {}).get(k) == fp["teacher"].get(k)
                       for k in ("arch", "weights_sha256", "tap", "image_size"))
-        return teacher and old.get("source") == fp.get("source") and old.get("codec", {}).get("name") == \
-            fp["codec"].get("name")
+        return teacher and old.get("source") == fp.get("source") and old.get("codec") == fp.get("codec")
+
+    def differ(old: dict) -> list[str]:
+        a, b = old.get("views", {}), fp.get("views", {})
+        return sorted(k for k in set(a) | set(b) if k != "views" and a.get(k) != b.get(k))
 
     root, out = url.rsplit("/", 1)[0], []
     try:
@@ -407,8 +412,10 @@ def older_relatives(url: str, fp: dict, so: dict) -> list[str]:
             m = mfs.read_json(fs, mfs.join(entry, store.MANIFEST))
         except (OSError, CacheError, ValueError):
             continue
-        if int(m.get("format_version", 1)) < store.FORMAT_VERSION and same(m.get("fingerprint", {})):
-            out.append(f"{root}/{m.get('cache_id')} (format {m.get('format_version', 1)}, {m.get('views')} views)")
+        old = m.get("fingerprint", {})
+        if int(m.get("format_version", 1)) < store.FORMAT_VERSION and same(old):
+            out.append((f"{root}/{m.get('cache_id')} (format {m.get('format_version', 1)}, {m.get('views')} views)",
+                        differ(old)))
     return out
 
 

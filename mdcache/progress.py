@@ -28,13 +28,14 @@ class Meter:
 
     `what`: the job's name; `unit`: what `total` counts (steps, shards); the rate counts images. `fields`
     formats the values `report` is given, e.g. {"loss": "loss {:.4f}"}. Rates cover the time since the last
-    report (a training log's window), or since the start with `cumulative` (a job's running average).
+    report (a training log's window), or since the start with `cumulative` (a job's running average). `live`:
+    a bar (the caller decides: rank 0 on a terminal); `quiet`: no lines without one.
     """
 
     def __init__(self, what: str, unit: str, total: int, done: int = 0, *, live: bool = False,
                  quiet: bool = False, cumulative: bool = False, fields: dict[str, str] | None = None,
                  console: Console | None = None):
-        self.what, self.unit, self.total, self.live, self.quiet = what, unit, total, live and not quiet, quiet
+        self.what, self.unit, self.total, self.live, self.quiet = what, unit, total, live, quiet  # quiet: no lines
         self.cumulative, self.fields = cumulative, fields or {}
         self.console = console or Console(stderr=True, soft_wrap=True)  # log lines never wrap mid-sentence
         self.completed = done
@@ -45,6 +46,10 @@ class Meter:
 
     def _reset(self) -> None:
         self.t0, self.items, self.waited = time.perf_counter(), 0, 0.0
+
+    def restart(self) -> None:
+        """A new rate window now (an epoch starts: the last one's evaluation and checkpoint are not its work)."""
+        self._reset()
 
     def __enter__(self) -> "Meter":
         if self.live:

@@ -42,6 +42,7 @@ NAMED = {"clip-b16": NamedTeacher("open_clip:ViT-B-16:openai", 196, 768),  # Mas
          "clip-l14": NamedTeacher("open_clip:ViT-L-14:openai", 256, 1024)}
 ALIASES = {name: t.spec for name, t in NAMED.items()}
 TAPS = ("final", "ln_post", "proj")
+DEFAULT_IMAGE_SIZE = 224  # a teacher's input size when neither --image-size nor its weights say
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -265,7 +266,6 @@ def _timm(spec: str, name: str, tag: str | None, state: dict | None, path: str |
 
     recorded = weights_preprocessing(path)
     kw = {**recorded["model_args"], **model_args, "num_classes": 0}  # given arguments win over recorded ones
-    image_size = image_size or recorded.get("image_size")  # --image-size, else the size the weights trained at
     if image_size:
         kw["img_size"] = image_size
     if not random_init and state is None:
@@ -340,6 +340,8 @@ def load_teacher(spec: str, *, weights: str | None = None, random_init: bool = F
     state = read_state_dict(weights) if weights else None
     if random_init:
         torch.manual_seed(seed)
+    if not image_size:  # the size the weights trained at (mdtrain records it), else 224 as ever: a model's own
+        image_size = weights_preprocessing(weights).get("image_size") or DEFAULT_IMAGE_SIZE  # (518 px) costs 5x
     parts = FAMILIES[family](spec, arch, tag, state, weights, random_init, tap, image_size, dict(model_args or {}))
     parts.model.eval().requires_grad_(False).to(device)
     source = ("random-init" if random_init else

@@ -277,9 +277,10 @@ def to_tensor(view: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]
 
 
 def jpeg_components(data) -> int | None:
-    """Colour components of a JPEG from its frame header (1 gray, 3 YCbCr, 4 CMYK/YCCK); None if the bytes are
-    not a JPEG or end before the frame header. Reads the markers only, not the image."""
-    b = bytes(data[:65536]) if not isinstance(data, bytes) else data
+    """Colour components of an 8-bit baseline or progressive (Huffman) JPEG from its frame header (1 gray,
+    3 YCbCr, 4 CMYK/YCCK): what nvJPEG decodes. None for anything else (not a JPEG, lossless, arithmetic-coded,
+    12-bit, or ending before the frame header). Reads the markers only, not the image."""
+    b = data if isinstance(data, bytes) else data[:65536].numpy().tobytes()  # a tensor: one copy, not per byte
     if b[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -294,7 +295,9 @@ def jpeg_components(data) -> int | None:
             i += 2
             continue
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start of frame
-            return b[i + 9] if i + 9 < len(b) else None
+            if marker > 0xC2 or i + 9 >= len(b) or b[i + 4] != 8:  # only SOF0-2 at 8 bits for nvJPEG
+                return None
+            return b[i + 9]
         i += 2 + int.from_bytes(b[i + 2:i + 4], "big")
     return None
 
@@ -325,7 +328,10 @@ class ImageDecodeError(ValueError):
 def decode_batch(datas: list, device) -> list:
     """Encoded images (uint8 [N] each) -> decoded uint8 [3,H,W] on `device`, as `decode_image` decodes them.
     Gray and colour JPEGs are decoded in one batch by torchvision on `device` (nvJPEG on a GPU; on a CPU
-    libjpeg-turbo, the decoder PIL uses: the same pixels); PNG, WebP and CMYK JPEGs by PIL, then moved."""
+    libjpeg-turbo, the decoder PIL uses: the same pixels); PNG, WebP and CMYK JPEGs by PIL, then moved. A file
+    the device refuses is decoded by PIL; only one PIL cannot decode either is an `ImageDecodeError`; the
+    device's own errors (out of memory) are raised as they are, never blamed on a file."""
+    import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
     out: list = [None] * len(datas)
@@ -333,22 +339,26 @@ def decode_batch(datas: list, device) -> list:
     if fast:
         try:
             decoded = decode_jpeg([datas[i] for i in fast], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # one bad image fails the batch: find it
+        except torch.OutOfMemoryError:
+            raise  # the device's trouble, not a file's
+        except RuntimeError:  # one file the decoder refuses fails the batch: each alone, PIL for the refused
             decoded = []
             for i in fast:
                 try:
                     decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
-                except RuntimeError as e:  # "decode_jpeg, <source file>:<line>, Image is incomplete or truncated"
-                    why = str(e).splitlines()[0].rsplit(", ", 1)[-1]
-                    raise ImageDecodeError(i, f"undecodable JPEG: {why}") from None
+                except torch.OutOfMemoryError:
+                    raise
+                except RuntimeError:
+                    decoded.append(None)
         for i, x in zip(fast, decoded):
             out[i] = x
     for i, d in enumerate(datas):
-        if out[i] is None:
+        if out[i] is None:  # PNG, WebP, CMYK or 12-bit JPEG, or a file nvJPEG refused: PIL, which names the fault
             try:
-                out[i] = image_tensor(decode_image(d.numpy().tobytes())).to(device, non_blocking=True)
+                image = decode_image(d.numpy().tobytes())
             except Exception as e:
-                raise ImageDecodeError(i, f"{type(e).__name__}: {e}") from None
+                raise ImageDecodeError(i, f"undecodable image: {type(e).__name__}: {e}") from None
+            out[i] = image_tensor(image).to(device, non_blocking=True)
     return out
 
 

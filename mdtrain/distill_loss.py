@@ -79,7 +79,11 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     student.load_state_dict(state)  # the one head measured against --teacher
     student.to(device).eval()
     teacher = load_teacher(cfg.teacher, weights=cfg.teacher_weights, random_init=cfg.random_init, tap=cfg.tap,
-                           image_size=size, device=device, seed=cfg.teacher_seed, model_args=cfg.teacher_args)
+                           image_size=head_image_size(saved, cfg.head, size, cfg.storage_options), device=device,
+                           seed=cfg.teacher_seed, model_args=cfg.teacher_args)
+    if teacher.image_size != size:
+        raise ConfigError(f"--head {cfg.head}: teacher {cfg.teacher!r} takes {teacher.image_size} px images, the "
+                          f"student {size} px; distill-loss replays views at the student's size only")
     if (tuple(teacher.patch_grid) != grid and cfg.head == 0) or teacher.dim != dim:
         raise ConfigError(f"teacher {cfg.teacher!r} gives {teacher.patch_grid} x {teacher.dim} targets, but head "
                           f"{cfg.head} of the student in {cfg.ckpt} was trained on {grid} x {dim}")
@@ -122,6 +126,21 @@ def head_state(ckpt: dict, head: int, path: str) -> tuple[dict, int]:
     src = "head." if head == 0 else f"extra_heads.{head - 1}."
     state.update({"head." + k[len(src):]: v for k, v in model.items() if k.startswith(src)})
     return state, int(state["head.weight"].shape[0])
+
+
+def head_image_size(saved: dict, head: int, size: int, storage_options: dict) -> int:
+    """The input size head `head`'s teacher ran at in training: its cache's (it may differ from the student's),
+    or the student's (online, or a cache that cannot be opened here)."""
+    caches = saved.get("cache") or []
+    if head == 0 or head >= len(caches):
+        return size
+    from mdcache import store
+    from mdcache.errors import UserError
+
+    try:
+        return store.open_cache(caches[head], storage_options).image_size
+    except UserError:
+        return size
 
 
 def run_cli(cfg: DistillLossConfig) -> None:

@@ -253,6 +253,7 @@ def train_one_epoch(run: Run, batches: Iterator, epoch: int, skip: int, budget: 
     for _ in range(skip):  # the order is a function of (seed, epoch, rank): skipping replays it exactly
         next(it, None)
     it, waited = run.meter.data(it), run.meter.waited_total
+    run.meter.restart()  # the last epoch's evaluation and checkpoint are not this window's work
     n, done, images, ended, t0 = skip, 0, 0, False, time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64: a resumed epoch's sums add up exactly
     while budget is None or done < budget:

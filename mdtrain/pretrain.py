@@ -283,9 +283,23 @@ def setup_data(cfg: PretrainConfig, device: torch.device, dist: Dist | None = No
                              replay=cache.replay if cache is not None else recipe.replay,
                              replay_on=views.check_replay_on(cfg.replay_on, cache.replay if cache is not None
                                                              else recipe.replay))
+    if cache is not None and dist.main:
+        check_decoder(cache, cfg.replay_on, device)
     return Setup(plan=plan, stream=scfg, cache=cache, recipe=recipe, dim=dim, teacher=teacher,
                  teacher_precision=resolve_precision(cfg.precision, device),
                  weight=float(cfg.teacher_weight[0]) if cfg.teacher_weight else 1.0, extra=extra)
+
+
+def check_decoder(cache: store.Cache, replay_on: str, device: torch.device) -> None:
+    """Say so when this run decodes JPEGs otherwise than the extraction did (nvJPEG on a GPU against
+    libjpeg-turbo): the student's pixels then differ from the teacher's by a few levels."""
+    stored = cache.manifest["fingerprint"]["views"].get("decoder", views.DECODER_CPU)
+    here = views.DECODER_NVJPEG if replay_on == "device-decode" and device.type == "cuda" else views.DECODER_CPU
+    if stored != here:
+        console.print(f"[yellow]note:[/] the cache's views were decoded with {stored}, this run decodes with {here}: "
+                      "the student's pixels differ from the teacher's by a few levels (pipelines/bench/"
+                      "gpu_check.sh, stage decode, measures how many); --replay-on "
+                      f"{'device-decode' if stored == views.DECODER_NVJPEG else 'workers or device'} decodes as it did")
 
 
 def check_lined_up(cache: store.Cache, plan: list[data.ShardPlan], others: list[store.Cache]) -> None:
@@ -489,10 +503,13 @@ def train_one_epoch(r: Run, epoch: int, skip: int) -> tuple[int, bool]:
     loader = data.make_loader(make_stream(r.setup, epoch, skip), cfg.workers, pin_memory=r.device.type == "cuda",
                               worker_init_fn=ignore_sigint)
     batches, i = r.meter.data(loader), skip
+    r.meter.restart()  # the last epoch's checkpoint is not this window's work
     while i < r.steps:
         loss_sum = torch.zeros((), device=r.device)
         for micro in range(cfg.accum_iter):
-            batch = data.to_device(next(batches), r.device, r.setup.stream)
+            batch = next(batches)
+            with r.meter.waiting():  # the input side too: copies, and a replay or decode on the device
+                batch = data.to_device(batch, r.device, r.setup.stream)
             if r.samples:
                 r.samples.write({"epoch": epoch, "batch": i, "keys": batch["keys"], "views": batch["views"]})
             sync = r.dist.world == 1 or micro == cfg.accum_iter - 1  # DDP all-reduces on the last micro-step only

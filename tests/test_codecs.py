@@ -135,11 +135,30 @@ def test_int4_on_a_cpu_is_the_torch_encoder_in_one_pass(feats, shape, monkeypatc
     monkeypatch.setenv("MDCACHE_INT4_TORCH", "1")
     slow = c.encode(x, calib)
     assert fast.keys() == slow.keys() and all(fast[k].dtype == slow[k].dtype for k in fast)
-    assert (fast["scales"] == slow["scales"]).mean() > 0.999  # sums in another order: a rare near tie may differ
-    assert (fast["targets"] == slow["targets"]).mean() > 0.999
+    # Sums run in another order than torch's, so a rare token's rms can fall on the other side of an fp16
+    # rounding tie (seen: rms exactly between two fp16 numbers) or two candidates' errors tie: that token's
+    # scale, hence its codes, differ. At most one token in a thousand (or one); every other token's codes equal.
+    same = fast["scales"] == slow["scales"]
+    assert (~same).sum() <= max(1, 0.001 * same.size)
+    assert (fast["targets"][same] == slow["targets"][same]).mean() > 0.9999
     ref = fidelity(x, c.decode({k: torch.from_numpy(v) for k, v in slow.items()}, calib))
     got = fidelity(x, c.decode({k: torch.from_numpy(v) for k, v in fast.items()}, calib))
     assert got["mean_rel_l2"] == pytest.approx(ref["mean_rel_l2"], rel=1e-3)
+
+
+def test_int4_on_a_cpu_codes_extreme_values_as_torch_does(monkeypatch):
+    """A value beyond the table's range (an outlier channel, inf) gets the top or bottom code, as bucketize
+    gives it: the cell index is clamped before it becomes an integer, where an overflow made it code 0."""
+    c = codecs.get_codec("int4")
+    x = torch.randn(2, 4, 8)
+    calib = c.calibrate(x.reshape(-1, 8))
+    x[0, 0, :4] = torch.tensor([1e30, -1e30, 3e5, 7.0])
+    x[1, 0, 0] = float("inf")  # (a token with inf or NaN goes to the torch encoder)
+    fast = c.encode(x, calib)
+    monkeypatch.setenv("MDCACHE_INT4_TORCH", "1")
+    slow = c.encode(x, calib)
+    assert np.array_equal(fast["targets"], slow["targets"]) and np.array_equal(fast["scales"], slow["scales"])
+    assert fast["targets"][0, 0, 0] & 15 == 15 and fast["targets"][0, 0, 0] >> 4 == 0
 
 
 def test_int4_nibbles_are_low_channel_first(feats):

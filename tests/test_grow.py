@@ -149,6 +149,7 @@ def test_format_1_caches_still_open_and_read_but_never_grow(train_spec, tmp_path
     assert new != old and open_cache(new).format_version == 2 and open_cache(old).views == 2
     said = " ".join(capsys.readouterr().err.split())  # the upgrade says where the old cache is, once
     assert said.count(f"note: {old} (format 1, 2 views) beside it was made by an earlier mdcache") == 1, said
+    assert "cache ids changed since (format 2)" in said
     todo = [s for s in cache.sources() if s.name == "train-000000"]
     from mdcache.extract import resume
 

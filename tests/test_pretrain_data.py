@@ -244,3 +244,19 @@ def test_an_image_the_device_cannot_decode_is_named(cache):
         data.to_device(batch, torch.device("cpu"), cfg)
 
 
+
+
+def test_training_says_when_it_decodes_otherwise_than_the_extraction(capsys):
+    """A cache a GPU decoded (nvJPEG) trained with CPU decoding, or the reverse: pixels differ by a few levels
+    from what the teacher saw, and the run says so (once, on rank 0) with the --replay-on that matches."""
+    from types import SimpleNamespace
+
+    from mdtrain.pretrain import check_decoder
+
+    nv = SimpleNamespace(manifest={"fingerprint": {"views": {"decoder": "nvjpeg"}}})
+    cpu = SimpleNamespace(manifest={"fingerprint": {"views": {}}})
+    check_decoder(cpu, "device-decode", torch.device("cpu"))  # a CPU decodes as PIL did: nothing to say
+    check_decoder(nv, "workers", torch.device("cpu"))
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.count("note:") == 1 and "decoded with nvjpeg, this run decodes with libjpeg-turbo" in said
+    assert "--replay-on device-decode decodes as it did" in said

@@ -59,7 +59,7 @@ def test_lines_show_the_fields_and_the_wait_and_quiet_prints_nothing():
     assert line.startswith("pretrain 5/10 steps loss 0.1235 lr 1.00e-03 ") and line.endswith(
         f"img/s, data wait {row['data_wait']:.0%}"), line
     quiet = io.StringIO()
-    q = Meter("pretrain", "steps", 10, live=True, quiet=True, console=Console(file=quiet))
+    q = Meter("pretrain", "steps", 10, quiet=True, console=Console(file=quiet))
     with q:
         q.advance()
         q.report(3, loss=1.0)
@@ -68,8 +68,8 @@ def test_lines_show_the_fields_and_the_wait_and_quiet_prints_nothing():
 
 def test_the_live_bar_renders_the_rate_and_the_wait():
     out = io.StringIO()
-    m = Meter("extract", "shards", 4, live=True, console=Console(file=out, force_terminal=True, width=160),
-              fields={"loss": "loss {:.3f}"})
+    m = Meter("extract", "shards", 4, live=True, quiet=True,  # quiet: extract's (no per-shard lines), the bar shows
+              console=Console(file=out, force_terminal=True, width=160), fields={"loss": "loss {:.3f}"})
     with m:
         for _ in m.data(range(2)):
             m.count(3)
