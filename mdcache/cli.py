@@ -59,7 +59,8 @@ def info(cfg: InfoConfig) -> None:
     v = fp["views"]
     t.add_row("views", f"{v['image_size']}px, crop scale {v['scale']}, ratio {[round(r, 3) for r in v['ratio']]}, "
                        f"flip {v['flip']}, color jitter {v.get('color_jitter', 0)}, seed {v['seed']}, "
-                       f"replay {v['replay']}" + (f"; the views of cache {v['views_of']}" if v.get("views_of") else ""))
+                       f"replay {v['replay']}" + (f", JPEGs decoded with {v['decoder']}" if v.get("decoder") else "")
+                       + (f"; the views of cache {v['views_of']}" if v.get("views_of") else ""))
     t.add_row("source", f"{m['source']['spec']} ({fp['source']['shards']} {fp['source']['kind']} shards)")
     t.add_row("complete", f"{stats['shards_done']}/{stats['shards_total']} shards, {stats['samples']} images, "
                           f"{stats['skipped']} skipped")
