@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import TRAIN_FLAGS, extract_cfg, invoke, run_cli, shard_contents, verify_partial
 
-from mdcache import open_cache, store, transcode
+from mdcache import open_cache, store, transcode, views
 from mdcache.extract import extract
 from mdcache.store import CacheError
 
@@ -155,6 +155,22 @@ def test_format_1_caches_still_open_and_read_but_never_grow(train_spec, tmp_path
 
     with pytest.raises(CacheError, match="format-1 cache cannot grow"):
         resume(cache, todo, 3)
+
+
+def test_an_upgrade_names_the_old_cache_and_what_differs(train_spec, tmp_path, capsys):
+    """The usual upgrade: a format-1 cache made with the PIL replay (every cache before 0.2), then the same
+    command with this release (the tensor replay by default): a new cache, and a note naming the old one and
+    the view setting that differs. Another codec's old cache is not named."""
+    root = str(tmp_path / "up")
+    old = as_format_1(extract(extract_cfg(train_spec, root, shards="0:1", replay=views.REPLAY_PIL),
+                              progress=False)[0])
+    as_format_1(extract(extract_cfg(train_spec, root, shards="0:1", codec="int8", replay=views.REPLAY_PIL),
+                        progress=False)[0])
+    capsys.readouterr()
+    new, _ = extract(extract_cfg(train_spec, root, shards="0:1"), progress=False)
+    said = " ".join(capsys.readouterr().err.split())
+    assert new != old and said.count("note:") == 1, said
+    assert f"note: {old} (format 1, 2 views)" in said and "its view settings differ (replay)" in said
 
 
 def test_a_transcoded_cache_grows_with_its_source(train_spec, tmp_path):
