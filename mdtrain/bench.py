@@ -64,6 +64,9 @@ class BenchConfig:
     loader_batches: int = opt(100, "Timed batches of the loader-only phases (cheap; more batches, less noise).", ge=1)
     repeats: int = opt(2, "Loader-only phases alternate this many times; the best rate of each is reported.", ge=1)
     workers: int = opt(2, "Loader workers.", ge=0)
+    replay_on: str = opt("workers", "Where views are made, as in pretrain: workers, device (workers decode) or "
+                                    "device-decode (workers read the files; the device decodes and replays, inside "
+                                    "the timed step).")
     seed: int = opt(0, "Seed (stream order, masks, init).", ge=0)
     device: str = opt("auto", "Device: auto, cpu, cuda, cuda:N.")
     precision: str = precision_opt()
@@ -74,7 +77,8 @@ class BenchConfig:
         return resolve(PretrainConfig(
             cache=self.cache, source=self.source, student=self.student, student_args=dict(self.student_args),
             batch_size=self.batch_size, epochs=1000,
-            workers=self.workers, seed=self.seed, device=self.device, precision=self.precision, warmup_epochs=0,
+            workers=self.workers, replay_on=self.replay_on, seed=self.seed, device=self.device,
+            precision=self.precision, warmup_epochs=0,
             lr=1e-4, drop_path=0.0, teacher=self.teacher if online else None, teacher_weights=self.teacher_weights,
             random_init=self.random_init, storage_options=dict(self.storage_options)))
 

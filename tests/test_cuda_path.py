@@ -226,6 +226,7 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
         assert e["extract_views_per_s"] > 0 and e["teacher_only_views_per_s"] > 0
     t = r["training"]["tiny"]
     assert t["cached_step_ips"] > 0 and t["online_memory_ips"] > 0 and t["loader_images_per_core"] > 0
+    assert t["device_decode"]["cached_step_ips"] > 0 and t["device_decode"]["loader_images_per_core"] > 0
     assert r["syncs"]["syncs_per_step_outside_logging_steps"] == 0
     assert all(c["decode_max_abs_diff"] == 0 for c in r["codecs"].values())  # CPU vs CPU: identical
     assert r["replay"]["max_level_difference"] == 0 and set(r["seconds"]) == set(r["stages"])

@@ -9,7 +9,8 @@ On one GPU (about 6-8 minutes):
                views replayed in the loader workers (CPU), on the GPU (--replay-on device), and decoded and
                replayed on the GPU (--replay-on device-decode: nvJPEG)
   training     ViT-B/16 and ViT-S/16 students at batch 256 from that cache: `mdtrain bench` loader, cached
-               step, online step, in-memory compute ratio, peak GPU memory, loader images/s per core
+               step, online step, in-memory compute ratio, peak GPU memory, loader images/s per core; the
+               ViT-B/16 bench again with --replay-on device-decode (the loader and the step with nvJPEG)
   syncs        host-device synchronizations per training step outside logging steps
                (torch.cuda.set_sync_debug_mode), counted over real steps
   codecs       int8/int4/pca encode on the GPU against the CPU (same bytes or within rounding)
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -81,6 +83,11 @@ def training(s: dict, cache: str, device: str) -> dict:
                                 loader_batches=s["loader_batches"], repeats=1, workers=s["workers"], device=device)
         r = bench.bench(cfg)
         r["loader_images_per_core"] = r["loader_targets_ips"] / max(1, s["workers"])
+        if not out:  # the first student again, the workers only reading files and the GPU decoding (nvJPEG)
+            d = bench.bench(replace(cfg, replay_on="device-decode", loader_batches=max(2, s["loader_batches"] // 2)))
+            r["device_decode"] = {"loader_targets_ips": d["loader_targets_ips"],
+                                  "cached_step_ips": d["cached_step_ips"],
+                                  "loader_images_per_core": d["loader_targets_ips"] / max(1, s["workers"])}
         out[name] = r
     return out
 
