@@ -132,17 +132,17 @@ def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device, d
     """The views (first_view on) of a batch of decoded images, replayed on `device`: uint8 [n*(K-first),3,S,S].
     `decode`: the batch holds image files, decoded on `device` first; one that fails is skipped by name, as a
     loader worker skips an image it cannot decode."""
-    while decode:
-        try:
-            b.images, decode = views.decode_batch(b.images, device), False
-        except views.ImageDecodeError as e:
-            b.skipped.append({"key": b.keys[e.index], "error": str(e)})
-            del b.keys[e.index], b.images[e.index]
-            b.views = np.delete(b.views, e.index, 0)
-            if len(b.labels) > e.index:
-                del b.labels[e.index]
-            if not b.keys:
-                return torch.empty(0, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8, device=device)
+    if decode:
+        failed: dict[int, str] = {}
+        b.images = views.decode_batch(b.images, device, failed)
+        b.skipped += [{"key": b.keys[i], "error": failed[i]} for i in sorted(failed)]
+        for i in sorted(failed, reverse=True):
+            del b.keys[i], b.images[i]
+            b.views = np.delete(b.views, i, 0)
+            if len(b.labels) > i:
+                del b.labels[i]
+        if not b.keys:
+            return torch.empty(0, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8, device=device)
     return torch.cat([views.view_pixels(x.to(device, non_blocking=True), p[b.first_view:], recipe.image_size,
                                         recipe.replay) for x, p in zip(b.images, b.views)])
 

@@ -280,7 +280,7 @@ def jpeg_components(data) -> int | None:
     """Colour components of an 8-bit baseline or progressive (Huffman) JPEG from its frame header (1 gray,
     3 YCbCr, 4 CMYK/YCCK): what nvJPEG decodes. None for anything else (not a JPEG, lossless, arithmetic-coded,
     12-bit, or ending before the frame header). Reads the markers only, not the image."""
-    b = data if isinstance(data, bytes) else data[:65536].numpy().tobytes()  # a tensor: one copy, not per byte
+    b = data if isinstance(data, bytes) else memoryview(data.numpy())  # a tensor's bytes, read in place
     if b[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -325,12 +325,13 @@ class ImageDecodeError(ValueError):
         self.index = index
 
 
-def decode_batch(datas: list, device) -> list:
+def decode_batch(datas: list, device, failed: dict[int, str] | None = None) -> list:
     """Encoded images (uint8 [N] each) -> decoded uint8 [3,H,W] on `device`, as `decode_image` decodes them.
     Gray and colour JPEGs are decoded in one batch by torchvision on `device` (nvJPEG on a GPU; on a CPU
     libjpeg-turbo, the decoder PIL uses: the same pixels); PNG, WebP and CMYK JPEGs by PIL, then moved. A file
-    the device refuses is decoded by PIL; only one PIL cannot decode either is an `ImageDecodeError`; the
-    device's own errors (out of memory) are raised as they are, never blamed on a file."""
+    the device refuses is decoded by PIL; one PIL cannot decode either is an `ImageDecodeError`, or, given
+    `failed`, None in the output and {index: why} there. The device's own errors (out of memory) are raised
+    as they are, never blamed on a file."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -357,7 +358,11 @@ def decode_batch(datas: list, device) -> list:
             try:
                 image = decode_image(d.numpy().tobytes())
             except Exception as e:
-                raise ImageDecodeError(i, f"undecodable image: {type(e).__name__}: {e}") from None
+                why = f"undecodable image: {type(e).__name__}: {e}"
+                if failed is None:
+                    raise ImageDecodeError(i, why) from None
+                failed[i] = why
+                continue
             out[i] = image_tensor(image).to(device, non_blocking=True)
     return out
 
