@@ -384,14 +384,21 @@ def main(argv: list[str] | None = None) -> None:
     anchor = s.timed("teacher", anchors, s, d, tweights)
     ks, seeds = [int(k) for k in a.ks.split(",") if k], [int(x) for x in a.seeds.split(",")]
     arms = [("online-fresh", None), *((f"K={k} {a.codec}", k) for k in ks), ("random-init", None)]
-    jobs = [(arm, k, seed) for seed in seeds for arm, k in arms]  # seed by seed: a study cut short has whole seeds
+    # seed by seed, each seed's scratch finetune with its arms: a study cut short has whole seeds, and the
+    # scratch runs share the pool instead of running one after another at the end
+    jobs = [(arm, k, seed) for seed in seeds for arm, k in [*arms, ("scratch", None)]]
+
+    def one(arm: str, k: int | None, seed: int) -> dict:
+        if arm != "scratch":
+            return student(s, arm, k, seed, tweights, d)
+        fdir = os.path.join(s.out, "students", "scratch", f"seed{seed}")
+        return {"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, fdir, None, seed, d)}
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        done = list(pool.map(lambda job: student(s, *job, tweights, d), jobs))
+        done = list(pool.map(lambda job: one(*job), jobs))
     runs: dict[str, list[dict]] = {}
     for (arm, _, _), r in zip(jobs, done):
         runs.setdefault(arm, []).append(r)
-    scratch = [{"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, os.path.join(
-        s.out, "students", "scratch", f"seed{seed}"), None, seed, d)} for seed in seeds]
+    scratch = runs.pop("scratch")
     config = {**vars(a), "out": ".", "data": s.rel(a.data) if a.data else None}  # no machine paths
     results = {"config": config, "machine": machine(), "margin_points": MARGIN,
                "data": {k: s.rel(v) for k, v in d.items()},
