@@ -1,12 +1,14 @@
 """`mdcache gc` and `mdcache rm`: remove what no reader trusts, and caches or shards on purpose.
 
 gc removes attempt directories no commit record names (crashed or losing writers), expired claims,
-and temp files. It never touches committed data, and leaves an uncommitted attempt alone while its
+and temp files; with --superseded, also what a grown shard's newer record replaced. It never touches
+data a reader of the cache reads, and leaves an uncommitted attempt alone while its
 shard has a live claim or while it is younger than the grace period. Both commands are dry runs
 unless given --yes.
 """
 from __future__ import annotations
 
+import calendar
 import time
 from dataclasses import dataclass
 
@@ -29,6 +31,9 @@ class GcConfig:
     grace: float = opt(3600.0, "Leave uncommitted attempts younger than this many seconds (a live writer may own "
                                "them).", ge=0)
     yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
+    superseded: bool = opt(False, "Also remove the records (and data) a grown shard left behind: <shard>@4 once "
+                                  "<shard>@8 is older than --grace. Readers read the newest record only; one that "
+                                  "opened the cache before the growth may still be reading the old one.")
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
@@ -55,6 +60,31 @@ def _mtime(fs, path: str) -> float:
         t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0
         newest = max(newest, t.timestamp() if hasattr(t, "timestamp") else float(t))
     return newest
+
+
+def _age(stamp: str | None, now: float) -> float:
+    """Seconds since a record's created_at (UTC, as fs.now writes it); 0 when unreadable: too young to touch."""
+    try:
+        return now - calendar.timegm(time.strptime(stamp or "", "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return 0.0
+
+
+def superseded(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
+    """The records a grown shard left behind and the data only they name, records first (from then on no reader
+    trusts the data), once the newer record is older than `grace`."""
+    fs, path = mfs.url_to_fs(cache.url, cache.storage_options)
+    now, old = time.time(), []
+    for stem, rec in sorted(cache.records.items()):
+        newest = cache.commits.get(store.shard_of(stem))
+        if newest is not None and rec is not newest and rec["views"] < newest["views"] \
+                and _age(newest.get("created_at"), now) > grace:
+            old.append((stem, rec, newest))
+    kept = {rec["path"] for rec in cache.commits.values()}
+    return [*((store.record_file(path, stem), f"record superseded by {store.shard_of(stem)}@{new['views']}")
+              for stem, _, new in old),
+            *((mfs.join(path, rec["path"]), f"data of the superseded record {stem}")
+              for stem, rec, _ in old if rec["path"] not in kept)]
 
 
 def garbage(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
@@ -116,10 +146,13 @@ def gc(cfg: GcConfig) -> list[tuple[str, str]]:
     index would otherwise send gc after committed data). With --yes a damaged index is rewritten too."""
     so = cfg.storage_options
     caches = store.list_caches(cfg.root, so, records=True)
-    items = [it for c in caches for it in garbage(c, cfg.grace)]
+    items = [it for c in caches for it in [*garbage(c, cfg.grace),
+                                           *(superseded(c, cfg.grace) if cfg.superseded else [])]]
     fs, _ = mfs.url_to_fs(cfg.root, so)
     _delete(fs, items, cfg.yes)
     for c in caches:
+        if cfg.yes and cfg.superseded and len(c.records) > len(c.commits):  # the index still names removed records
+            c.refresh(records=True).write_index()
         if c.index_problems:
             console.print(f"{'rewriting' if cfg.yes else 'would rewrite'} {c.url}/{store.COMMIT_INDEX}  "
                           f"[dim](disagrees with the commit records: {c.index_problems[0]})[/]")

@@ -66,8 +66,8 @@ def info(cfg: InfoConfig) -> None:
                           f"{stats['skipped']} skipped")
     superseded = stats["bytes_stored"] - stats["bytes"]
     t.add_row("size", f"{human_bytes(stats['bytes'])}, {human_bytes(stats['bytes_per_view'])} per view"
-                      + (f"; {human_bytes(superseded)} more in records superseded by growth (kept until removed by "
-                         "hand, see docs/cache-format.md)" if superseded else ""))
+                      + (f"; {human_bytes(superseded)} more in records superseded by growth (`mdcache gc --superseded "
+                         "--yes` removes them)" if superseded else ""))
     t.add_row("fidelity", fidelity_text(stats["fidelity"]) + (f", rel-L2 {stats['fidelity']['mean_rel_l2']:.5f} "
                           f"(worst {stats['fidelity']['max_rel_l2']:.5f}) on {stats['fidelity']['tokens']} tokens"
                           if stats["fidelity"] else ""))

@@ -2,6 +2,7 @@
 cache extends it, one new commit record per shard, and the result is byte for byte the cache a fresh
 extraction with the larger K makes. Format-1 caches (K in the identity) still open and train."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,24 @@ def test_asking_for_fewer_views_reuses_and_gc_keeps_every_grown_step(grown):
                            progress=False)
     assert url == grown["url"] and summary["reused"] == 2 and not summary["committed"]
     assert "nothing to remove" in run_cli("gc", grown["url"], "--grace", "0").stdout
+
+
+def test_gc_superseded_removes_what_growth_left_behind_once_the_grace_has_passed(grown, tmp_path):
+    url = str(tmp_path / Path(grown["url"]).name)
+    shutil.copytree(grown["url"], url)
+    assert "superseded" not in run_cli("gc", url, "--superseded").stdout  # grown a moment ago: within the grace
+    dry = run_cli("gc", url, "--superseded", "--grace", "0").stdout
+    assert dry.count("record superseded by") == 2 and dry.count("data of the superseded record") == 2
+    assert len(open_cache(url, records=True).records) == 4  # a dry run
+    run_cli("gc", url, "--superseded", "--grace", "0", "--yes")
+    cache = open_cache(url, records=True)
+    assert sorted(cache.records) == ["train-000000@8", "train-000001@8"] and cache.views == 8
+    assert not any((Path(url) / p).exists() for p in grown["before"].values())
+    same_targets(cache, open_cache(grown["fresh"]), 8)  # what readers read is untouched
+    assert cache.stats()["bytes_stored"] == cache.stats()["bytes"]
+    assert run_cli("verify", url).stdout.strip() == "OK"
+    index = json.loads((Path(url) / store.COMMIT_INDEX).read_text())
+    assert sorted(index["records"]) == ["train-000000@8", "train-000001@8"]
 
 
 def test_a_half_grown_cache_reads_its_common_views_and_resumes(train_spec, tmp_path):
