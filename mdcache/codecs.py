@@ -248,12 +248,15 @@ def calibrate_on(name: str, batches: Iterable[tuple[int, torch.Tensor]], images:
     codec = get_codec(name)
     if codec.calibrate is None:
         return None
-    feats, n = [], 0
-    for count, f in batches:
-        feats.append(f.cpu())
-        n += count
-        if n >= images:
-            break
+    feats, n, it = [], 0, iter(batches)
+    try:
+        for count, f in it:
+            feats.append(f.cpu())
+            n += count
+            if n >= images:
+                break
+    finally:  # a generator left open holds its shard's file until interpreter exit, and complains there
+        getattr(it, "close", lambda: None)()
     if not feats:
         raise nothing()
     return codec.calibrate(torch.cat(feats))

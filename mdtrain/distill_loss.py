@@ -37,6 +37,8 @@ class DistillLossConfig(ViewOptions):
                           "where the cache's images are, if they moved).")
     cache: Optional[str] = opt(None, "Use this cache's stored views (every one of its K views per image) instead of "
                                      "fresh crops of --source.")
+    cache_views: int = opt(0, "With --cache: its first K stored views only (0: all it has), as `pretrain "
+                              "--cache-views` trained on them.", ge=0)
     teacher: str = opt("", "The student's teacher (clip-b16, open_clip:ARCH[:TAG], timm:NAME).", required=True)
     teacher_weights: Optional[str] = opt(None, "Teacher weights file (.safetensors or weights-only .pth).")
     teacher_args: dict = model_args_opt("--teacher-arg", "teacher")
@@ -90,7 +92,9 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     cache = recipe = None
     if cfg.cache:  # the stored views: every view of every image, once (epochs 0..K-1 cycle through them)
         cache = store.open_cache(cfg.cache, cfg.storage_options)
-        plan, k, replay = data.plan_from_cache(cache, cfg.source or None), cache.views, cache.replay
+        if cfg.cache_views > cache.views:
+            raise ConfigError(f"--cache-views {cfg.cache_views}: {cache.url} stores {cache.views} views per image")
+        plan, k, replay = data.plan_from_cache(cache, cfg.source or None), cfg.cache_views or cache.views, cache.replay
         epochs = k
     else:  # one fresh crop per held-out image
         recipe = replace(cfg, views=1).view_recipe(size, cfg.seed)
@@ -112,7 +116,8 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     if not images:
         raise ConfigError(f"{cfg.cache or cfg.source}: no full batch of {cfg.batch_size} images; lower --batch-size")
     return {"loss": total / images, "images": images, "ckpt": cfg.ckpt, "step": ckpt["step"], "teacher": cfg.teacher,
-            "head": cfg.head, "tap": cfg.tap, "seed": cfg.seed, "crops": "stored" if cache else "fresh"}
+            "head": cfg.head, "tap": cfg.tap, "seed": cfg.seed, "crops": "stored" if cache else "fresh",
+            "views": k if cache else 1}
 
 
 def head_state(ckpt: dict, head: int, path: str) -> tuple[dict, int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TRAIN_FLAGS, extract_cfg, invoke, run_cli, shard_contents, verify_partial
+from helpers import TINY_TEACHER, TRAIN_FLAGS, extract_cfg, invoke, run_cli, shard_contents, verify_partial
 
 from mdcache import open_cache, store, transcode, views
 from mdcache.extract import extract
@@ -228,6 +228,15 @@ def test_students_of_a_grown_and_a_fresh_cache_are_the_same(grown, tmp_path):
     k2, _ = extract(extract_cfg(grown["spec"], str(tmp_path / "k2"), codec="int8"), progress=False)
     c, d = student(grown["url"], tmp_path / "first2", "--cache-views", "2"), student(k2, tmp_path / "k2run")
     assert all(torch.equal(c[n], d[n]) for n in c) and not all(torch.equal(a[n], c[n]) for n in a)
+
+    def stored_loss(url: str, *flags: str) -> dict:  # the loss on the crops it trained on: the first 2 views only
+        r = invoke("distill-loss", "--ckpt", tmp_path / "first2" / "last.ckpt", "--teacher", TINY_TEACHER,
+                   "--random-init", "--cache", url, "--batch-size", "8", "--workers", "0", *flags, module="mdtrain")
+        assert r.exit_code == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    first2, of_k2 = stored_loss(grown["url"], "--cache-views", "2"), stored_loss(k2)
+    assert first2["views"] == of_k2["views"] == 2 and first2["images"] == of_k2["images"]
+    assert first2["loss"] == of_k2["loss"] != stored_loss(grown["url"])["loss"]
     r = invoke("pretrain", "--cache", k2, *TRAIN_FLAGS, "--cache-views", "3", "--out", tmp_path / "no",
                module="mdtrain")
     assert r.exit_code != 0 and "stores 2 views per image" in r.stderr
