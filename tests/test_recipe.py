@@ -146,13 +146,20 @@ def test_study_quick_form_produces_every_output(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     r = json.load(open(out / "results.json"))
-    assert set(r["arms"]) == {"online-fresh", "K=2 int8", "random-init"}
+    assert set(r["arms"]) == {"online-fresh", "K=1 int8", "K=2 int8", "random-init"}
     for arm in r["arms"].values():
         assert {"heldout_loss", "train_fresh_loss", "knn_top1", "linprobe_top1", "finetune_top1"} <= set(arm)
         assert len(arm["runs"]) == 1 and "vs_scratch" in arm
     assert "train_stored_loss" in r["arms"]["K=2 int8"] and r["arms"]["K=2 int8"]["vs_online"]["knn_top1"]["n"] == 1
+    assert r["arms"]["K=2 int8"]["verdict"] == "no verdict (fewer than 2 seeds)"
+    # K=1 and K=2 of one seed are one cache (K=1 grown to 2): each student trained, and is scored, on its K only
+    k1, k2 = r["arms"]["K=1 int8"]["runs"][0], r["arms"]["K=2 int8"]["runs"][0]
+    assert k1["cache"] == k2["cache"] and (k1["views"], k2["views"]) == (1, 2)
+    for arm, k in (("K1-int8", 1), ("K2-int8", 2)):
+        ran = json.load(open(out / "students" / arm / "seed0" / "config.json"))
+        assert ran["config"]["cache_views"] == k
     assert r["teacher"]["test_top1"] > 10 and r["raw_pixels"]["knn_top1"] > 50 and r["scratch"]["runs"]
-    assert {"data", "teacher", "students", "metrics", "finetunes"} <= set(r["stage_seconds"])
+    assert all(r["train_seconds"][k] > 0 for k in ("teacher", "students_pretraining", "finetunes"))
     assert str(tmp_path) not in json.dumps(r)  # paths relative to the run folder
     assert (out / "study.png").stat().st_size > 10_000 and (out / "curves.png").exists()
     assert "Seed-paired differences" in (out / "results.md").read_text()
@@ -162,8 +169,19 @@ def test_study_quick_form_produces_every_output(tmp_path):
     assert part.returncode == 0, part.stderr
     rows = [line for line in part.stdout.splitlines()
             if line.startswith("| ") and not line.startswith("| ---") and "seed |" not in line]
-    assert {r.split(" | ")[0][2:] for r in rows} == {"online-fresh", "K2-int8", "random-init", "scratch"}
-    assert "K2-int8 - online, knn_top1" in part.stdout and "one pair: no interval" in part.stdout
+    assert {r.split(" | ")[0][2:] for r in rows} == {"online-fresh", "K1-int8", "K2-int8", "random-init", "scratch"}
+    assert "K2-int8 - online, knn_top1" in part.stdout and "(n=1): no interval" in part.stdout
+    # the report again, from finished steps only: the same numbers; a step not run is named, nothing runs
+    again = subprocess.run([sys.executable, "pipelines/study/run.py", "--quick", "--out", str(out), "--report-only"],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.load(open(out / "results.json"))["arms"] == r["arms"]
+    other = subprocess.run([sys.executable, "pipelines/study/run.py", "--quick", "--out", str(out), "--report-only",
+                            "--seeds", "0,1"], cwd=ROOT, capture_output=True, text=True)
+    assert other.returncode != 0 and "--report-only, and this step has not finished" in other.stderr
+    changed = subprocess.run([sys.executable, "pipelines/study/run.py", "--quick", "--out", str(out), "--report-only",
+                              "--epochs", "3"], cwd=ROOT, capture_output=True, text=True)
+    assert changed.returncode != 0 and "was trained with" in changed.stderr  # no relabelled students
     # the caches-that-grow study on the same run folder: it reuses the data, the ViT teacher, its K=2 cache and
     # student, and adds a CNN teacher on those views, students of each and of both, and a grown cache
     t = subprocess.run([sys.executable, "pipelines/study/teachers.py", "--quick", "--out", str(out)], cwd=ROOT,
@@ -195,7 +213,25 @@ def test_study_statistics_are_seed_paired_with_a_t_interval():
     worse = [{"seed": s, "knn_top1": 78.0 + s + d} for s, d in zip(range(3), (0.1, -0.1, 0.05))]
     assert study.paired(worse, ref, "knn_top1")["verdict"] == "worse"
     noisy = [{"seed": s, "knn_top1": 80.0 + s + d} for s, d in zip(range(3), (2.0, -2.0, 0.5))]
-    assert study.paired(noisy, ref, "knn_top1")["verdict"] == "inconclusive"
+    assert study.paired(noisy, ref, "knn_top1")["verdict"] == "undecided"
+    # partly outside the margin is not "worse": the rule needs the whole interval outside
+    edge = [{"seed": s, "knn_top1": 80.0 + s + d} for s, d in zip(range(3), (-0.5, -0.7, -0.6))]
+    assert study.paired(edge, ref, "knn_top1")["verdict"] == "undecided"
+    # against scratch the rule is the sign: an interval above zero helps, however small
+    assert study.paired(same, ref, "knn_top1", rule="sign")["verdict"] == "undecided"
+    small = [{"seed": s, "knn_top1": 80.0 + s + d} for s, d in zip(range(3), (0.2, 0.3, 0.25))]
+    assert study.paired(small, ref, "knn_top1", rule="sign")["verdict"] == "helps"
+    assert study.paired(small, ref, "knn_top1")["verdict"] == "equivalent"
+    one = study.paired(same[:1], ref, "knn_top1")
+    assert one["ci95"] is None and one["verdict"].startswith("no interval") and json.dumps(one)  # no NaN or inf
+    # an arm is equivalent only when all three top-1 metrics are, worse when any is
+    eq = {"verdict": "equivalent"}
+    assert study.arm_verdict({"knn_top1": eq, "linprobe_top1": eq, "finetune_top1": eq}) == "equivalent"
+    assert study.arm_verdict({"knn_top1": eq, "linprobe_top1": eq, "finetune_top1": {"verdict": "undecided"}}) \
+        == "undecided"
+    assert study.arm_verdict({"knn_top1": {"verdict": "worse"}, "linprobe_top1": {"verdict": "better"},
+                              "finetune_top1": eq}) == "worse"
+    assert abs(study.t_975(30) - 2.042) < 1e-9 and abs(study.t_975(40) - 2.021) < 2e-3  # not z's 1.96
 
 
 def test_weights_files_respect_the_umask(tmp_path):

@@ -14,7 +14,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import MARGIN, paired  # noqa: E402 (the study's own statistics)
+from run import MARGIN, TOP1, arm_verdict, ci, paired  # noqa: E402 (the study's own statistics)
 
 METRICS = ("heldout_loss", "train_fresh_loss", "train_stored_loss", "knn_top1", "linprobe_top1", "finetune_top1")
 
@@ -25,7 +25,7 @@ def finished(out: str) -> dict[str, list[dict]]:
     for arm in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         for seed_dir in sorted(os.listdir(os.path.join(root, arm))):
             path = os.path.join(root, arm, seed_dir, "result.json" if arm == "scratch" else "eval.json")
-            if os.path.exists(path):  # scratch finetunes keep only their result
+            if seed_dir.startswith("seed") and os.path.exists(path):  # scratch finetunes keep only their result
                 with open(path) as f:
                     arms.setdefault(arm, []).append({"seed": int(seed_dir.removeprefix("seed")), **json.load(f)})
     return arms
@@ -38,9 +38,10 @@ def report(out: str) -> str:
         with open(anchors) as f:
             a = json.load(f)
         t, px = a["teacher"], a["raw_pixels"]
-        lines += [f"teacher: test top-1 {t['test_top1']:.2f}, k-NN {t['knn_top1']:.2f}, linear probe "
-                  f"{t['linprobe_top1']:.2f}; raw pixels: k-NN {px['knn_top1']:.2f}, linear probe "
-                  f"{px['linprobe_top1']:.2f}", ""]
+        if t:  # a study of a given teacher (--teacher) has no classifier numbers for it
+            lines.append(f"teacher: test top-1 {t['test_top1']:.2f}, k-NN {t['knn_top1']:.2f}, linear probe "
+                         f"{t['linprobe_top1']:.2f}")
+        lines += [f"raw pixels: k-NN {px['knn_top1']:.2f}, linear probe {px['linprobe_top1']:.2f}", ""]
     arms = finished(out)
     scratch = [r for r in arms.pop("scratch", [])]
     lines += ["| arm | seed | " + " | ".join(METRICS) + " |", "|" + " --- |" * (len(METRICS) + 2)]
@@ -55,16 +56,19 @@ def report(out: str) -> str:
     online = arms.get("online-fresh", [])
     pairs = []
     for arm, runs in arms.items():
-        if arm == "online-fresh" or not online:
+        if arm in ("online-fresh", "random-init") or not online:
             continue
-        for key in ("knn_top1", "linprobe_top1", "finetune_top1", "heldout_loss"):
-            p = paired(runs, online, key)
-            if p["n"]:
-                pairs.append(f"{arm} - online, {key}: mean {p['mean']:+.3f} over {p['n']} seed(s)"
-                             + (f", 95% interval [{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]: {p['verdict']}"
-                                if p["n"] > 1 else " (one pair: no interval, no verdict)"))
+        vs = {key: paired(runs, online, key) for key in (*TOP1, "heldout_loss")}
+        pairs += [f"{arm} - online, {key}: {ci(p)}" for key, p in vs.items() if p["n"]]
+        if vs["knn_top1"]["n"]:
+            pairs.append(f"{arm}: {arm_verdict(vs)}")
+    for arm, runs in arms.items():
+        p = paired(runs, scratch, "finetune_top1", rule="sign")
+        if p["n"]:
+            pairs.append(f"{arm} - scratch, finetune_top1: {ci(p)}")
     if pairs:
-        lines += ["", f"Seed-paired differences to online (margin +-{MARGIN} points on top-1):", ""]
+        lines += ["", f"Seed-paired differences, mean [95% interval] (n seeds): verdict (margin +-{MARGIN} points "
+                  "on top-1 against online; scratch and losses against zero):", ""]
         lines += [f"- {p}" for p in pairs]
     if not arms:
         lines.append("(no student has finished yet)")

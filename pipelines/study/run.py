@@ -1,5 +1,5 @@
 """Does a teacher cache preserve MaskDistill? K stored views against a fresh crop every epoch, where learning
-is real and stored views are reused 32-64 times.
+is real and stored views are reused 8 to 64 times.
 
 One command, real labelled images that install offline (Fashion-MNIST from Debian), every stage through the
 project's own commands:
@@ -45,7 +45,18 @@ PY = sys.executable
 SMALL_VIT = "vit_tiny_patch16_224"
 SMALL_VIT_ARGS = ("img_size=28", "patch_size=4", "embed_dim=128", "depth=4", "num_heads=4")
 MARGIN = 0.5  # points of top-1: a cached arm is equivalent to online if the 95% interval lies within +-MARGIN
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+TOP1 = ("knn_top1", "linprobe_top1", "finetune_top1")  # the verdict's metrics
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_975(df: int) -> float:
+    """The two-sided 95% quantile of Student's t: tabulated to 30 degrees of freedom, then Cornish-Fisher's first
+    terms (within 0.001 of the exact value from 31 on)."""
+    if df <= len(T_975):
+        return T_975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,13 +89,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="students trained at once (one CPU thread each)")
     p.add_argument("--workers", type=int, default=0, help="loader workers per command (28 px images: 0 is fastest)")
     p.add_argument("--only-teacher", action="store_true", help="stop after training the teacher (the demo's)")
-    p.add_argument("--quick", action="store_true", help="CI form: a few hundred images, short schedules, K=2 only")
+    p.add_argument("--quick", action="store_true", help="CI form: a few hundred images, short schedules, K=1,2, "
+                                                        "one seed")
     p.add_argument("--write-doc", action="store_true", help="copy the outputs to docs/study/")
+    p.add_argument("--report-only", action="store_true", help="write the report from finished steps only: stop, "
+                                                              "naming it, at the first step that would run")
     a = p.parse_args(argv)
     if a.quick:
         a.train_size, a.val_size, a.subset_size, a.test_size = 1000, 200, 200, 200
         a.teacher_epochs, a.epochs, a.warmup_epochs, a.finetune_epochs = 1, 2, 1, 2
-        a.ks, a.seeds, a.batch_size = "2", "0", 32
+        a.ks, a.seeds, a.batch_size = "1,2", "0", 32  # K=1 and K=2 of a seed: one cache, grown
     return a
 
 
@@ -103,6 +117,8 @@ class Study:
 
     def run(self, *cmd: str, log: str, threads: int | None = None) -> str:
         """A project command, its output appended to a log; stdout's last line is returned."""
+        if self.a.report_only:
+            raise SystemExit(f"study: --report-only, and this step has not finished: {' '.join(cmd[2:])}")
         t0 = time.time()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
         if threads:
@@ -221,6 +237,13 @@ def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
     """One student; an interrupted one resumes from its checkpoint, a finished one (SDIR/done) is skipped."""
     a = s.a
     if os.path.exists(os.path.join(sdir, "done")):
+        with open(os.path.join(sdir, "config.json")) as f:
+            ran = json.load(f)["config"]
+        want = {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "batch_size": a.batch_size, "lr": a.lr,
+                "seed": seed}
+        if {k: ran.get(k) for k in want} != want:  # a report must not relabel students trained otherwise
+            raise SystemExit(f"study: {sdir} was trained with {({k: ran.get(k) for k in want})}, this run asks for "
+                             f"{want}: use another --out, or the settings it ran with")
         return
     s.run(PY, "-m", "mdtrain", "pretrain", *source, "--student", a.model, *model_flags(a, "--student-arg"),
           "--epochs", str(a.epochs), "--warmup-epochs", str(a.warmup_epochs), "--batch-size", str(a.batch_size),
@@ -230,6 +253,8 @@ def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
 
 
 def distill_loss(s: Study, sdir: str, tweights: str, source: list[str], seed: int) -> float:
+    """The student's masked-feature loss against the teacher on `source` (fresh crops of shards, or a cache's
+    stored views)."""
     a = s.a
     r = s.run(PY, "-m", "mdtrain", "distill-loss", "--ckpt", os.path.join(sdir, "last.ckpt"),
               *teacher_flags(a, tweights), *source, *view_flags(a), "--seed", str(seed),
@@ -268,13 +293,13 @@ def student(s: Study, arm: str, k: int | None, seed: int, tweights: str, d: dict
         cache = s.timed("caches", cache_for, s, k, seed, tweights, d) if k else None
         if arm == "random-init":
             source = [*teacher, "--source", d["subset"], "--fresh-crops", *view_flags(a), "--stop-after", "0"]
-        elif cache:
-            source = ["--cache", cache]
+        elif cache:  # its first K views: the caches of one seed are one cache that grew from the smallest K
+            source = ["--cache", cache, "--cache-views", str(k)]
         else:
             source = [*teacher, "--source", d["subset"], "--fresh-crops", *view_flags(a)]
         s.timed("students", pretrain, s, sdir, seed, source)
         fresh_seed = 10_000 + seed  # crops no student trained on
-        out = {"seed": seed, "cache": s.rel(cache) if cache else None,
+        out = {"seed": seed, "cache": s.rel(cache) if cache else None, "views": k,
                "heldout_loss": s.timed("metrics", distill_loss, s, sdir, tweights, ["--source", d["test"]],
                                        fresh_seed),
                "train_fresh_loss": s.timed("metrics", distill_loss, s, sdir, tweights, ["--source", d["subset"]],
@@ -282,7 +307,8 @@ def student(s: Study, arm: str, k: int | None, seed: int, tweights: str, d: dict
                **s.timed("metrics", evaluate_backbone, s, os.path.join(sdir, "student.safetensors"), d, "eval.log",
                          1 if a.jobs > 1 else None)}
         if cache:  # the crops it trained on, all K of them, against the fp32 teacher
-            out["train_stored_loss"] = s.timed("metrics", distill_loss, s, sdir, tweights, ["--cache", cache], seed)
+            out["train_stored_loss"] = s.timed("metrics", distill_loss, s, sdir, tweights,
+                                               ["--cache", cache, "--cache-views", str(k)], seed)
         out["finetune_top1"] = s.timed("finetunes", finetune, s, os.path.join(sdir, "finetune"),
                                        os.path.join(sdir, "student.safetensors"), seed, d)
         out["seconds"] = round(time.time() - t0, 1)
@@ -300,32 +326,52 @@ def summarize(runs: list[dict]) -> dict:
                 "finetune_top1"):
         vals = np.array([r[key] for r in runs if key in r], dtype=float)
         if len(vals):
-            out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+            out[key] = {"n": len(vals), "mean": float(vals.mean()),
+                        "std": float(vals.std(ddof=1)) if len(vals) > 1 else None,
                         "min": float(vals.min()), "max": float(vals.max())}
     return out
 
 
-def paired(arm: list[dict], ref: list[dict], key: str) -> dict:
-    """arm - reference per seed: mean and 95% t-interval; the verdict against +-MARGIN (top-1 metrics)."""
+def paired(arm: list[dict], ref: list[dict], key: str, rule: str = "margin") -> dict:
+    """arm - reference, seed by seed: the mean and 95% t-interval of the differences, and a verdict.
+
+    rule "margin" (top-1 against online): equivalent when the interval lies within +-MARGIN, worse or better
+    when it lies wholly outside, undecided otherwise. rule "sign" (pretrained against scratch, and losses):
+    helps / hurts (top-1) or lower / higher (loss) when the interval excludes zero. Fewer than two pairs: no
+    interval, no verdict."""
     import numpy as np
 
-    by_seed = {r["seed"]: r[key] for r in ref}
-    diffs = np.array([r[key] - by_seed[r["seed"]] for r in arm if r["seed"] in by_seed], dtype=float)
+    by_seed = {r["seed"]: r[key] for r in ref if key in r}
+    diffs = np.array([r[key] - by_seed[r["seed"]] for r in arm if r["seed"] in by_seed and key in r], dtype=float)
     n = len(diffs)
-    mean = float(diffs.mean()) if n else float("nan")
-    half = T_975.get(n - 1, 1.96) * float(diffs.std(ddof=1)) / math.sqrt(n) if n > 1 else float("inf")
-    lo, hi = mean - half, mean + half
+    out = {"key": key, "n": n, "diffs": diffs.tolist(), "mean": float(diffs.mean()) if n else None, "ci95": None,
+           "half_width": None, "verdict": "no interval (fewer than 2 seeds)"}
+    if n < 2:
+        return out
+    half = t_975(n - 1) * float(diffs.std(ddof=1)) / math.sqrt(n)
+    lo, hi = out["mean"] - half, out["mean"] + half
     if key.endswith("loss"):
         verdict = "lower" if hi < 0 else "higher" if lo > 0 else "no difference detected"
+    elif rule == "sign":
+        verdict = "helps" if lo > 0 else "hurts" if hi < 0 else "undecided"
     elif -MARGIN <= lo and hi <= MARGIN:
         verdict = "equivalent"
     elif hi < -MARGIN or lo > MARGIN:
         verdict = "worse" if hi < -MARGIN else "better"
-    elif hi < 0 or lo > 0:
-        verdict = "lower, within the margin undecided" if hi < 0 else "higher, within the margin undecided"
     else:
-        verdict = "inconclusive"
-    return {"n": n, "diffs": diffs.tolist(), "mean": mean, "ci95": [lo, hi], "verdict": verdict}
+        verdict = "undecided"
+    return {**out, "ci95": [lo, hi], "half_width": half, "verdict": verdict}
+
+
+def arm_verdict(vs_online: dict) -> str:
+    """The rule fixed before the run, for an arm: equivalent when k-NN, linear probe and finetune all are; worse
+    when any is worse; better when one is better and none worse; undecided otherwise."""
+    v = [vs_online[k]["verdict"] for k in TOP1 if k in vs_online]
+    if len(v) < len(TOP1) or any(x.startswith("no interval") for x in v):
+        return "no verdict (fewer than 2 seeds)"
+    if "worse" in v:
+        return "worse"
+    return "equivalent" if set(v) == {"equivalent"} else "better" if "better" in v else "undecided"
 
 
 def raw_pixel_baselines(train: str, test: str) -> dict:
@@ -399,8 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     for (arm, _, _), r in zip(jobs, done):
         runs.setdefault(arm, []).append(r)
     scratch = runs.pop("scratch")
-    config = {**vars(a), "out": ".", "data": s.rel(a.data) if a.data else None}  # no machine paths
-    results = {"config": config, "machine": machine(), "margin_points": MARGIN,
+    config = {**vars(a), "out": ".", "data": s.rel(a.data) if a.data else None,  # no machine paths
+              "teacher_weights": s.rel(a.teacher_weights) if a.teacher_weights else None}
+    results = {"config": config, "machine": machine(), "code": code_version(), "margin_points": MARGIN,
                "data": {k: s.rel(v) for k, v in d.items()},
                "teacher": {"weights": s.rel(tweights), **anchor["teacher"]}, "raw_pixels": anchor["raw_pixels"],
                "arms": {}, "scratch": {"runs": scratch, **summarize(scratch)},
@@ -410,11 +457,21 @@ def main(argv: list[str] | None = None) -> None:
         if arm != "online-fresh":
             ref = runs["online-fresh"] if arm != "random-init" else None
             entry["vs_online"] = {key: paired(runs[arm], ref, key) for key in
-                                  ("knn_top1", "linprobe_top1", "finetune_top1", "heldout_loss")} if ref else {}
-        entry["vs_scratch"] = paired(runs[arm], scratch, "finetune_top1")
+                                  (*TOP1, "heldout_loss")} if ref else {}
+            if ref:
+                entry["verdict"] = arm_verdict(entry["vs_online"])
+        if k:  # the overfitting signal: its stored training crops against fresh crops of the same images
+            entry["stored_minus_fresh_loss"] = paired([{"seed": r["seed"], "loss": r["train_stored_loss"]}
+                                                       for r in runs[arm]],
+                                                      [{"seed": r["seed"], "loss": r["train_fresh_loss"]}
+                                                       for r in runs[arm]], "loss")
+        entry["vs_scratch"] = paired(runs[arm], scratch, "finetune_top1", rule="sign")
         results["arms"][arm] = entry
-    results["stage_seconds"] = {k: round(v, 1) for k, v in s.stage_seconds.items()}
-    results["wall_seconds"] = round(time.time() - t_start, 1)
+    # compute time from each run's own log, whenever it ran and however often it was resumed: summed over runs,
+    # measured while other jobs shared the cores
+    results["train_seconds"] = train_seconds(s, arms, seeds)
+    results["stage_seconds_this_invocation"] = {k: round(v, 1) for k, v in s.stage_seconds.items()}
+    results["wall_seconds_this_invocation"] = round(time.time() - t_start, 1)
     results["curves"] = curves(s, arms, seeds)
     with open(os.path.join(s.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
@@ -426,7 +483,50 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if a.write_doc:
         write_doc(s)
-    print(f"study done in {results['wall_seconds'] / 60:.1f} min: {s.out}/results.json, study.png, curves.png")
+    print(f"study report written in {results['wall_seconds_this_invocation'] / 60:.1f} min: {s.out}/results.json, "
+          "study.png, curves.png")
+
+
+def code_version() -> dict:
+    """The commit that wrote the report (students may have been trained by earlier ones: their config.json
+    records the versions of the packages they ran with)."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        return {}
+    return {"report_commit": rev, "report_tree_modified": dirty}
+
+
+def _rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(x) for x in f if x.strip()]
+
+
+def train_seconds(s: Study, arms: list, seeds: list[int]) -> dict:
+    """Training compute per stage from the runs' metrics.jsonl: finetunes and the teacher log train_seconds per
+    epoch; pretraining logs images/s every few steps (time = images between two rows / that rate)."""
+    def pretrain_seconds(rows: list[dict]) -> float:
+        out, step = 0.0, 0
+        for r in rows:
+            if r.get("images_per_s"):
+                out += (r["step"] - step) * s.a.batch_size / r["images_per_s"]
+            step = r.get("step", step)
+        return out
+    students, finetunes = 0.0, 0.0
+    sdirs = [os.path.join(s.out, "students", name.replace("=", "").replace(" ", "-"), f"seed{seed}")
+             for name, _ in [*arms, ("scratch", None)] for seed in seeds]
+    for sdir in sdirs:
+        students += pretrain_seconds(_rows(os.path.join(sdir, "metrics.jsonl")))
+        finetunes += sum(r.get("train_seconds", 0.0) for r in _rows(os.path.join(sdir, "finetune", "metrics.jsonl")))
+        finetunes += sum(r.get("train_seconds", 0.0) for r in _rows(os.path.join(sdir, "metrics.jsonl"))
+                         if "val_top1" in r)  # scratch: the finetune is the run itself
+    teacher = sum(r.get("train_seconds", 0.0) for r in _rows(os.path.join(s.out, "teacher", "metrics.jsonl")))
+    return {"teacher": round(teacher, 1), "students_pretraining": round(students, 1),
+            "finetunes": round(finetunes, 1)}
 
 
 def curves(s: Study, arms: list, seeds: list[int]) -> dict:
@@ -441,45 +541,78 @@ def curves(s: Study, arms: list, seeds: list[int]) -> dict:
             if os.path.exists(path):
                 with open(path) as f:
                     rows = [json.loads(x) for x in f if x.strip()]
-                out.setdefault(arm, {})[str(seed)] = [[r["epoch"], r["loss"]] for r in rows]
+                # loss_mean: the mean since the previous logged step (one step's loss is noisy)
+                out.setdefault(arm, {})[str(seed)] = [[r["epoch"], r.get("loss_mean", r["loss"])] for r in rows]
     return out
 
 
 # ----------------------------------------------------------------------------- outputs
 
 def fmt(m: dict | None, digits: int = 2) -> str:
-    return f"{m['mean']:.{digits}f} ± {m['std']:.{digits}f}" if m else "-"
+    """mean ± SD over seeds (no SD from one seed)."""
+    if not m:
+        return "-"
+    return f"{m['mean']:.{digits}f}" + (f" ± {m['std']:.{digits}f}" if m.get("std") is not None else "")
 
 
 def ci(p: dict) -> str:
+    """mean [95% interval] (n): verdict; the loss differences with 4 decimals."""
+    if p["mean"] is None:
+        return "-"
+    d = 4 if p["key"].endswith("loss") else 2
+    if p["ci95"] is None:
+        return f"{p['mean']:+.{d}f} (n={p['n']}): {p['verdict']}"
     lo, hi = p["ci95"]
-    scale = 4 if abs(p["mean"]) < 0.1 else 2
-    return f"{p['mean']:+.{scale}f} [{lo:+.{scale}f}, {hi:+.{scale}f}]: {p['verdict']}"
+    return f"{p['mean']:+.{d}f} [{lo:+.{d}f}, {hi:+.{d}f}] (n={p['n']}): {p['verdict']}"
 
 
 def markdown(r: dict) -> str:
-    rows = ["| arm | held-out loss | stored-crop loss | fresh-crop loss (train images) | k-NN top-1 % | "
+    seeds = max(len(v["runs"]) for v in r["arms"].values())
+    rows = [f"Test split, mean ± SD over seeds ({seeds} per arm); losses are the masked-feature loss, lower is "
+            "better.", "",
+            "| arm | held-out loss | stored-crop loss | fresh-crop loss (train images) | k-NN top-1 % | "
             "linear probe % | finetune top-1 % |", "|---|---|---|---|---|---|---|"]
     for name, v in r["arms"].items():
         rows.append(f"| {name} | {fmt(v.get('heldout_loss'), 4)} | {fmt(v.get('train_stored_loss'), 4)} | "
                     f"{fmt(v.get('train_fresh_loss'), 4)} | {fmt(v.get('knn_top1'))} | {fmt(v.get('linprobe_top1'))} | "
                     f"{fmt(v.get('finetune_top1'))} |")
-    rows.append(f"| from scratch (finetune only) | - | - | - | - | - | {fmt(r['scratch'].get('finetune_top1'))} |")
+    rows.append(f"| from scratch (finetune only, no layer decay) | - | - | - | - | - | "
+                f"{fmt(r['scratch'].get('finetune_top1'))} |")
     t, px = r["teacher"], r["raw_pixels"]
     if "test_top1" in t:
         rows.append(f"| teacher (frozen features; {t['test_top1']:.2f}% as a classifier) | - | - | - | "
                     f"{t['knn_top1']:.2f} | {t['linprobe_top1']:.2f} | - |")
     rows.append(f"| raw pixels (the same crop) | - | - | - | {px['knn_top1']:.2f} | {px['linprobe_top1']:.2f} | - |")
-    rows += ["", f"Seed-paired differences to online-fresh (mean [95% interval]), margin ±{r['margin_points']} "
-             "points:", "", "| arm | k-NN | linear probe | finetune | held-out loss |", "|---|---|---|---|---|"]
+    rows += ["", f"Arm minus online-fresh, seed-paired: mean [95% t-interval] (n seeds): verdict. Top-1 in points "
+             f"against the margin ±{r['margin_points']} fixed before the run; the loss against zero. The arm's "
+             "verdict: equivalent when all three top-1 metrics are, worse when any is.", "",
+             "| arm | k-NN | linear probe | finetune | held-out loss | verdict |", "|---|---|---|---|---|---|"]
     for name, v in r["arms"].items():
         if v.get("vs_online"):
             o = v["vs_online"]
             rows.append(f"| {name} | {ci(o['knn_top1'])} | {ci(o['linprobe_top1'])} | {ci(o['finetune_top1'])} | "
-                        f"{ci(o['heldout_loss'])} |")
-    rows += ["", "Finetune top-1, pretrained minus from scratch (same epochs, seed-paired):", "",
+                        f"{ci(o['heldout_loss'])} | {v['verdict']} |")
+    halves = {k: [v["vs_online"][k]["half_width"] for v in r["arms"].values()
+                  if v.get("vs_online") and v["vs_online"][k]["half_width"] is not None] for k in TOP1}
+    if all(halves.values()):
+        rows += ["", "What these seeds can resolve: the intervals' half-widths are " + ", ".join(
+            f"{min(h):.2f}-{max(h):.2f} points ({k.removesuffix('_top1').replace('linprobe', 'linear probe')})"
+            for k, h in halves.items()) + f". An interval fits within ±{r['margin_points']} only when its "
+            "half-width is below that: a wider one can only say undecided, whatever the mean."]
+    rows += ["", "Stored training crops minus fresh crops of the same images (the overfitting signal), seed-paired:",
+             "", "| arm | loss difference |", "|---|---|"]
+    rows += [f"| {name} | {ci(v['stored_minus_fresh_loss'])} |" for name, v in r["arms"].items()
+             if "stored_minus_fresh_loss" in v]
+    rows += ["", "Finetune top-1, pretrained minus from scratch (the same epochs and labels, seed-paired; helps when "
+             "the interval lies above zero). The random-init row finetunes with the pretrained students' layer decay "
+             "(0.75), scratch without (1.0): that row measures the recipe, not pretraining.", "",
              "| arm | difference |", "|---|---|"]
     rows += [f"| {name} | {ci(v['vs_scratch'])} |" for name, v in r["arms"].items()]
+    ts = r.get("train_seconds")
+    if ts:
+        rows += ["", "Training compute, from each run's own log (summed over runs; jobs shared 2 cores): teacher "
+                 f"{ts['teacher'] / 60:.0f} min, students' pretraining {ts['students_pretraining'] / 3600:.1f} h, "
+                 f"finetunes {ts['finetunes'] / 3600:.1f} h."]
     return "\n".join(rows) + "\n"
 
 
@@ -489,16 +622,19 @@ def plot(r: dict, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("heldout_loss", "held-out masked-feature loss"), ("knn_top1", "k-NN top-1 (%)"),
-               ("linprobe_top1", "linear probe top-1 (%)"), ("finetune_top1", "finetune top-1 (%)"))
+    metrics = (("heldout_loss", "held-out masked-feature loss (random-init off the scale)"),
+               ("knn_top1", "k-NN top-1 (%)"), ("linprobe_top1", "linear probe top-1 (%)"),
+               ("finetune_top1", "finetune top-1 (%)"))
     names = list(r["arms"])
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
     for ax, (key, title) in zip(axes, metrics):
         for i, name in enumerate(names):
+            if key == "heldout_loss" and name == "random-init":  # 0.26, far off the arms' 0.10-0.11 scale
+                continue
             runs = [x[key] for x in r["arms"][name]["runs"] if key in x]
             ax.scatter([i] * len(runs), runs, s=14, color="C0", alpha=0.6)
             if runs:
-                ax.errorbar([i], [sum(runs) / len(runs)], yerr=[r["arms"][name][key]["std"]], marker="o",
+                ax.errorbar([i], [sum(runs) / len(runs)], yerr=[r["arms"][name][key]["std"] or 0.0], marker="o",
                             color="C1", capsize=4)
         if key == "finetune_top1":
             ax.axhline(r["scratch"]["finetune_top1"]["mean"], color="gray", ls=":", label="from scratch")

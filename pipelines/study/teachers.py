@@ -88,7 +88,7 @@ def vit_cache(s: study.Study, tweights: str, d: dict) -> str:
 def cnn_cache(s: study.Study, weights: str, views_of: str) -> str:
     a = s.a
     return s.run(PY, "-m", "mdcache", "extract", "--teacher", f"timm:{CNN}", "--teacher-weights", weights,
-                 "--views-of", views_of, "--root", os.path.join(s.out, "caches"), "--codec", a.codec,
+                 "--views-of", views_of, "--views", "2", "--root", os.path.join(s.out, "caches"), "--codec", a.codec,
                  "--batch-size", "256", "--workers", str(a.workers), log="extract.log")
 
 
@@ -117,7 +117,7 @@ def student(s: study.Study, name: str, caches: list[str], weights: list[str], te
 
     def run_all():
         t0 = time.time()
-        study.pretrain(s, sdir, 0, [*(x for c in caches for x in ("--cache", c)),
+        study.pretrain(s, sdir, 0, [*(x for c in caches for x in ("--cache", c)), "--cache-views", "2",
                                     *(x for w in weights for x in ("--teacher-weight", w))])
         out = {"seed": 0, "caches": [s.rel(c) for c in caches], "teacher_weights": weights,
                "heldout_loss": heldout_loss(s, sdir, teacher, d) if teacher else None,
