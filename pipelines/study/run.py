@@ -95,10 +95,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="write the report from finished steps only: stop, "
                                                               "naming it, at the first step that would run")
     a = p.parse_args(argv)
-    if a.quick:
-        a.train_size, a.val_size, a.subset_size, a.test_size = 1000, 200, 200, 200
-        a.teacher_epochs, a.epochs, a.warmup_epochs, a.finetune_epochs = 1, 2, 1, 2
-        a.ks, a.seeds, a.batch_size = "1,2", "0", 32  # K=1 and K=2 of a seed: one cache, grown
+    if a.quick:  # small defaults; an option given explicitly keeps its value
+        quick = dict(train_size=1000, val_size=200, subset_size=200, test_size=200, teacher_epochs=1, epochs=2,
+                     warmup_epochs=1, finetune_epochs=2, ks="1,2", seeds="0", batch_size=32)  # K=1, 2: one cache
+        for key, value in quick.items():
+            if getattr(a, key) == p.get_default(key):
+                setattr(a, key, value)
     return a
 
 
@@ -237,19 +239,34 @@ def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
     """One student; an interrupted one resumes from its checkpoint, a finished one (SDIR/done) is skipped."""
     a = s.a
     if os.path.exists(os.path.join(sdir, "done")):
-        with open(os.path.join(sdir, "config.json")) as f:
-            ran = json.load(f)["config"]
-        want = {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "batch_size": a.batch_size, "lr": a.lr,
-                "seed": seed}
-        if {k: ran.get(k) for k in want} != want:  # a report must not relabel students trained otherwise
-            raise SystemExit(f"study: {sdir} was trained with {({k: ran.get(k) for k in want})}, this run asks for "
-                             f"{want}: use another --out, or the settings it ran with")
         return
     s.run(PY, "-m", "mdtrain", "pretrain", *source, "--student", a.model, *model_flags(a, "--student-arg"),
           "--epochs", str(a.epochs), "--warmup-epochs", str(a.warmup_epochs), "--batch-size", str(a.batch_size),
           "--lr", str(a.lr), "--seed", str(seed), "--workers", str(a.workers), "--out", sdir, "--no-progress",
           "--log-every", "10", "--resume", "auto", log="pretrain.log", threads=1 if a.jobs > 1 else None)
     open(os.path.join(sdir, "done"), "w").close()
+
+
+def check_settings(s: Study, run_dir: str, want: dict, config_key: str | None) -> None:
+    """A report must not relabel runs made with other settings: what RUN_DIR/config.json recorded is compared
+    with what this invocation asks for (nothing to compare before the run has started)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        ran = json.load(f)
+    ran = ran[config_key] if config_key else ran
+    got = {k: ran.get(k) for k in want}
+    if got != want:
+        raise SystemExit(f"study: {run_dir} ran with {got}, this invocation asks for {want}: use another --out, or "
+                         "the options it ran with")
+
+
+def check_student(s: Study, sdir: str, seed: int) -> None:
+    a = s.a
+    check_settings(s, sdir, {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "batch_size": a.batch_size,
+                             "lr": a.lr, "seed": seed}, "config")
+    check_settings(s, os.path.join(sdir, "finetune"), {"epochs": a.finetune_epochs, "seed": seed}, None)
 
 
 def distill_loss(s: Study, sdir: str, tweights: str, source: list[str], seed: int) -> float:
@@ -287,6 +304,7 @@ def student(s: Study, arm: str, k: int | None, seed: int, tweights: str, d: dict
     """Everything of one (arm, seed): its cache, its student, every metric. Kept in SDIR/eval.json."""
     a, sdir = s.a, os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}")
     teacher = teacher_flags(a, tweights)
+    check_student(s, sdir, seed)
 
     def run_all():
         t0 = time.time()
@@ -438,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         if arm != "scratch":
             return student(s, arm, k, seed, tweights, d)
         fdir = os.path.join(s.out, "students", "scratch", f"seed{seed}")
+        check_settings(s, fdir, {"epochs": a.finetune_epochs, "seed": seed}, None)
         return {"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, fdir, None, seed, d)}
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         done = list(pool.map(lambda job: one(*job), jobs))
