@@ -24,6 +24,7 @@ VIEWS=${VIEWS:-2}
 PT_EPOCHS=${PT_EPOCHS:-40}
 FT_EPOCHS=${FT_EPOCHS:-15}
 WORKERS=${WORKERS:-0}      # 28 px images: loading in the training process is fastest on 2 cores
+SEED=${SEED:-0}            # views, student init, masks, data order, finetunes: SEED=1 OUT=runs/demo-1 for another run
 TEACHER=${TEACHER:-pipelines/demo/teacher/fmnist-vit.safetensors}
 DATA=$OUT/data-$TRAIN_SIZE-$VAL_SIZE-$TEST_SIZE   # kept between runs; everything else is made afresh
 MODEL=vit_tiny_patch16_224
@@ -55,7 +56,7 @@ TEACHER_TOP1=$($PY -m mdtrain eval --weights "$TEACHER" --val "$TEST" --workers 
 echo "== 3/5 mdcache extract --teacher timm:$MODEL (the teacher runs once: $VIEWS views per image, int8)"
 CACHE=$($PY -m mdcache extract --teacher "timm:$MODEL" --teacher-weights "$TEACHER" --source "$TRAIN" \
     --root "$OUT/cache" --image-size 28 --views "$VIEWS" --crop-scale 0.6 1.0 --color-jitter 0 --codec int8 \
-    --batch-size 256 --workers "$WORKERS" | tail -n 1)
+    --batch-size 256 --workers "$WORKERS" --seed "$SEED" | tail -n 1)
 echo "cache: $CACHE"
 $PY -m mdcache info "$CACHE"
 $PY -m mdcache verify "$CACHE" --teacher-check 8 --teacher-weights "$TEACHER"
@@ -63,7 +64,7 @@ $PY -m mdcache show "$CACHE" --out "$OUT/views.png" --n 4 --teacher-weights "$TE
 
 echo "== 4/5 mdtrain pretrain: the student distils the cached targets for $PT_EPOCHS epochs (no teacher in memory)"
 PRETRAIN=(--cache "$CACHE" --student "$MODEL" "${STUDENT_ARGS[@]}" --batch-size 64 --lr 1e-3 --workers "$WORKERS"
-          --seed 0 --no-progress)
+          --seed "$SEED" --no-progress)
 rm -rf "$OUT/random-init" "$OUT/pretrain" "$OUT/finetune" "$OUT/scratch"
 $PY -m mdtrain pretrain "${PRETRAIN[@]}" --out "$OUT/random-init" --epochs 1 --warmup-epochs 0 --stop-after 0 >/dev/null
 $PY -m mdtrain pretrain "${PRETRAIN[@]}" --out "$OUT/pretrain" --epochs "$PT_EPOCHS" \
@@ -82,7 +83,8 @@ finetune() {  # $1: output folder, then --init PATH or nothing (from scratch); t
   local out=$1; shift
   $PY -m mdtrain finetune "$@" --model "$MODEL" "${MODEL_ARGS[@]}" --image-size 28 --train "$TRAIN" --val "$VAL" \
       --out "$out" --epochs "$FT_EPOCHS" --batch-size 64 --lr 1e-3 --drop-path 0.1 --aa none --reprob 0 --mixup 0 \
-      --cutmix 0 --crop-scale 0.6 1.0 --crop-pct 1 --color-jitter 0 --workers "$WORKERS" --log-every 0 | tail -n 1
+      --cutmix 0 --crop-scale 0.6 1.0 --crop-pct 1 --color-jitter 0 --workers "$WORKERS" --seed "$SEED" --log-every 0 \
+      | tail -n 1
   $PY -m mdtrain eval --weights "$out/best.safetensors" --val "$TEST" --workers "$WORKERS" | last_json top1
 }
 FT=$(finetune "$OUT/finetune" --init "$OUT/pretrain/student.safetensors" --layer-decay 0.75 | tail -n 1)
