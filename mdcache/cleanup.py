@@ -8,7 +8,6 @@ unless given --yes.
 """
 from __future__ import annotations
 
-import calendar
 import time
 from dataclasses import dataclass
 
@@ -32,8 +31,10 @@ class GcConfig:
                                "them).", ge=0)
     yes: bool = opt(False, "Really delete (default: only list what would be deleted).")
     superseded: bool = opt(False, "Also remove the records (and data) a grown shard left behind: <shard>@4 once "
-                                  "<shard>@8 is older than --grace. Readers read the newest record only; one that "
-                                  "opened the cache before the growth may still be reading the old one.")
+                                  "<shard>@8 is older than --superseded-after.")
+    superseded_after: float = opt(7 * 86400.0, "With --superseded: seconds a newer record must have existed. A "
+                                               "trainer that opened the cache before the growth reads the old one "
+                                               "until its next read fails, then switches to the newer.", ge=0)
     storage_options: dict = storage_options_opt("fsspec storage option KEY=VALUE (repeatable).")
 
 
@@ -62,23 +63,18 @@ def _mtime(fs, path: str) -> float:
     return newest
 
 
-def _age(stamp: str | None, now: float) -> float:
-    """Seconds since a record's created_at (UTC, as fs.now writes it); 0 when unreadable: too young to touch."""
-    try:
-        return now - calendar.timegm(time.strptime(stamp or "", "%Y-%m-%dT%H:%M:%SZ"))
-    except ValueError:
-        return 0.0
-
-
-def superseded(cache: store.Cache, grace: float) -> list[tuple[str, str]]:
+def superseded(cache: store.Cache, after: float) -> list[tuple[str, str]]:
     """The records a grown shard left behind and the data only they name, records first (from then on no reader
-    trusts the data), once the newer record is older than `grace`."""
+    trusts the data), once the newer record has existed for `after` seconds (by the store's clock) and its data
+    is there: a shard whose newest attempt was lost keeps its older record, the copy extract resumes from."""
     fs, path = mfs.url_to_fs(cache.url, cache.storage_options)
     now, old = time.time(), []
     for stem, rec in sorted(cache.records.items()):
-        newest = cache.commits.get(store.shard_of(stem))
-        if newest is not None and rec is not newest and rec["views"] < newest["views"] \
-                and _age(newest.get("created_at"), now) > grace:
+        newest = cache.commits.get(rec["shard"])
+        if newest is None or rec is newest or rec["views"] >= newest["views"]:
+            continue
+        if now - _mtime(fs, store.record_file(path, store.record_stem(newest))) > after \
+                and fs.exists(mfs.join(path, newest["path"])):
             old.append((stem, rec, newest))
     kept = {rec["path"] for rec in cache.commits.values()}
     return [*((store.record_file(path, stem), f"record superseded by {store.shard_of(stem)}@{new['views']}")
@@ -146,12 +142,13 @@ def gc(cfg: GcConfig) -> list[tuple[str, str]]:
     index would otherwise send gc after committed data). With --yes a damaged index is rewritten too."""
     so = cfg.storage_options
     caches = store.list_caches(cfg.root, so, records=True)
-    items = [it for c in caches for it in [*garbage(c, cfg.grace),
-                                           *(superseded(c, cfg.grace) if cfg.superseded else [])]]
+    old = {c.url: superseded(c, cfg.superseded_after) if cfg.superseded else [] for c in caches}
+    items = [it for c in caches for it in [*garbage(c, cfg.grace), *old[c.url]]]
     fs, _ = mfs.url_to_fs(cfg.root, so)
     _delete(fs, items, cfg.yes)
     for c in caches:
-        if cfg.yes and cfg.superseded and len(c.records) > len(c.commits):  # the index still names removed records
+        if cfg.yes and old[c.url]:  # the index still names the removed records
+            console.print(f"rewriting {c.url}/{store.COMMIT_INDEX}  [dim](records superseded by growth removed)[/]")
             c.refresh(records=True).write_index()
         if c.index_problems:
             console.print(f"{'rewriting' if cfg.yes else 'would rewrite'} {c.url}/{store.COMMIT_INDEX}  "

@@ -239,7 +239,6 @@ CODECS = {c.name: c for c in (
 FAMILIES = {"pca": pca_codec}  # parametric codecs: NAME:PARAM
 
 
-@functools.lru_cache(maxsize=None)
 def calibrate_on(name: str, batches: Iterable[tuple[int, torch.Tensor]], images: int,
                  nothing: Callable[[], Exception]) -> dict | None:
     """A codec's calibration from feature batches (images in the batch, features [..., D]) taken in order until
@@ -248,20 +247,18 @@ def calibrate_on(name: str, batches: Iterable[tuple[int, torch.Tensor]], images:
     codec = get_codec(name)
     if codec.calibrate is None:
         return None
-    feats, n, it = [], 0, iter(batches)
-    try:
-        for count, f in it:
-            feats.append(f.cpu())
-            n += count
-            if n >= images:
-                break
-    finally:  # a generator left open holds its shard's file until interpreter exit, and complains there
-        getattr(it, "close", lambda: None)()
+    feats, n = [], 0
+    for count, f in batches:
+        feats.append(f.cpu())
+        n += count
+        if n >= images:
+            break
     if not feats:
         raise nothing()
     return codec.calibrate(torch.cat(feats))
 
 
+@functools.lru_cache(maxsize=None)
 def get_codec(name: str) -> Codec:
     """The codec a name gives, made once (it is looked up on every read and decode)."""
     if name in CODECS:
@@ -272,6 +269,8 @@ def get_codec(name: str) -> Codec:
             raise ConfigError(f"codec {name!r}: say how many components, e.g. {family}:192")
         return FAMILIES[family](int(param))
     raise ConfigError(f"unknown codec {name!r}; choose one of {', '.join([*CODECS, *(f + ':R' for f in FAMILIES)])}")
+
+
 class FidelityMeter:
     """Cosine similarity and relative L2 per token, after token_layernorm, against fp32 reference."""
 

@@ -89,6 +89,8 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     if (tuple(teacher.patch_grid) != grid and cfg.head == 0) or teacher.dim != dim:
         raise ConfigError(f"teacher {cfg.teacher!r} gives {teacher.patch_grid} x {teacher.dim} targets, but head "
                           f"{cfg.head} of the student in {cfg.ckpt} was trained on {grid} x {dim}")
+    if cfg.cache_views and not cfg.cache:
+        raise ConfigError("--cache-views chooses among a cache's stored views: give --cache too")
     cache = recipe = None
     if cfg.cache:  # the stored views: every view of every image, once (epochs 0..K-1 cycle through them)
         cache = store.open_cache(cfg.cache, cfg.storage_options)

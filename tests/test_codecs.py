@@ -203,3 +203,21 @@ def test_per_token_scalars_stay_finite_in_fp16():
         dec = c.decode({k: torch.from_numpy(v) for k, v in enc.items()}, calib)
         assert torch.isfinite(dec).all(), name
         assert all(np.isfinite(v.astype(np.float32)).all() for v in enc.values()), name
+
+
+def test_codecs_are_made_once_and_a_calibration_keeps_nothing_alive():
+    """get_codec runs on every read and decode: one object per name. calibrate_on once carried get_codec's
+    cache by mistake and kept every feature generator (its shard file open) and the teacher alive."""
+    import gc
+    import weakref
+
+    assert codecs.get_codec("pca:4") is codecs.get_codec("pca:4")
+
+    def batches():
+        yield 4, torch.randn(4, 3, 16)
+    gen = batches()
+    alive = weakref.ref(gen)
+    assert codecs.calibrate_on("int8", gen, 4, lambda: AssertionError("no batch")) is not None
+    del gen
+    gc.collect()
+    assert alive() is None

@@ -75,14 +75,23 @@ def test_asking_for_fewer_views_reuses_and_gc_keeps_every_grown_step(grown):
     assert "nothing to remove" in run_cli("gc", grown["url"], "--grace", "0").stdout
 
 
-def test_gc_superseded_removes_what_growth_left_behind_once_the_grace_has_passed(grown, tmp_path):
+def test_gc_superseded_removes_what_growth_left_behind_once_the_wait_has_passed(grown, tmp_path, capsys):
     url = str(tmp_path / Path(grown["url"]).name)
     shutil.copytree(grown["url"], url)
-    assert "superseded" not in run_cli("gc", url, "--superseded").stdout  # grown a moment ago: within the grace
-    dry = run_cli("gc", url, "--superseded", "--grace", "0").stdout
+    assert "superseded" not in run_cli("gc", url, "--superseded").stdout  # grown a moment ago: within the wait
+    dry = run_cli("gc", url, "--superseded", "--superseded-after", "0").stdout
     assert dry.count("record superseded by") == 2 and dry.count("data of the superseded record") == 2
     assert len(open_cache(url, records=True).records) == 4  # a dry run
-    run_cli("gc", url, "--superseded", "--grace", "0", "--yes")
+    # a reader that opened the cache before the growth: it holds the K=2 records
+    before = open_cache(url)
+    before.commits = {s: before.records[f"{s}@2"] for s in before.commits}
+    # a shard whose newest attempt was lost keeps its older record (what extract resumes from)
+    lost = open_cache(url, records=True).records["train-000001@8"]["path"]
+    shutil.move(str(Path(url) / lost), str(tmp_path / "aside"))
+    out = run_cli("gc", url, "--superseded", "--superseded-after", "0", "--yes").stdout
+    assert "train-000000@2" in out and "train-000001@2" not in out
+    shutil.move(str(tmp_path / "aside"), str(Path(url) / lost))
+    run_cli("gc", url, "--superseded", "--superseded-after", "0", "--yes")
     cache = open_cache(url, records=True)
     assert sorted(cache.records) == ["train-000000@8", "train-000001@8"] and cache.views == 8
     assert not any((Path(url) / p).exists() for p in grown["before"].values())
@@ -91,6 +100,13 @@ def test_gc_superseded_removes_what_growth_left_behind_once_the_grace_has_passed
     assert run_cli("verify", url).stdout.strip() == "OK"
     index = json.loads((Path(url) / store.COMMIT_INDEX).read_text())
     assert sorted(index["records"]) == ["train-000000@8", "train-000001@8"]
+    # the early reader's next read finds its record gone and reads the grown one: the same first views
+    capsys.readouterr()
+    keys, arrays, params = before.read_encoded("train-000000", 1)
+    assert "superseded by growth and removed" in capsys.readouterr().err
+    ref = open_cache(grown["fresh"]).read_encoded("train-000000", 1)
+    assert keys == ref[0] and np.array_equal(params, ref[2])
+    assert all(np.array_equal(arrays[n], ref[1][n]) for n in ref[1])
 
 
 def test_a_half_grown_cache_reads_its_common_views_and_resumes(train_spec, tmp_path):

@@ -420,7 +420,7 @@ def test_two_extractors_grow_a_shared_cache_together(s3, bucket_data):
             (ka, xa, va), (kb, xb, vb) = cache.read_encoded(name, v), other.read_encoded(name, v)
             assert ka == kb and np.array_equal(va, vb) and all(np.array_equal(xa[k], xb[k]) for k in xa), (name, v)
     old = [cache.records[f"train-00000{i}@2"]["path"] for i in range(2)]
-    out = run_cli("gc", small, "--superseded", "--grace", "0", "--yes", env=s3.env()).stdout
+    out = run_cli("gc", small, "--superseded", "--superseded-after", "0", "--yes", env=s3.env()).stdout
     assert out.count("record superseded by") == 2 and all(p in out for p in old)
     cache = open_cache(small, s3.options(), records=True)
     assert sorted(cache.records) == [f"train-00000{i}@4" for i in range(4)] and cache.views == 4

@@ -60,6 +60,21 @@ def t_975(df: int) -> float:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = parser()
+    a = p.parse_args(argv)
+    if a.quick:  # small defaults; an option given on the command line keeps its value
+        only_typed = parser()  # every default None: what is not None was typed
+        only_typed.set_defaults(**{k: None for k in vars(a)})
+        typed = {k for k, v in vars(only_typed.parse_args(argv)).items() if v is not None}
+        quick = dict(train_size=1000, val_size=200, subset_size=200, test_size=200, teacher_epochs=1, epochs=2,
+                     warmup_epochs=1, finetune_epochs=2, ks="1,2", seeds="0", batch_size=32)  # K=1, 2: one cache
+        for key, value in quick.items():
+            if key not in typed:
+                setattr(a, key, value)
+    return a
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/study", help="where everything goes (resumable)")
     p.add_argument("--train-size", type=int, default=55000, help="the teacher's training images")
@@ -94,14 +109,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write-doc", action="store_true", help="copy the outputs to docs/study/")
     p.add_argument("--report-only", action="store_true", help="write the report from finished steps only: stop, "
                                                               "naming it, at the first step that would run")
-    a = p.parse_args(argv)
-    if a.quick:  # small defaults; an option given explicitly keeps its value
-        quick = dict(train_size=1000, val_size=200, subset_size=200, test_size=200, teacher_epochs=1, epochs=2,
-                     warmup_epochs=1, finetune_epochs=2, ks="1,2", seeds="0", batch_size=32)  # K=1, 2: one cache
-        for key, value in quick.items():
-            if getattr(a, key) == p.get_default(key):
-                setattr(a, key, value)
-    return a
+    return p
 
 
 class Study:
@@ -249,24 +257,49 @@ def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
 
 def check_settings(s: Study, run_dir: str, want: dict, config_key: str | None) -> None:
     """A report must not relabel runs made with other settings: what RUN_DIR/config.json recorded is compared
-    with what this invocation asks for (nothing to compare before the run has started)."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
+    with what this invocation asks for (nothing to compare before the run has started, or when a killed run
+    left it unreadable: the resumed run writes it again)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            ran = json.load(f)
+        ran = ran[config_key] if config_key else ran
+    except (OSError, ValueError, KeyError, TypeError):
         return
-    with open(path) as f:
-        ran = json.load(f)
-    ran = ran[config_key] if config_key else ran
     got = {k: ran.get(k) for k in want}
     if got != want:
         raise SystemExit(f"study: {run_dir} ran with {got}, this invocation asks for {want}: use another --out, or "
                          "the options it ran with")
 
 
-def check_student(s: Study, sdir: str, seed: int) -> None:
+def check_student(s: Study, sdir: str, seed: int, k: int | None) -> None:
     a = s.a
     check_settings(s, sdir, {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "batch_size": a.batch_size,
                              "lr": a.lr, "seed": seed}, "config")
     check_settings(s, os.path.join(sdir, "finetune"), {"epochs": a.finetune_epochs, "seed": seed}, None)
+    if k and os.path.exists(os.path.join(sdir, "last.ckpt")):
+        views = trained_views(sdir)
+        if views != k:
+            raise SystemExit(f"study: {sdir} trained on {views or 'an unknown number of'} stored views per image, "
+                             f"not K={k}: use another --out")
+
+
+def trained_views(sdir: str) -> int | None:
+    """Stored views per image a cached student trained on: its checkpoint's K, or for students of older versions
+    (no K recorded) the K of a format-1 cache, which cannot grow; None when unknown."""
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from mdcache.store import open_cache
+
+    ckpt = torch.load(os.path.join(sdir, "last.ckpt"), map_location="cpu", weights_only=True)
+    if ckpt.get("views"):
+        return int(ckpt["views"])
+    cache = ckpt["config"].get("cache")
+    cache = cache[0] if isinstance(cache, list) else cache
+    if ckpt["config"].get("cache_views"):
+        return int(ckpt["config"]["cache_views"])
+    c = open_cache(cache)
+    return c.views if c.format_version < 2 else None
 
 
 def distill_loss(s: Study, sdir: str, tweights: str, source: list[str], seed: int) -> float:
@@ -300,11 +333,14 @@ def finetune(s: Study, fdir: str, init: str | None, seed: int, d: dict) -> float
     return s.cached_json(os.path.join(fdir, "result.json"), measure)["finetune_top1"]
 
 
+def student_dir(s: Study, arm: str, seed: int) -> str:
+    return os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}")
+
+
 def student(s: Study, arm: str, k: int | None, seed: int, tweights: str, d: dict) -> dict:
     """Everything of one (arm, seed): its cache, its student, every metric. Kept in SDIR/eval.json."""
-    a, sdir = s.a, os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}")
+    a, sdir = s.a, student_dir(s, arm, seed)
     teacher = teacher_flags(a, tweights)
-    check_student(s, sdir, seed)
 
     def run_all():
         t0 = time.time()
@@ -456,8 +492,13 @@ def main(argv: list[str] | None = None) -> None:
         if arm != "scratch":
             return student(s, arm, k, seed, tweights, d)
         fdir = os.path.join(s.out, "students", "scratch", f"seed{seed}")
-        check_settings(s, fdir, {"epochs": a.finetune_epochs, "seed": seed}, None)
         return {"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, fdir, None, seed, d)}
+    for arm, k, seed in jobs:  # every finished or started run checked now, not hours later in its turn
+        if arm == "scratch":
+            check_settings(s, os.path.join(s.out, "students", "scratch", f"seed{seed}"),
+                           {"epochs": a.finetune_epochs, "seed": seed}, None)
+        else:
+            check_student(s, student_dir(s, arm, seed), seed, k)
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         done = list(pool.map(lambda job: one(*job), jobs))
     runs: dict[str, list[dict]] = {}
@@ -604,7 +645,8 @@ def markdown(r: dict) -> str:
     rows.append(f"| raw pixels (the same crop) | - | - | - | {px['knn_top1']:.2f} | {px['linprobe_top1']:.2f} | - |")
     rows += ["", f"Arm minus online-fresh, seed-paired: mean [95% t-interval] (n seeds): verdict. Top-1 in points "
              f"against the margin ±{r['margin_points']} fixed before the run; the loss against zero. The arm's "
-             "verdict: equivalent when all three top-1 metrics are, worse when any is.", "",
+             "verdict: equivalent when all three top-1 metrics are, worse when any is, better when one is and none is "
+             "worse, undecided otherwise.", "",
              "| arm | k-NN | linear probe | finetune | held-out loss | verdict |", "|---|---|---|---|---|---|"]
     for name, v in r["arms"].items():
         if v.get("vs_online"):

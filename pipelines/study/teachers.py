@@ -39,13 +39,15 @@ CNN_ARGS = ("output_stride=8", "channels=[32,64,128,256]")
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     """run.py's options (the same data, teacher, students and metrics), and this study's own."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--cnn-epochs", type=int, default=8, help="the CNN teacher's supervised epochs")
-    p.add_argument("--growth-epochs", type=int, default=2, help="epochs of the grown-vs-fresh students")
+    p.add_argument("--cnn-epochs", type=int, default=None, help="the CNN teacher's supervised epochs (8; --quick 1)")
+    p.add_argument("--growth-epochs", type=int, default=None, help="epochs of the grown-vs-fresh students (2; "
+                                                                     "--quick 1)")
     mine, rest = p.parse_known_args(argv)
     if {"-h", "--help"} & set(rest):
         print(__doc__ + "\n  --cnn-epochs N, --growth-epochs N, and every option of run.py:\n")
     a = study.parse(rest)
-    a.cnn_epochs, a.growth_epochs = (1, 1) if a.quick else (mine.cnn_epochs, mine.growth_epochs)
+    a.cnn_epochs = mine.cnn_epochs or (1 if a.quick else 8)  # a typed value wins over --quick's
+    a.growth_epochs = mine.growth_epochs or (1 if a.quick else 2)
     return a
 
 
