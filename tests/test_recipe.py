@@ -136,6 +136,7 @@ def test_distill_loss_and_linprobe_of_a_pretrained_beit_student(tmp_path_factory
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two studies end to end: about 6 minutes on 2 idle cores, far more on busy ones
 def test_study_quick_form_produces_every_output(tmp_path):
     """pipelines/study/run.py --quick: every stage runs through the real commands and writes its outputs, with
     every path relative to the run folder; the statistics are those of seed-paired differences."""
