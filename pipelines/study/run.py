@@ -722,12 +722,14 @@ def plot_curves(r: dict, png: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    w = 10  # logged steps per point: one batch's loss is noisy
     for i, (arm, by_seed) in enumerate(r["curves"].items()):
         for j, rows in enumerate(by_seed.values()):
-            ax.plot([x for x, _ in rows], [y for _, y in rows], color=f"C{i}", lw=0.8, alpha=0.7,
-                    label=arm if j == 0 else None)
+            ys = [y for _, y in rows]
+            smooth = [sum(ys[max(0, n - w + 1):n + 1]) / len(ys[max(0, n - w + 1):n + 1]) for n in range(len(ys))]
+            ax.plot([x for x, _ in rows], smooth, color=f"C{i}", lw=0.8, alpha=0.7, label=arm if j == 0 else None)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("masked-token loss (training batches)")
+    ax.set_ylabel(f"masked-token loss (training; mean of {w} logged steps)")
     ax.set_title("pretraining loss per arm (one line per seed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
