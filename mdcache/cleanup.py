@@ -77,7 +77,7 @@ def superseded(cache: store.Cache, after: float) -> list[tuple[str, str]]:
                 and fs.exists(mfs.join(path, newest["path"])):
             old.append((stem, rec, newest))
     kept = {rec["path"] for rec in cache.commits.values()}
-    return [*((store.record_file(path, stem), f"record superseded by {store.shard_of(stem)}@{new['views']}")
+    return [*((store.record_file(path, stem), f"record superseded by {new['shard']}@{new['views']}")
               for stem, _, new in old),
             *((mfs.join(path, rec["path"]), f"data of the superseded record {stem}")
               for stem, rec, _ in old if rec["path"] not in kept)]

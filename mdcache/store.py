@@ -620,11 +620,11 @@ class Cache:
         try:
             rec = check_record(read_json(fs, record_file(path, stem)), stem, where)
         except FileNotFoundError:
-            grown = self._grown_record(fs, path, shard)
-            if grown is not None:  # this reader opened before the shard grew, and `gc --superseded` ran since
+            held = self.commits[shard]
+            grown = self.refresh().commits.get(shard)  # the listing again: a grown record, or none
+            if grown is not None and grown["views"] > held["views"]:  # opened before the growth, `gc --superseded`
                 print(f"warning: {where} was superseded by growth and removed: reading shard {shard} from "
                       f"{COMMITS}/{record_stem(grown)}.json (its first views are the same)", file=sys.stderr)
-                self.commits[shard] = self.records[record_stem(grown)] = grown
                 return True
             raise CacheError(f"{self.url}: shard {shard!r} is no longer committed (its record {where} was "
                              "removed, e.g. by `mdcache rm --shard`); re-run the same `mdcache extract` to recompute "
@@ -636,23 +636,6 @@ class Cache:
         self.commits[shard] = self.records[stem] = rec
         self.index_problems.append(f"shard {shard}: the index holds another record than {COMMITS}/{stem}.json")
         return True
-
-    def _grown_record(self, fs, path: str, shard: str) -> dict | None:
-        """The shard's record with the most views, if it has more than the one this reader holds."""
-        try:
-            names = [_record_name(p) for p in fs.ls(join(path, COMMITS), detail=False) if p.endswith(".json")]
-        except FileNotFoundError:
-            return None
-        have, best = self.commits[shard]["views"], None
-        for stem in names:
-            if self.format_version >= 2 and shard_of(stem) == shard:
-                try:
-                    rec = check_record(read_json(fs, record_file(path, stem)), stem, stem)
-                except (FileNotFoundError, CacheError):
-                    continue
-                if rec["views"] > (best or {"views": have})["views"]:
-                    best = rec
-        return best
 
     @property
     def array_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -69,6 +69,8 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
 
     if not cfg.ckpt or not cfg.teacher or not (cfg.source or cfg.cache):
         raise ConfigError("--ckpt, --teacher and --source (or --cache) are all required")
+    if cfg.cache_views and not cfg.cache:
+        raise ConfigError("--cache-views chooses among a cache's stored views: give --cache too")
     ckpt = checkpoint.load_trainer_state(cfg.ckpt, "pretrain")
     saved, grid, size = ckpt["config"], tuple(ckpt["grid"]), int(ckpt["image_size"])
     pcfg = PretrainConfig(**{f.name: saved[f.name] for f in fields(PretrainConfig) if f.name in saved
@@ -89,8 +91,6 @@ def distill_loss(cfg: DistillLossConfig) -> dict:
     if (tuple(teacher.patch_grid) != grid and cfg.head == 0) or teacher.dim != dim:
         raise ConfigError(f"teacher {cfg.teacher!r} gives {teacher.patch_grid} x {teacher.dim} targets, but head "
                           f"{cfg.head} of the student in {cfg.ckpt} was trained on {grid} x {dim}")
-    if cfg.cache_views and not cfg.cache:
-        raise ConfigError("--cache-views chooses among a cache's stored views: give --cache too")
     cache = recipe = None
     if cfg.cache:  # the stored views: every view of every image, once (epochs 0..K-1 cycle through them)
         cache = store.open_cache(cfg.cache, cfg.storage_options)

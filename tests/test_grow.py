@@ -253,6 +253,9 @@ def test_students_of_a_grown_and_a_fresh_cache_are_the_same(grown, tmp_path):
     first2, of_k2 = stored_loss(grown["url"], "--cache-views", "2"), stored_loss(k2)
     assert first2["views"] == of_k2["views"] == 2 and first2["images"] == of_k2["images"]
     assert first2["loss"] == of_k2["loss"] != stored_loss(grown["url"])["loss"]
+    r = invoke("distill-loss", "--ckpt", tmp_path / "first2" / "last.ckpt", "--teacher", TINY_TEACHER,
+               "--source", grown["spec"], "--cache-views", "2", module="mdtrain")
+    assert r.exit_code != 0 and "give --cache too" in r.stderr
     r = invoke("pretrain", "--cache", k2, *TRAIN_FLAGS, "--cache-views", "3", "--out", tmp_path / "no",
                module="mdtrain")
     assert r.exit_code != 0 and "stores 2 views per image" in r.stderr

@@ -255,7 +255,7 @@ def pretrain(s: Study, sdir: str, seed: int, source: list[str]) -> None:
     open(os.path.join(sdir, "done"), "w").close()
 
 
-def check_settings(s: Study, run_dir: str, want: dict, config_key: str | None) -> None:
+def check_settings(run_dir: str, want: dict, config_key: str | None) -> None:
     """A report must not relabel runs made with other settings: what RUN_DIR/config.json recorded is compared
     with what this invocation asks for (nothing to compare before the run has started, or when a killed run
     left it unreadable: the resumed run writes it again)."""
@@ -273,9 +273,9 @@ def check_settings(s: Study, run_dir: str, want: dict, config_key: str | None) -
 
 def check_student(s: Study, sdir: str, seed: int, k: int | None) -> None:
     a = s.a
-    check_settings(s, sdir, {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "batch_size": a.batch_size,
+    check_settings(sdir, {"epochs": a.epochs, "warmup_epochs": a.warmup_epochs, "batch_size": a.batch_size,
                              "lr": a.lr, "seed": seed}, "config")
-    check_settings(s, os.path.join(sdir, "finetune"), {"epochs": a.finetune_epochs, "seed": seed}, None)
+    check_settings(os.path.join(sdir, "finetune"), {"epochs": a.finetune_epochs, "seed": seed}, None)
     if k and os.path.exists(os.path.join(sdir, "last.ckpt")):
         views = trained_views(sdir)
         if views != k:
@@ -294,11 +294,10 @@ def trained_views(sdir: str) -> int | None:
     ckpt = torch.load(os.path.join(sdir, "last.ckpt"), map_location="cpu", weights_only=True)
     if ckpt.get("views"):
         return int(ckpt["views"])
-    cache = ckpt["config"].get("cache")
-    cache = cache[0] if isinstance(cache, list) else cache
     if ckpt["config"].get("cache_views"):
         return int(ckpt["config"]["cache_views"])
-    c = open_cache(cache)
+    cache = ckpt["config"].get("cache")
+    c = open_cache(cache[0] if isinstance(cache, list) else cache)
     return c.views if c.format_version < 2 else None
 
 
@@ -491,11 +490,11 @@ def main(argv: list[str] | None = None) -> None:
     def one(arm: str, k: int | None, seed: int) -> dict:
         if arm != "scratch":
             return student(s, arm, k, seed, tweights, d)
-        fdir = os.path.join(s.out, "students", "scratch", f"seed{seed}")
+        fdir = student_dir(s, "scratch", seed)
         return {"seed": seed, "finetune_top1": s.timed("finetunes", finetune, s, fdir, None, seed, d)}
     for arm, k, seed in jobs:  # every finished or started run checked now, not hours later in its turn
         if arm == "scratch":
-            check_settings(s, os.path.join(s.out, "students", "scratch", f"seed{seed}"),
+            check_settings(student_dir(s, "scratch", seed),
                            {"epochs": a.finetune_epochs, "seed": seed}, None)
         else:
             check_student(s, student_dir(s, arm, seed), seed, k)
@@ -577,8 +576,7 @@ def train_seconds(s: Study, arms: list, seeds: list[int]) -> dict:
             step = r.get("step", step)
         return out
     students, finetunes = 0.0, 0.0
-    sdirs = [os.path.join(s.out, "students", name.replace("=", "").replace(" ", "-"), f"seed{seed}")
-             for name, _ in [*arms, ("scratch", None)] for seed in seeds]
+    sdirs = [student_dir(s, name, seed) for name, _ in [*arms, ("scratch", None)] for seed in seeds]
     for sdir in sdirs:
         students += pretrain_seconds(_rows(os.path.join(sdir, "metrics.jsonl")))
         finetunes += sum(r.get("train_seconds", 0.0) for r in _rows(os.path.join(sdir, "finetune", "metrics.jsonl")))
@@ -596,12 +594,8 @@ def curves(s: Study, arms: list, seeds: list[int]) -> dict:
         if arm == "random-init":
             continue
         for seed in seeds:
-            path = os.path.join(s.out, "students", arm.replace("=", "").replace(" ", "-"), f"seed{seed}",
-                                "metrics.jsonl")
-            if os.path.exists(path):
-                with open(path) as f:
-                    rows = [json.loads(x) for x in f if x.strip()]
-                # loss_mean: the mean since the previous logged step (one step's loss is noisy)
+            rows = _rows(os.path.join(student_dir(s, arm, seed), "metrics.jsonl"))
+            if rows:  # loss_mean: the mean since the previous logged step (one step's loss is noisy)
                 out.setdefault(arm, {})[str(seed)] = [[r["epoch"], r.get("loss_mean", r["loss"])] for r in rows]
     return out
 
