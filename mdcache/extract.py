@@ -104,6 +104,15 @@ class Batch:
     claim_seconds: float = 0.0
     first_view: int = 0                                 # views before it are stored already (a growing shard)
 
+    def pin_memory(self) -> "Batch":
+        """The DataLoader's pin thread calls this (pin_memory=True): without it a dataclass passes through
+        unpinned, and every copy to the GPU waits on pageable memory."""
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
+        elif isinstance(self.images, list):
+            self.images = [x.pin_memory() for x in self.images]
+        return self
+
 
 def image_views(sample: sources.Sample, recipe: views.ViewRecipe, replay_on: str = "workers",
                 first: int = 0, given: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:

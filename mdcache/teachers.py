@@ -379,9 +379,11 @@ def load_cache_teacher(cache, spec: str | None = None, weights: str | None = Non
 
 def run_teacher(teacher: Teacher, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Images -> float32 patch features [B, P, D]. uint8 images are moved as they are (4x fewer bytes than
-    float) and normalized with the teacher's mean/std on its device; float images are taken as normalized."""
+    float) and normalized with the teacher's mean/std on its device; float images are taken as normalized.
+    no_grad, not inference_mode: online, the trainer's loss may save the targets for backward (mse or smooth_l1
+    without a target norm), which an inference tensor cannot be."""
     device = next(teacher.model.parameters()).device
-    with torch.inference_mode():
+    with torch.no_grad():
         x = x.to(device, non_blocking=True)
         if x.dtype == torch.uint8:
             x = normalize(x, teacher.mean, teacher.std)

@@ -39,6 +39,23 @@ def test_every_cuda_device_maps_through_local_rank(two_gpus, monkeypatch, name, 
     assert two_gpus == ([torch.device(expected)] if expected != "cpu" else [])
 
 
+def test_extract_binds_its_process_to_the_local_rank_gpu(two_gpus, monkeypatch, train_spec, tmp_path):
+    """A regression to resolve_device in extract would leave every rank's libraries allocating on GPU 0."""
+    from mdcache import extract, teachers
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    asked = []
+
+    def no_teacher(*args, device, **kw):  # no GPU here: stop where the teacher would be loaded onto it
+        asked.append(device)
+        raise RuntimeError("stop")
+    monkeypatch.setattr(teachers, "load_teacher", no_teacher)
+    with pytest.raises(RuntimeError, match="stop"):
+        extract.prepare(extract_cfg(train_spec, str(tmp_path), device="cuda"))
+    assert two_gpus == asked == [torch.device("cuda:1")]
+
+
 @pytest.mark.parametrize("name,local,world,message", [
     ("cuda:0", 1, 2, "a fixed GPU index with 2 processes"), ("cuda", 2, 3, "GPU 2 \\(LOCAL_RANK 2\\) does not exist"),
     ("auto", 5, 8, "this machine has 2 visible GPU"), ("gpu", 0, 1, "expected auto, cpu, cuda or cuda:N")])
@@ -78,6 +95,7 @@ def test_fp16_training_scales_the_loss_and_resumes_its_scaler(tmp_path_factory, 
     assert r.exit_code == 0, r.stderr[-2000:]
     ck = load_trainer_state(str(out / "last.ckpt"), "pretrain")
     assert ck["scaler"] and ck["scaler"]["scale"] > 0 and ck["step"] == 3
+    assert "fp16, device cpu" in " ".join(r.stderr.split()), r.stderr  # the run's log line says its precision
     r = invoke("pretrain", "--cache", url, *TRAIN_FLAGS, "--workers", "0", "--precision", "fp16", "--epochs", "1",
                "--stop-after", "2", "--resume", "auto", "--out", out, module="mdtrain")
     assert r.exit_code == 0 and load_trainer_state(str(out / "last.ckpt"), "pretrain")["step"] == 5
@@ -140,6 +158,43 @@ def test_extraction_ships_uint8_views_normalized_on_the_device(train_spec):
     as_float = torch.stack([views.to_tensor(views.replay(image, q, 64), p.teacher.mean, p.teacher.std)
                             for q in views.sample_views(sample.key, image.height, image.width, p.recipe)])
     assert torch.equal(teachers.run_teacher(p.teacher, b.images[:3]), teachers.run_teacher(p.teacher, as_float))
+
+
+def test_extraction_batches_are_pinned_for_the_copy_to_the_gpu(monkeypatch):
+    """pin_memory=True passed a dataclass through untouched (torch pins tensors, containers, and objects with a
+    pin_memory method): every batch went to the GPU from pageable memory. Pinning is faked (no GPU here)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from mdcache.extract import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **kw: pinned.append(t) or t.clone())
+    views = torch.zeros(6, 3, 8, 8, dtype=torch.uint8)
+    b = pin_memory(Batch("s", keys=["a", "b"], images=views))
+    assert isinstance(b, Batch) and pinned == [views] and b.images is not views and torch.equal(b.images, views)
+    files = [torch.zeros(5, dtype=torch.uint8), torch.ones(7, dtype=torch.uint8)]  # --replay-on device(-decode)
+    b = pin_memory(Batch("s", keys=["a", "b"], images=list(files)))
+    assert pinned[1:] == files and all(x is not f for x, f in zip(b.images, files))
+
+
+def test_normalize_makes_its_constants_once_per_device():
+    """mean/std built from Python lists on every call copied them to the GPU on every step."""
+    from mdcache import views
+
+    class Made(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Made.n += getattr(func, "__name__", "") == "tensor"
+            return func(*args, **(kwargs or {}))
+    x = torch.randint(0, 255, (2, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
+    first = views.normalize(x, mean, std)
+    with Made():
+        again = views.normalize(x, mean, std)
+    assert Made.n == 0 and torch.equal(first, again)
+    expected = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(again, expected)
 
 
 def test_device_state_never_rides_into_loader_workers(tmp_path_factory, train_spec):

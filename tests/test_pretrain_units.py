@@ -115,3 +115,20 @@ def test_student_normalization_is_timms_imagenet_default():
     from mdtrain import data
 
     assert data.STUDENT_MEAN == tuple(IMAGENET_DEFAULT_MEAN) and data.STUDENT_STD == tuple(IMAGENET_DEFAULT_STD)
+
+
+@pytest.mark.parametrize("loss", ["mse", "smooth_l1"])
+def test_online_targets_can_be_saved_for_backward(loss):
+    """The teacher ran under inference_mode: online, with --target-norm none, mse and smooth_l1 save the
+    targets for backward, and an inference tensor cannot be saved ("Inference tensors cannot be saved")."""
+    from helpers import TINY_TEACHER
+
+    from mdcache.teachers import load_teacher, run_teacher
+
+    teacher = load_teacher(TINY_TEACHER, random_init=True, image_size=64)
+    targets = run_teacher(teacher, torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8))
+    pred = torch.randn(targets.shape, requires_grad=True)
+    mask = torch.zeros(targets.shape[:2], dtype=torch.bool)
+    mask[:, :5] = True
+    objective.masked_feature_loss(pred, targets, mask, target_norm="none", loss=loss).backward()
+    assert pred.grad is not None and pred.grad[:, 5:].abs().sum() == 0 and pred.grad[:, :5].abs().sum() > 0
