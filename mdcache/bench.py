@@ -93,6 +93,8 @@ def bench(cfg: BenchConfig) -> dict:
     from .teachers import run_teacher
 
     p = prepare(cfg)  # the same setup as extract: weights fetched from any URL, one teacher for both runs
+    if p.device.type == "cuda":  # this run's peak, not the largest of every bench in this process
+        torch.cuda.reset_peak_memory_stats(p.device)
     warm_up(cfg, p)
     with tempfile.TemporaryDirectory(prefix="mdcache-bench-") as tmp:
         url, summary = extract(replace(cfg, root=cfg.root or tmp), progress=False, prepared=p)

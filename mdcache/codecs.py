@@ -105,7 +105,7 @@ def lloyd_levels(z: torch.Tensor, n: int = INT4_LEVELS, iters: int = 40) -> torc
     """The n reconstruction levels with least squared error on samples z (Lloyd-Max), started at a
     normal's quantiles so the result depends on the data only: every extractor derives the same levels."""
     z = z.double().reshape(-1)
-    z = z[:: max(1, math.ceil(z.numel() / _LLOYD_SAMPLE))]
+    z = z[:: max(1, math.ceil(z.numel() / _LLOYD_SAMPLE))].contiguous()
     levels = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64))
     for _ in range(iters):
         idx = torch.bucketize(z, (levels[1:] + levels[:-1]) / 2)

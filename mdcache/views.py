@@ -317,6 +317,14 @@ def encoded_tensor(data: bytes):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
+def _device_errors() -> tuple:
+    """A CUDA fault is a RuntimeError too (torch.AcceleratorError): caught as a file's, it would send every
+    image to PIL without a word."""
+    import torch
+
+    return (torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
+
+
 class ImageDecodeError(ValueError):
     """Image `index` of a batch could not be decoded (the caller names its key)."""
 
@@ -325,32 +333,35 @@ class ImageDecodeError(ValueError):
         self.index = index
 
 
-def decode_batch(datas: list, device, failed: dict[int, str] | None = None) -> list:
+def decode_batch(datas: list, device, failed: dict[int, str] | None = None, refused: list[int] | None = None) -> list:
     """Encoded images (uint8 [N] each) -> decoded uint8 [3,H,W] on `device`, as `decode_image` decodes them.
     Gray and colour JPEGs are decoded in one batch by torchvision on `device` (nvJPEG on a GPU; on a CPU
     libjpeg-turbo, the decoder PIL uses: the same pixels); PNG, WebP and CMYK JPEGs by PIL, then moved. A file
     the device refuses is decoded by PIL; one PIL cannot decode either is an `ImageDecodeError`, or, given
-    `failed`, None in the output and {index: why} there. The device's own errors (out of memory) are raised
-    as they are, never blamed on a file."""
-    import torch
+    `failed`, None in the output and {index: why} there; `refused` collects the indices the device left to PIL.
+    The device's own errors (out of memory, a CUDA fault) are raised as they are, never blamed on a file or
+    quietly decoded by PIL instead."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    device_errors = _device_errors()
     out: list = [None] * len(datas)
     fast = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3)]
     if fast:
         try:
             decoded = decode_jpeg([datas[i] for i in fast], mode=ImageReadMode.RGB, device=device)
-        except torch.OutOfMemoryError:
+        except device_errors:
             raise  # the device's trouble, not a file's
         except RuntimeError:  # one file the decoder refuses fails the batch: each alone, PIL for the refused
             decoded = []
             for i in fast:
                 try:
                     decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
-                except torch.OutOfMemoryError:
+                except device_errors:
                     raise
                 except RuntimeError:
                     decoded.append(None)
+                    if refused is not None:
+                        refused.append(i)
         for i, x in zip(fast, decoded):
             out[i] = x
     for i, d in enumerate(datas):

@@ -87,11 +87,15 @@ def stream_batches(setup, workers: int, n: int, pin_memory: bool = False) -> Ite
     """n batches from epoch 0 on (wrapping into later epochs), as the trainer would load them."""
     epoch = 0
     while n > 0:
+        got = 0
         for batch in data.make_loader(make_stream(setup, epoch), workers, pin_memory=pin_memory):
             yield batch
-            n -= 1
+            n, got = n - 1, got + 1
             if n == 0:
                 return
+        if not got:  # would loop forever, forking the workers again for every empty epoch
+            raise ConfigError(f"epoch {epoch} gave no batch of {setup.stream.batch_size} ({workers} loader "
+                              "worker(s)): lower --batch-size or --workers")
         epoch += 1
 
 
@@ -150,6 +154,7 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
     precision = resolve_precision(cfg.precision, device)
     configure_threads(device, cfg.workers, 1)
     setup = setup_data(pcfg, device)
+    data.steps_per_epoch(setup.plan, setup.stream, 1)  # a clear error when a worker would get no full batch
     torch.manual_seed(cfg.seed)
     student = build_student(cfg.student, image_size=setup.stream.image_size, grid=setup.stream.grid,
                             teacher_dim=setup.dim, model_args=pcfg.student_args).to(device)
@@ -180,9 +185,11 @@ def _measure(cfg: BenchConfig, phase: str) -> dict:
     out["loader_targets_ips"] = out["loader_images_ips"] = 0.0
     for _ in range(max(1, cfg.repeats)):  # alternate, keep the best: other jobs on the machine add noise
         out["loader_targets_ips"] = max(out["loader_targets_ips"],
-                                        timed(stream_batches(setup, cfg.workers, nl), cfg.warmup, lambda b: None))
+                                        timed(stream_batches(setup, cfg.workers, nl, pin), cfg.warmup,
+                                              lambda b: None))  # pinned as in training: its copy is loader work
         out["loader_images_ips"] = max(out["loader_images_ips"],
-                                       timed(stream_batches(images_only, cfg.workers, nl), cfg.warmup, lambda b: None))
+                                       timed(stream_batches(images_only, cfg.workers, nl, pin), cfg.warmup,
+                                             lambda b: None))
     first = data.to_device(next(stream_batches(setup, 0, 1)), device, setup.stream)  # the same batch, held in memory
     out["student_only_ips"] = timed(iter([first] * n), cfg.warmup, step)
     return {**out, **gpu_report(device, phase)}

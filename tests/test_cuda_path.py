@@ -177,6 +177,38 @@ def test_extraction_batches_are_pinned_for_the_copy_to_the_gpu(monkeypatch):
     assert pinned[1:] == files and all(x is not f for x, f in zip(b.images, files))
 
 
+def test_a_device_fault_in_the_jpeg_decoder_is_raised_not_decoded_by_pil(monkeypatch, demo_data):
+    """A CUDA fault is a RuntimeError too: caught as a refused file's, nvJPEG's failure sent every image to PIL
+    quietly (the GPU check's decode rates then timed PIL). A file the decoder refuses still goes to PIL, counted."""
+    import io
+
+    import torchvision.io
+    from PIL import Image
+
+    from mdcache import sources, views
+
+    datas = [s.data for _, s in zip(range(3), sources.iter_samples(sources.list_source(
+        f"{demo_data}/val-000000.tar")[0]))]
+    files = [views.encoded_tensor(d) for d in datas]
+    real = torchvision.io.decode_jpeg
+
+    def fault(*a, **kw):
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", fault)
+    with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
+        views.decode_batch(files, torch.device("cpu"))
+
+    def refuses_the_second(x, **kw):
+        if isinstance(x, list) or torch.equal(x, files[1]):
+            raise RuntimeError("nvjpeg: unsupported sampling")
+        return real(x, **kw)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_the_second)
+    refused = []
+    out = views.decode_batch(files, torch.device("cpu"), refused=refused)
+    assert refused == [1] and all(torch.equal(x, views.image_tensor(Image.open(io.BytesIO(d)).convert("RGB")))
+                                  for x, d in zip(out, datas))
+
+
 def test_normalize_makes_its_constants_once_per_device():
     """mean/std built from Python lists on every call copied them to the GPU on every step."""
     from mdcache import views
@@ -272,6 +304,15 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
     plan = json.loads((tmp_path / "dry" / "gpu_check.json").read_text())
     assert dry.returncode == 0 and plan["dry_run"] and plan["settings"]["student_batch"] == 256
     assert "would run: tests" in dry.stdout
+    if not torch.cuda.is_available():  # the full check without a GPU: why, in the JSON, and exit 2 (not hours on CPU)
+        full = subprocess.run(["bash", "pipelines/bench/gpu_check.sh", "--out", str(tmp_path / "full")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        why = json.loads((tmp_path / "full" / "gpu_check.json").read_text())
+        assert full.returncode == 2 and "no CUDA device" in why["error"] and "extraction" not in why
+    late = subprocess.run(["bash", "pipelines/bench/gpu_check.sh", "--tiny", "--budget-s", "0", "--out",
+                           str(tmp_path / "late")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    skipped = json.loads((tmp_path / "late" / "gpu_check.json").read_text())
+    assert late.returncode == 0 and all("past --budget-s" in skipped[x]["skipped"] for x in skipped["stages"])
     p = subprocess.run(["bash", "pipelines/bench/gpu_check.sh", "--tiny", "--out", str(tmp_path / "tiny")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -287,3 +328,10 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
     assert r["replay"]["max_level_difference"] == 0 and set(r["seconds"]) == set(r["stages"])
     d = r["decode"]  # torchvision's CPU decoder is PIL's libjpeg-turbo: the same pixels
     assert d["max_level_difference"] == 0 and d["decode_images_per_s"] > 0 and d["images"] > 0
+    assert d["refused_by_the_device_decoder"] == 0 and r["failed_stages"] == [] and "machine" in r
+    # A second run in the same folder starts afresh (the bench refuses a root with committed shards).
+    again = subprocess.run(["bash", "pipelines/bench/gpu_check.sh", "--tiny", "--stages", "extraction,syncs",
+                            "--out", str(tmp_path / "tiny")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r2 = json.loads((tmp_path / "tiny" / "gpu_check.json").read_text())
+    assert again.returncode == 0 and r2["stages"] == ["extraction", "syncs"] and "training" not in r2, again.stderr
+    assert r2["syncs"]["syncs_per_step_outside_logging_steps"] == 0

@@ -41,3 +41,25 @@ def test_a_killed_phase_is_an_error_not_a_hang():
     with pytest.raises(RuntimeError, match=r"bench cached phase: its process exited with code -9"):
         bench._run_phase(bench.BenchConfig(cache="unused"), "cached", target=die)
     assert time.time() - t0 < 60
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_no_worker_can_fill_is_an_error_not_a_hang(tmp_path_factory, train_spec):
+    """Each worker lane makes its own full batches: with more lanes than the data fills, every epoch came out
+    empty and the bench forked its workers again, forever (the GPU check's 15 workers on 1,024 images did)."""
+    from dataclasses import replace
+
+    import torch
+
+    from mdcache.errors import ConfigError
+    from mdtrain.data import DataError
+    from mdtrain.pretrain import setup_data
+
+    cfg = bench.BenchConfig(cache=shared_cache(tmp_path_factory, train_spec), student=STUDENT, batch_size=4096,
+                            workers=2, device="cpu")
+    with pytest.raises(DataError, match="no full batch of 4096"):
+        bench._measure(cfg, "limits")
+    setup = setup_data(cfg.pretrain_config(online=False), torch.device("cpu"))
+    setup = replace(setup, stream=replace(setup.stream, batch_size=4096))
+    with pytest.raises(ConfigError, match="epoch 0 gave no batch of 4096"):
+        next(bench.stream_batches(setup, 0, 3))

@@ -3,7 +3,7 @@
     bash pipelines/bench/gpu_check.sh [--out runs/gpu_check] [--tiny] [--dry-run]
 
 No network: random-init teachers and students, data made on the spot (pipelines/bench/make_photos.py).
-On one GPU (about 6-8 minutes):
+On one GPU (about 6-8 minutes; --budget-s, 450 by default, skips the stages that would start after it):
 
   extraction   CLIP-B/16 (random weights, bf16 where native): `mdcache bench` full pipeline vs teacher only,
                views replayed in the loader workers (CPU), on the GPU (--replay-on device), and decoded and
@@ -20,16 +20,20 @@ On one GPU (about 6-8 minutes):
   tests        `pytest -m cuda` (exact resume and online == offline on the GPU, with --deterministic)
 
 --tiny runs every stage on the CPU with a tiny teacher and student in a minute (CI runs it); --dry-run
-prints the stages and writes the plan without running them.
+prints the stages and writes the plan without running them. A stage that fails is recorded with its error
+and the others still run; the JSON is rewritten after every stage, so a machine taken away keeps the rest.
+Without a GPU (and without --tiny) it writes why, with nvidia-smi's answer, and exits 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -50,9 +54,16 @@ def settings(tiny: bool) -> dict:
         return {"teacher": f"open_clip:{TINY_CLIP}", "size": 64, "images": 64, "shards": 2, "views": 2,
                 "batch": 8, "students": {"tiny": ["vit_tiny_patch16_224"]}, "student_batch": 8, "workers": 1,
                 "bench_batches": 2, "loader_batches": 4}
-    return {"teacher": "clip-b16", "size": 224, "images": 1024, "shards": 8, "views": 8, "batch": 128,
+    # 2048 images: each training lane gets 2 full batches of 256 per epoch (timed batches never cross an
+    # epoch, which restarts the loader), and the extraction's 16 shards keep 15 workers busy.
+    return {"teacher": "clip-b16", "size": 224, "images": 2048, "shards": 16, "views": 8, "batch": 128,
             "students": {"vit_b16": ["vit_base_patch16_224"], "vit_s16": ["vit_small_patch16_224"]},
-            "student_batch": 256, "workers": max(1, min(15, cores - 1)), "bench_batches": 10, "loader_batches": 20}
+            "student_batch": 256, "workers": max(1, min(15, cores - 1)), "bench_batches": 6, "loader_batches": 6}
+
+
+def training_workers(s: dict) -> int:
+    """Loader lanes for the training stages: as many as the workers, but each with 2 full batches per epoch."""
+    return max(1, min(s["workers"], s["images"] // (2 * s["student_batch"])))
 
 
 def extraction(s: dict, spec: str, root: str, device: str) -> dict:
@@ -60,11 +71,17 @@ def extraction(s: dict, spec: str, root: str, device: str) -> dict:
 
     out = {}
     for where in ("workers", "device", "device-decode"):
+        if where != "workers" and "cache" not in out:
+            break  # the CPU-replay run failed (its error is recorded): the others would only fail the same way
         cfg = bench.BenchConfig(source=spec, teacher=s["teacher"], random_init=True, image_size=s["size"],
                                 views=s["views"], codec="int8", batch_size=s["batch"], workers=s["workers"],
                                 device=device, root=os.path.join(root, f"extract-{where}"), repeats=2,
                                 replay_on=where)
-        r = bench.bench(cfg)
+        try:
+            r = bench.bench(cfg)
+        except Exception as e:  # recorded; the run of another replay may still work
+            out[f"replay_on_{where}"] = {"error": failure(e)}
+            continue
         out[f"replay_on_{where}"] = {k: r[k] for k in ("extract_views_per_s", "teacher_only_views_per_s", "ratio",
                                                       "device", "precision") if k in r}
         out[f"replay_on_{where}"]["peak_gpu_mb"] = r.get("peak_gpu_mb")
@@ -73,21 +90,30 @@ def extraction(s: dict, spec: str, root: str, device: str) -> dict:
     return out
 
 
+def failure(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}\n" + "".join(traceback.format_tb(e.__traceback__)[-4:])
+
+
 def training(s: dict, cache: str, device: str) -> dict:
     from mdtrain import bench
 
-    out = {}
+    out, workers = {}, training_workers(s)
     for name, (student,) in s["students"].items():
         cfg = bench.BenchConfig(cache=cache, student=student, teacher=s["teacher"], random_init=True,
                                 batch_size=s["student_batch"], batches=s["bench_batches"], warmup=2,
-                                loader_batches=s["loader_batches"], repeats=1, workers=s["workers"], device=device)
-        r = bench.bench(cfg)
-        r["loader_images_per_core"] = r["loader_targets_ips"] / max(1, s["workers"])
-        if not out:  # the first student again, the workers only reading files and the GPU decoding (nvJPEG)
-            d = bench.bench(replace(cfg, replay_on="device-decode", loader_batches=max(2, s["loader_batches"] // 2)))
-            r["device_decode"] = {"loader_targets_ips": d["loader_targets_ips"],
-                                  "cached_step_ips": d["cached_step_ips"],
-                                  "loader_images_per_core": d["loader_targets_ips"] / max(1, s["workers"])}
+                                loader_batches=s["loader_batches"], repeats=1, workers=workers, device=device)
+        try:
+            r = bench.bench(cfg)
+            r["workers"] = workers
+            r["loader_images_per_core"] = r["loader_targets_ips"] / workers
+            if not out:  # the first student again, the workers only reading files and the GPU decoding (nvJPEG);
+                # no online phase (teacher=None): its rate would be the same as above
+                d = bench.bench(replace(cfg, replay_on="device-decode", teacher=None))
+                r["device_decode"] = {"loader_targets_ips": d["loader_targets_ips"],
+                                      "cached_step_ips": d["cached_step_ips"],
+                                      "loader_images_per_core": d["loader_targets_ips"] / workers}
+        except Exception as e:
+            r = {"error": failure(e)}
         out[name] = r
     return out
 
@@ -114,7 +140,7 @@ def syncs_per_step(s: dict, cache: str, device: str, out_dir: str) -> dict:
 
     name = next(iter(s["students"]))
     cfg = pt.PretrainConfig(cache=cache, out=os.path.join(out_dir, "sync-run"), student=s["students"][name][0],
-                            batch_size=max(1, s["student_batch"] // 4), workers=s["workers"], epochs=100,
+                            batch_size=max(1, s["student_batch"] // 4), workers=training_workers(s), epochs=100,
                             warmup_epochs=0, lr=1e-4, progress=False, log_every=log_every, stop_after=steps,
                             device=device)
     cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
@@ -192,8 +218,8 @@ def decode_on_device(spec: str, size: int, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    worst, differ, n = 0, 0, 0
-    for d, x in zip(datas, views.decode_batch(files, dev)):
+    worst, differ, n, refused = 0, 0, 0, []
+    for d, x in zip(datas, views.decode_batch(files, dev, refused=refused)):
         diff = (x.cpu().int() - views.image_tensor(views.decode_image(d)).int()).abs()
         worst, differ, n = max(worst, int(diff.max())), differ + int((diff > 0).sum()), n + diff.numel()
     params = [views.sample_views(f"k{i}", *views.image_size_of(d), recipe) for i, d in enumerate(datas)]
@@ -210,22 +236,47 @@ def decode_on_device(spec: str, size: int, device: str) -> dict:
             sync()
             best = min(best, time.perf_counter() - t0)
         rates[f"{name}_images_per_s"] = len(files) / best
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     for d in datas:
         views.decode_image(d)
     rates["pil_decode_images_per_s_one_core"] = len(datas) / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     return {"device": str(dev), "images": len(datas), "max_level_difference": worst,
-            "fraction_of_pixels_that_differ": differ / max(n, 1), **rates}
+            "fraction_of_pixels_that_differ": differ / max(n, 1),
+            "refused_by_the_device_decoder": len(refused), **rates}  # those PIL decoded: 0, or the rates mislead
 
 
-def cuda_tests(tiny: bool) -> dict:
+def cuda_tests(tiny: bool, seconds: float) -> dict:
     if tiny:
         return {"skipped": "tiny mode: the CPU suite runs these tests already"}
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    return {"returncode": p.returncode, "summary": p.stdout.strip().splitlines()[-1:], "seconds": time.time() - t0}
+    try:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], cwd=ROOT,
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                           timeout=max(30.0, seconds))
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        return {"timed_out_after_s": round(time.time() - t0, 1), "output_tail": tail[-2000:]}
+    return {"returncode": p.returncode, "summary": p.stdout.strip().splitlines()[-1:],
+            "failures": [x for x in p.stdout.splitlines() if x.startswith(("FAILED", "ERROR"))][:10],
+            "seconds": round(time.time() - t0, 1)}
+
+
+def machine() -> dict:
+    """What a failed or slow stage may come down to: the driver, and the shared memory loader workers use."""
+    out: dict = {"cuda_available": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+                 "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    if os.path.isdir("/dev/shm"):
+        out["dev_shm_gb"] = round(shutil.disk_usage("/dev/shm").total / 2**30, 1)
+    try:
+        out["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                            "--format=csv,noheader"], capture_output=True, text=True,
+                                           timeout=20).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired) as e:
+        out["nvidia_smi"] = f"not run: {e}"
+    return out
 
 
 def main() -> None:
@@ -235,6 +286,8 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="write the plan, run nothing")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--budget-s", type=float, default=450.0, help="stages that would start after this many "
+                    "seconds are skipped (recorded as such); the tests get what is left")
     a = ap.parse_args()
     s = settings(a.tiny)
     stages = [x for x in a.stages.split(",") if x]
@@ -243,8 +296,17 @@ def main() -> None:
         sys.exit(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
     os.makedirs(a.out, exist_ok=True)
     result: dict = {"settings": s, "stages": stages, "tiny": a.tiny, "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "machine": machine()}
     path = Path(a.out) / "gpu_check.json"
+    path.unlink(missing_ok=True)  # an old run's JSON never passes for this one's
+    shutil.rmtree(os.path.join(a.out, "caches"), ignore_errors=True)  # bench refuses a root with committed shards
+    shutil.rmtree(os.path.join(a.out, "sync-run"), ignore_errors=True)
+    if not a.tiny and not a.dry_run and a.device != "cpu" and not torch.cuda.is_available():
+        result["error"] = ("no CUDA device visible to torch (driver too old for this torch's CUDA "
+                           f"{torch.version.cuda}? see machine.nvidia_smi); --tiny runs the CPU version")
+        path.write_text(json.dumps(result, indent=1))
+        print(result["error"], file=sys.stderr)
+        sys.exit(2)
     if a.dry_run:
         result["dry_run"] = True
         path.write_text(json.dumps(result, indent=1))
@@ -258,32 +320,43 @@ def main() -> None:
         from make_photos import main as make_photos
 
         make_photos(["--out", photos, "--images", str(s["images"]), "--shards", str(s["shards"])])
-    timings = {}
+    timings: dict = {}
     cache = None
     for stage in stages:
-        t0 = time.time()
-        if stage == "extraction":
-            result[stage] = extraction(s, spec, os.path.join(a.out, "caches"), a.device)
-            cache = result[stage]["cache"]
-        elif stage in ("training", "syncs"):
-            if cache is None:
-                sys.exit(f"stage {stage} needs the extraction stage's cache")
-            result[stage] = training(s, cache, a.device) if stage == "training" else \
-                syncs_per_step(s, cache, a.device, a.out)
-        elif stage == "codecs":
-            result[stage] = codecs_on_device(a.device)
-        elif stage == "replay":
-            result[stage] = replay_on_device(spec, s["size"], a.device)
-        elif stage == "decode":
-            result[stage] = decode_on_device(spec, s["size"], a.device)
-        elif stage == "tests":
-            result[stage] = cuda_tests(a.tiny)
+        t0, left = time.time(), a.budget_s - (time.time() - t_all)
+        try:
+            if left <= 0:
+                result[stage] = {"skipped": f"past --budget-s {a.budget_s:g}"}
+            elif stage == "extraction":
+                result[stage] = extraction(s, spec, os.path.join(a.out, "caches"), a.device)
+                cache = result[stage].get("cache")
+            elif stage in ("training", "syncs"):
+                if cache is None:
+                    result[stage] = {"skipped": "needs the extraction stage's cache"}
+                else:
+                    result[stage] = training(s, cache, a.device) if stage == "training" else \
+                        syncs_per_step(s, cache, a.device, a.out)
+            elif stage == "codecs":
+                result[stage] = codecs_on_device(a.device)
+            elif stage == "replay":
+                result[stage] = replay_on_device(spec, s["size"], a.device)
+            elif stage == "decode":
+                result[stage] = decode_on_device(spec, s["size"], a.device)
+            elif stage == "tests":
+                result[stage] = cuda_tests(a.tiny, left)
+        except Exception as e:  # recorded; the next stage still runs
+            result[stage] = {"error": failure(e)}
+            print(f"stage {stage} failed: {type(e).__name__}: {e}", file=sys.stderr)
         timings[stage] = round(time.time() - t0, 1)
         result["seconds"] = timings
         path.write_text(json.dumps(result, indent=1, default=str))  # after every stage: a timeout keeps the rest
     result["total_seconds"] = round(time.time() - t_all, 1)
+    result["failed_stages"] = [x for x in stages if isinstance(result.get(x), dict) and (
+        "error" in result[x] or any(isinstance(v, dict) and "error" in v for v in result[x].values()))]
     path.write_text(json.dumps(result, indent=1, default=str))
     print(path)
+    if result["failed_stages"]:
+        sys.exit(f"failed stage(s): {', '.join(result['failed_stages'])} (their errors are in {path})")
 
 
 if __name__ == "__main__":
