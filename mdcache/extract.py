@@ -152,8 +152,8 @@ def replay_on_device(b: Batch, recipe: views.ViewRecipe, device: torch.device, d
                 del b.labels[i]
         if not b.keys:
             return torch.empty(0, 3, recipe.image_size, recipe.image_size, dtype=torch.uint8, device=device)
-    return torch.cat([views.view_pixels(x.to(device, non_blocking=True), p[b.first_view:], recipe.image_size,
-                                        recipe.replay) for x, p in zip(b.images, b.views)])
+    return views.replay_batch(b.images, [p[b.first_view:] for p in b.views], recipe.image_size, recipe.replay,
+                              device)
 
 
 def shard_batches(shard: sources.SourceShard, recipe: views.ViewRecipe, batch_size: int,

@@ -11,7 +11,7 @@ trainer always replays with the cache's own:
     tensor-bicubic-aa-v1                   uint8 torch ops: antialiased bicubic resize (the kernel PIL uses,
                                            separable, width then height, rounded to uint8 in between), flip,
                                            jitter in float32 rounded once; 3x faster on a CPU, and the same
-                                           function runs batched on a GPU (`view_pixels(..., device=)`)
+                                           function runs on a GPU, flips and jitter batched (`replay_batch`)
 """
 from __future__ import annotations
 
@@ -203,20 +203,62 @@ def jitter_(x, factors: tuple[float, float, float], order: int):
     return x
 
 
-def _replay_tensor(x, params, size: int):
-    """One view from an image as uint8 [3,H,W] (any device) -> uint8 [3,size,size]."""
-    import torch
-
-    top, left, h, w, flip, src_h, src_w, *jitter = (int(v) for v in params)
+def _crop_resized(x, params, size: int):
+    """One view's crop of an image as uint8 [3,H,W] (any device), resized: uint8 [1,3,size,size]."""
+    top, left, h, w, _, src_h, src_w = (int(v) for v in params[:7])
     if tuple(x.shape[1:]) != (src_h, src_w):
         raise ValueError(f"view was sampled on a {src_w}x{src_h} image but the decoded image is "
                          f"{x.shape[2]}x{x.shape[1]}: source changed since extraction")
-    view = resize_aa(x[None, :, top:top + h, left:left + w], size)[0]
+    return resize_aa(x[None, :, top:top + h, left:left + w], size)
+
+
+def _replay_tensor(x, params, size: int):
+    """One view from an image as uint8 [3,H,W] -> uint8 [3,size,size] (on a CPU; a GPU batches the last steps)."""
+    import torch
+
+    view = _crop_resized(x, params, size)[0]
+    flip, jitter = int(params[4]), [int(j) for j in params[7:]]
     if flip:
         view = view.flip(-1)
     if jitter and jitter[:3] != [JITTER_SCALE] * 3:
         view = jitter_(view.float(), tuple(j / JITTER_SCALE for j in jitter[:3]), jitter[3]).round_().to(torch.uint8)
     return view
+
+
+def flip_and_jitter(v, params, flips: bool = True, jitter: bool = True):
+    """The flips and colour jitter of views already cropped and resized, uint8 [N,3,S,S] (a GPU's); params
+    int [N,11] on the same device; `flips`/`jitter`: whether any view has one (known on the host: nothing is
+    read back from the device). A few kernels per batch, whatever N: each step applies to every view either
+    its operation or, with factor 1, an exact identity (x*1 + g*0 = x), so no view is picked out. Equal to
+    the one-view replay but for the contrast's mean grey level, summed in another order (a level, rarely)."""
+    import torch
+
+    if flips:
+        v = torch.where(params[:, 4].bool().view(-1, 1, 1, 1), v.flip(-1), v)
+    if not jitter:
+        return v
+    f = params[:, 7:10].float() / JITTER_SCALE
+    x, gray = v.float(), _gray(v.device)
+    order = _orders(v.device)[params[:, 10].long()]  # [N,3]: each view's operations, in its order
+    one = torch.ones_like(f[:, 0])
+    for t in range(3):
+        for i in (0, 1, 2):
+            fi = torch.where(order[:, t] == i, f[:, i], one).view(-1, 1, 1, 1)
+            if i == 0:
+                x.mul_(fi)
+            else:
+                grey = torch.matmul(gray, x.reshape(len(x), 3, -1))
+                grey = grey.mean(-1).view(-1, 1, 1, 1) if i == 1 else grey.view(len(x), 1, *x.shape[2:])
+                x.mul_(fi).add_(grey * (1 - fi))
+            x.clamp_(0, 255)
+    return x.round_().to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=8)
+def _orders(device) -> "torch.Tensor":  # noqa: F821
+    import torch
+
+    return torch.tensor(JITTER_ORDERS, dtype=torch.long, device=device)
 
 
 def image_tensor(image: Image.Image):
@@ -234,18 +276,39 @@ def view_pixels(image, params: np.ndarray, size: int, impl: str = REPLAY_IMPL, d
     """The one function that turns (decoded image, stored view params) into the views' pixels: uint8
     [K,3,S,S] for params [K,11] (or [3,S,S] for one view). `image` is a PIL image from `decode_image`, or for
     the tensor replay also its uint8 [3,H,W] tensor; `device` runs the tensor replay there (a GPU)."""
+    one = np.ndim(params) == 1
+    out = replay_batch([image], [np.asarray(params).reshape(-1, np.shape(params)[-1])], size, impl, device)
+    return out[0] if one else out
+
+
+def replay_batch(images: list, params: list[np.ndarray], size: int, impl: str = REPLAY_IMPL, device=None):
+    """`view_pixels` of several images at once: uint8 [sum K_i,3,S,S], image i's views in order. On a CPU view
+    by view (each view's float work stays in the core's cache); on a GPU each crop is resized alone (crops
+    differ in size, so do their antialiasing filters), then the whole batch is flipped and jittered at once."""
     import torch
 
-    one = np.ndim(params) == 1
-    rows = [params] if one else list(params)
     if check_replay(impl) == REPLAY_PIL:
-        out = torch.stack([image_tensor(_replay_pil(image, p, size)) for p in rows])
-        return out[0] if one else out
-    x = image if isinstance(image, torch.Tensor) else image_tensor(image)
+        return torch.cat([torch.stack([image_tensor(_replay_pil(im, p, size)) for p in rows])
+                          for im, rows in zip(images, params)])
+    xs = [im if isinstance(im, torch.Tensor) else image_tensor(im) for im in images]
     if device is not None:
-        x = x.to(device, non_blocking=True)
-    out = torch.stack([_replay_tensor(x, p, size) for p in rows])
-    return out[0] if one else out
+        xs = [x.to(device, non_blocking=True) for x in xs]
+    if not xs:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8, device=device)
+    if xs[0].device.type == "cpu":
+        return torch.stack([_replay_tensor(x, p, size) for x, rows in zip(xs, params) for p in rows])
+    return _replay_batched(xs, params, size)
+
+
+def _replay_batched(xs: list, params: list[np.ndarray], size: int):
+    """The GPU's form of the tensor replay (runs on any device: the tests run it on a CPU)."""
+    import torch
+
+    rows = np.concatenate(params)
+    crops = torch.cat([_crop_resized(x, p, size) for x, ps in zip(xs, params) for p in ps])
+    jitter = rows.shape[1] > 7 and bool((rows[:, 7:10] != JITTER_SCALE).any())
+    return flip_and_jitter(crops, torch.as_tensor(rows, dtype=torch.int64).to(crops.device, non_blocking=True),
+                           flips=bool(rows[:, 4].any()), jitter=jitter)
 
 
 def replay(image: Image.Image, params: np.ndarray | tuple, size: int, impl: str = REPLAY_IMPL) -> Image.Image:

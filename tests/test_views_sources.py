@@ -158,3 +158,22 @@ def test_source_reads_on_a_bucket_get_the_storage_timeouts():
     fs, path = sources.open_fs("s3://team/data/train-000000.tar", {"endpoint_url": "http://127.0.0.1:9", "anon": True})
     assert path == "team/data/train-000000.tar"
     assert fs.config_kwargs["read_timeout"] == 30.0 and fs.config_kwargs["retries"]["max_attempts"] == 1
+
+
+def test_the_gpu_batches_flips_and_jitter_as_the_cpu_replays_each_view(photo):
+    """On a GPU the whole batch is flipped and jittered in a few kernels (per view, launches would dominate).
+    Run here on the CPU: flips exact, jitter within one level on a few pixels (the contrast's mean grey level
+    is summed in another order), and with no jitter every pixel equal."""
+    import torch
+
+    x = views.image_tensor(photo)
+    for jitter in (0.0, 0.4, 0.8):
+        recipe = views.ViewRecipe(image_size=64, views=16, seed=3, color_jitter=jitter)
+        params = [views.sample_views(k, photo.height, photo.width, recipe) for k in ("a", "b", "c")]
+        assert all(p[:, 4].any() and not p[:, 4].all() for p in params)  # flipped and not, in every image
+        each = torch.cat([views.view_pixels(x, p, 64, views.REPLAY_TENSOR) for p in params]).int()
+        batched = views._replay_batched([x, x, x], params, 64).int()
+        diff = (each - batched).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, (jitter, diff.max(), (diff > 0).float().mean())
+        if jitter == 0:
+            assert diff.max() == 0

@@ -225,8 +225,8 @@ def decode_on_device(spec: str, size: int, device: str) -> dict:
     params = [views.sample_views(f"k{i}", *views.image_size_of(d), recipe) for i, d in enumerate(datas)]
     rates = {}
     for name, fn in (("decode", lambda: views.decode_batch(files, dev)),
-                     ("decode_and_8_views", lambda: [views.view_pixels(x, p, size, views.REPLAY_TENSOR) for x, p in
-                                                     zip(views.decode_batch(files, dev), params)])):
+                     ("decode_and_8_views", lambda: views.replay_batch(views.decode_batch(files, dev), params, size,
+                                                                       views.REPLAY_TENSOR))):
         fn()
         sync()
         best = float("inf")
