@@ -104,13 +104,12 @@ class Batch:
     claim_seconds: float = 0.0
     first_view: int = 0                                 # views before it are stored already (a growing shard)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self, device=None) -> "Batch":
         """The DataLoader's pin thread calls this (pin_memory=True): without it a dataclass passes through
         unpinned, and every copy to the GPU waits on pageable memory."""
-        if isinstance(self.images, torch.Tensor):
-            self.images = self.images.pin_memory()
-        elif isinstance(self.images, list):
-            self.images = [x.pin_memory() for x in self.images]
+        from torch.utils.data._utils.pin_memory import pin_memory
+
+        self.images = pin_memory(self.images)  # a tensor, or a list of them; None passes through
         return self
 
 

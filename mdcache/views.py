@@ -415,16 +415,20 @@ def decode_batch(datas: list, device, failed: dict[int, str] | None = None, refu
         except device_errors:
             raise  # the device's trouble, not a file's
         except RuntimeError:  # one file the decoder refuses fails the batch: each alone, PIL for the refused
-            decoded = []
+            decoded, first = [], None
             for i in fast:
                 try:
                     decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
                 except device_errors:
                     raise
-                except RuntimeError:
+                except RuntimeError as e:
                     decoded.append(None)
+                    first = first or e
                     if refused is not None:
                         refused.append(i)
+            if len(fast) > 1 and all(x is None for x in decoded):  # the decoder is broken, not every file
+                raise RuntimeError(f"the {device} JPEG decoder refused all {len(fast)} JPEGs of a batch (the first: "
+                                   f"{first}); decode them in the loader workers instead (--replay-on device)")
         for i, x in zip(fast, decoded):
             out[i] = x
     for i, d in enumerate(datas):

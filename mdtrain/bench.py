@@ -202,19 +202,24 @@ def _run_phase(cfg: BenchConfig, phase: str, target=_phase, poll_s: float = 1.0)
     queue = ctx.Queue()
     p = ctx.Process(target=target, args=(cfg, phase, queue))
     p.start()
-    while True:
-        try:
-            result = queue.get(timeout=poll_s)
-            break
-        except queues.Empty:
-            if not p.is_alive():
-                try:  # it may have put its result just before exiting
-                    result = queue.get(timeout=poll_s)
-                    break
-                except queues.Empty:
-                    raise RuntimeError(f"bench {phase} phase: its process exited with code {p.exitcode} "
-                                       "without a result (killed? out of memory?)") from None
-    p.join()
+    try:
+        while True:
+            try:
+                result = queue.get(timeout=poll_s)
+                break
+            except queues.Empty:
+                if not p.is_alive():
+                    try:  # it may have put its result just before exiting
+                        result = queue.get(timeout=poll_s)
+                        break
+                    except queues.Empty:
+                        raise RuntimeError(f"bench {phase} phase: its process exited with code {p.exitcode} "
+                                           "without a result (killed? out of memory?)") from None
+        p.join()
+    finally:  # interrupted (Ctrl-C, a caller's deadline): the phase's process does not outlive the bench
+        if p.is_alive():
+            p.kill()
+            p.join()
     if "error" in result:
         raise RuntimeError(f"bench {phase} phase failed: {result['error']}")
     return result

@@ -386,10 +386,10 @@ def _image_batches(loader, mean: tuple, std: tuple, device: torch.device, erasin
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
     s = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
     for x, y in loader:
-        x = (x.to(device, non_blocking=True).float() - m) / s
+        x = (x.to(device).float() - m) / s  # blocking: FFCV reuses the pinned slot
         if erasing is not None:
             x = erasing(x)
-        yield x.contiguous(), y.to(device, non_blocking=True).long().view(-1).clone()
+        yield x.contiguous(), y.to(device).long().view(-1).clone()
 
 
 def ffcv_train_split(path: str, batch_size: int, image_size: int, scale: tuple, mean: tuple, std: tuple,

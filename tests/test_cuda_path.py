@@ -179,7 +179,8 @@ def test_extraction_batches_are_pinned_for_the_copy_to_the_gpu(monkeypatch):
 
 def test_a_device_fault_in_the_jpeg_decoder_is_raised_not_decoded_by_pil(monkeypatch, demo_data):
     """A CUDA fault is a RuntimeError too: caught as a refused file's, nvJPEG's failure sent every image to PIL
-    quietly (the GPU check's decode rates then timed PIL). A file the decoder refuses still goes to PIL, counted."""
+    quietly (the GPU check's decode rates then timed PIL). A file the decoder refuses still goes to PIL, counted;
+    a decoder that refuses every file of a batch is broken, and said so."""
     import io
 
     import torchvision.io
@@ -207,6 +208,12 @@ def test_a_device_fault_in_the_jpeg_decoder_is_raised_not_decoded_by_pil(monkeyp
     out = views.decode_batch(files, torch.device("cpu"), refused=refused)
     assert refused == [1] and all(torch.equal(x, views.image_tensor(Image.open(io.BytesIO(d)).convert("RGB")))
                                   for x, d in zip(out, datas))
+
+    def refuses_all(x, **kw):  # a broken decoder (nvJPEG's own status errors are plain RuntimeErrors)
+        raise RuntimeError("nvjpegDecode failed: NVJPEG_STATUS_EXECUTION_FAILED")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refuses_all)
+    with pytest.raises(RuntimeError, match="refused all 3 JPEGs of a batch.*--replay-on device"):
+        views.decode_batch(files, torch.device("cpu"))
 
 
 def test_normalize_makes_its_constants_once_per_device():
@@ -313,6 +320,13 @@ def test_the_gpu_check_runs_in_its_tiny_cpu_mode_and_plans_a_dry_run(tmp_path):
                            str(tmp_path / "late")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     skipped = json.loads((tmp_path / "late" / "gpu_check.json").read_text())
     assert late.returncode == 0 and all("past --budget-s" in skipped[x]["skipped"] for x in skipped["stages"])
+    # A stage that runs past the budget is stopped inside (not only between stages), the rest is skipped.
+    cut = subprocess.run(["bash", "pipelines/bench/gpu_check.sh", "--tiny", "--budget-s", "2", "--stages",
+                          "extraction,codecs", "--out", str(tmp_path / "late")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    r = json.loads((tmp_path / "late" / "gpu_check.json").read_text())
+    assert cut.returncode != 0 and r["failed_stages"] == ["extraction"] and r["seconds"]["extraction"] < 30
+    assert "ran past --budget-s" in r["extraction"]["error"] and "past --budget-s" in r["codecs"]["skipped"]
     p = subprocess.run(["bash", "pipelines/bench/gpu_check.sh", "--tiny", "--out", str(tmp_path / "tiny")], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]

@@ -57,8 +57,12 @@ def test_a_batch_no_worker_can_fill_is_an_error_not_a_hang(tmp_path_factory, tra
 
     cfg = bench.BenchConfig(cache=shared_cache(tmp_path_factory, train_spec), student=STUDENT, batch_size=4096,
                             workers=2, device="cpu")
-    with pytest.raises(DataError, match="no full batch of 4096"):
-        bench._measure(cfg, "limits")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(DataError, match="no full batch of 4096"):
+            bench._measure(cfg, "limits")
+    finally:  # _measure sets this process's threads, as a bench phase's own process would
+        torch.set_num_threads(threads)
     setup = setup_data(cfg.pretrain_config(online=False), torch.device("cpu"))
     setup = replace(setup, stream=replace(setup.stream, batch_size=4096))
     with pytest.raises(ConfigError, match="epoch 0 gave no batch of 4096"):

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -53,12 +55,13 @@ def settings(tiny: bool) -> dict:
     if tiny:
         return {"teacher": f"open_clip:{TINY_CLIP}", "size": 64, "images": 64, "shards": 2, "views": 2,
                 "batch": 8, "students": {"tiny": ["vit_tiny_patch16_224"]}, "student_batch": 8, "workers": 1,
-                "bench_batches": 2, "loader_batches": 4}
+                "bench_batches": 2, "loader_batches": 4, "teacher_batches": 0}
     # 2048 images: each training lane gets 2 full batches of 256 per epoch (timed batches never cross an
     # epoch, which restarts the loader), and the extraction's 16 shards keep 15 workers busy.
     return {"teacher": "clip-b16", "size": 224, "images": 2048, "shards": 16, "views": 8, "batch": 128,
             "students": {"vit_b16": ["vit_base_patch16_224"], "vit_s16": ["vit_small_patch16_224"]},
-            "student_batch": 256, "workers": max(1, min(15, cores - 1)), "bench_batches": 6, "loader_batches": 6}
+            "student_batch": 256, "workers": max(1, min(15, cores - 1)), "bench_batches": 6, "loader_batches": 6,
+            "teacher_batches": 8}
 
 
 def training_workers(s: dict) -> int:
@@ -66,17 +69,18 @@ def training_workers(s: dict) -> int:
     return max(1, min(s["workers"], s["images"] // (2 * s["student_batch"])))
 
 
-def extraction(s: dict, spec: str, root: str, device: str) -> dict:
+def extraction(s: dict, spec: str, root: str, device: str, out: dict, save=lambda: None) -> dict:
+    """Fills `out` as it goes, saved after each bench: a stage cut short keeps what it measured."""
     from mdcache import bench
 
-    out = {}
     for where in ("workers", "device", "device-decode"):
         if where != "workers" and "cache" not in out:
-            break  # the CPU-replay run failed (its error is recorded): the others would only fail the same way
+            out[f"replay_on_{where}"] = {"skipped": "the CPU-replay run failed: this one would the same way"}
+            continue
         cfg = bench.BenchConfig(source=spec, teacher=s["teacher"], random_init=True, image_size=s["size"],
                                 views=s["views"], codec="int8", batch_size=s["batch"], workers=s["workers"],
                                 device=device, root=os.path.join(root, f"extract-{where}"), repeats=2,
-                                replay_on=where)
+                                replay_on=where, teacher_batches=s["teacher_batches"])
         try:
             r = bench.bench(cfg)
         except Exception as e:  # recorded; the run of another replay may still work
@@ -87,6 +91,7 @@ def extraction(s: dict, spec: str, root: str, device: str) -> dict:
         out[f"replay_on_{where}"]["peak_gpu_mb"] = r.get("peak_gpu_mb")
         if where == "workers":  # the cache the training stages read (device-decode on a GPU makes an nvjpeg one)
             out["cache"] = r["cache"]
+        save()
     return out
 
 
@@ -94,27 +99,31 @@ def failure(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}\n" + "".join(traceback.format_tb(e.__traceback__)[-4:])
 
 
-def training(s: dict, cache: str, device: str) -> dict:
+def training(s: dict, cache: str, device: str, out: dict, save=lambda: None) -> dict:
+    """Fills `out` student by student, saved after each bench (a stage cut short keeps what it measured)."""
     from mdtrain import bench
 
-    out, workers = {}, training_workers(s)
+    workers = training_workers(s)
     for name, (student,) in s["students"].items():
         cfg = bench.BenchConfig(cache=cache, student=student, teacher=s["teacher"], random_init=True,
                                 batch_size=s["student_batch"], batches=s["bench_batches"], warmup=2,
                                 loader_batches=s["loader_batches"], repeats=1, workers=workers, device=device)
+        first = not out
         try:
-            r = bench.bench(cfg)
-            r["workers"] = workers
+            r = out[name] = {**bench.bench(cfg), "workers": workers}
             r["loader_images_per_core"] = r["loader_targets_ips"] / workers
-            if not out:  # the first student again, the workers only reading files and the GPU decoding (nvJPEG);
-                # no online phase (teacher=None): its rate would be the same as above
+        except Exception as e:
+            out[name] = {"error": failure(e)}
+            continue
+        save()
+        if first:  # the first student again, the workers only reading files and the GPU decoding (nvJPEG);
+            try:    # no online phase (teacher=None): its rate would be the same as above
                 d = bench.bench(replace(cfg, replay_on="device-decode", teacher=None))
                 r["device_decode"] = {"loader_targets_ips": d["loader_targets_ips"],
                                       "cached_step_ips": d["cached_step_ips"],
                                       "loader_images_per_core": d["loader_targets_ips"] / workers}
-        except Exception as e:
-            r = {"error": failure(e)}
-        out[name] = r
+            except Exception as e:
+                r["device_decode"] = {"error": failure(e)}
     return out
 
 
@@ -249,19 +258,48 @@ def decode_on_device(spec: str, size: int, device: str) -> dict:
 
 
 def cuda_tests(tiny: bool, seconds: float) -> dict:
+    """`pytest -m cuda` in its own process group, killed whole at the deadline (its mdtrain children too)."""
     if tiny:
         return {"skipped": "tiny mode: the CPU suite runs these tests already"}
     t0 = time.time()
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider"], cwd=ROOT,
-                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                           timeout=max(30.0, seconds))
-    except subprocess.TimeoutExpired as e:
-        tail = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return {"timed_out_after_s": round(time.time() - t0, 1), "output_tail": tail[-2000:]}
-    return {"returncode": p.returncode, "summary": p.stdout.strip().splitlines()[-1:],
-            "failures": [x for x in p.stdout.splitlines() if x.startswith(("FAILED", "ERROR"))][:10],
-            "seconds": round(time.time() - t0, 1)}
+        out, _ = p.communicate(timeout=seconds)
+    except BaseException:  # the deadline, or the stage's alarm
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        return {"error": f"timed out after {time.time() - t0:.0f} s", "output_tail": (out or "")[-2000:]}
+    lines = out.strip().splitlines()
+    r = {"returncode": p.returncode, "summary": lines[-1:], "seconds": round(time.time() - t0, 1),
+         "failures": [x for x in lines if x.startswith(("FAILED", "ERROR"))][:10]}
+    if p.returncode != 0:
+        r["error"] = f"pytest -m cuda exited {p.returncode}"
+    return r
+
+
+class StageTimeout(BaseException):
+    """A BaseException: the stages' own `except Exception` (one failed bench, the next one runs) must not
+    swallow the deadline."""
+
+
+def _alarm(signum, frame):
+    raise StageTimeout("the stage ran past --budget-s")
+
+
+def photos_for(s: dict, out: str) -> str:
+    """The bench photos, made again when the settings changed or a run was cut short while making them."""
+    photos, want = os.path.join(out, "photos"), {"images": s["images"], "shards": s["shards"]}
+    spec = os.path.join(photos, f"photos-{{000000..{s['shards'] - 1:06d}}}.tar")
+    made = Path(photos, "made.json")
+    if not made.exists() or json.loads(made.read_text()) != want:
+        from make_photos import main as make_photos
+
+        shutil.rmtree(photos, ignore_errors=True)
+        make_photos(["--out", photos, "--images", str(s["images"]), "--shards", str(s["shards"])])
+        made.write_text(json.dumps(want))
+    return spec
 
 
 def machine() -> dict:
@@ -298,6 +336,12 @@ def main() -> None:
     result: dict = {"settings": s, "stages": stages, "tiny": a.tiny, "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "machine": machine()}
     path = Path(a.out) / "gpu_check.json"
+    if a.dry_run:
+        result["dry_run"] = True
+        path.write_text(json.dumps(result, indent=1))
+        print("\n".join(f"would run: {x}" for x in stages))
+        print(path)
+        return
     path.unlink(missing_ok=True)  # an old run's JSON never passes for this one's
     shutil.rmtree(os.path.join(a.out, "caches"), ignore_errors=True)  # bench refuses a root with committed shards
     shutil.rmtree(os.path.join(a.out, "sync-run"), ignore_errors=True)
@@ -307,35 +351,33 @@ def main() -> None:
         path.write_text(json.dumps(result, indent=1))
         print(result["error"], file=sys.stderr)
         sys.exit(2)
-    if a.dry_run:
-        result["dry_run"] = True
-        path.write_text(json.dumps(result, indent=1))
-        print("\n".join(f"would run: {x}" for x in stages))
-        print(path)
-        return
     t_all = time.time()
-    photos = os.path.join(a.out, "photos")
-    spec = os.path.join(photos, f"photos-{{000000..{s['shards'] - 1:06d}}}.tar")
-    if not Path(photos, "photos-000000.tar").exists():
-        from make_photos import main as make_photos
-
-        make_photos(["--out", photos, "--images", str(s["images"]), "--shards", str(s["shards"])])
+    spec = photos_for(s, a.out)
+    signal.signal(signal.SIGALRM, _alarm)
     timings: dict = {}
+
+    def save():
+        path.write_text(json.dumps(result, indent=1, default=str))
     cache = None
     for stage in stages:
         t0, left = time.time(), a.budget_s - (time.time() - t_all)
+        if 0 < left < 60 and stage == "tests":
+            left = 0  # too little for a test run's start-up: skipped, not killed half-way
+        if left > 0:
+            signal.alarm(math.ceil(left))  # nothing runs past the budget, even inside a stage
         try:
             if left <= 0:
                 result[stage] = {"skipped": f"past --budget-s {a.budget_s:g}"}
             elif stage == "extraction":
-                result[stage] = extraction(s, spec, os.path.join(a.out, "caches"), a.device)
+                extraction(s, spec, os.path.join(a.out, "caches"), a.device, result.setdefault(stage, {}), save)
                 cache = result[stage].get("cache")
             elif stage in ("training", "syncs"):
                 if cache is None:
                     result[stage] = {"skipped": "needs the extraction stage's cache"}
+                elif stage == "training":
+                    training(s, cache, a.device, result.setdefault(stage, {}), save)
                 else:
-                    result[stage] = training(s, cache, a.device) if stage == "training" else \
-                        syncs_per_step(s, cache, a.device, a.out)
+                    result[stage] = syncs_per_step(s, cache, a.device, a.out)
             elif stage == "codecs":
                 result[stage] = codecs_on_device(a.device)
             elif stage == "replay":
@@ -344,12 +386,14 @@ def main() -> None:
                 result[stage] = decode_on_device(spec, s["size"], a.device)
             elif stage == "tests":
                 result[stage] = cuda_tests(a.tiny, left)
-        except Exception as e:  # recorded; the next stage still runs
-            result[stage] = {"error": failure(e)}
+        except (Exception, StageTimeout) as e:  # recorded beside what the stage measured; the next stage runs
+            result[stage] = {**(result.get(stage) or {}), "error": failure(e)}
             print(f"stage {stage} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            signal.alarm(0)
         timings[stage] = round(time.time() - t0, 1)
         result["seconds"] = timings
-        path.write_text(json.dumps(result, indent=1, default=str))  # after every stage: a timeout keeps the rest
+        save()  # after every stage too: a machine taken away keeps the rest
     result["total_seconds"] = round(time.time() - t_all, 1)
     result["failed_stages"] = [x for x in stages if isinstance(result.get(x), dict) and (
         "error" in result[x] or any(isinstance(v, dict) and "error" in v for v in result[x].values()))]
