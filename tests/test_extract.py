@@ -316,6 +316,10 @@ def test_bench_prints_both_rates_and_ratio(train_spec):
     assert math.isfinite(ratio) and ratio > 0
     share = float(out.split("claims + commit records:")[1].split("%")[0]) / 100
     assert 0 < share < 1  # a share of the shard time, measured
+    few = run_cli("bench", "--source", train_spec, "--teacher", TINY_TEACHER, "--random-init", "--image-size", "64",
+                  "--shards", "0:2", "--workers", "1", "--calib-images", "8", "--teacher-batches", "1").stdout
+    timed = int(re.search(r"images: (\d+) x 2 views \(60 extracted\)", few).group(1))
+    assert 0 < timed < 60  # the teacher alone timed on the first shard's batch only; extraction on both shards
 
 
 def test_bench_without_teacher_measures_the_cpu_side_per_core(train_spec):
