@@ -52,7 +52,7 @@ from .classifier import (
     scale_head,
 )
 from .outputs import MetricsLog, OutputDir, check_trackers, plot_curves
-from .runtime import Dist, all_ranks, all_reduce_sum, init_distributed, seed_all, seed_for, unwrap
+from .runtime import Dist, all_ranks, all_reduce_sum, init_distributed, make_deterministic, seed_all, seed_for, unwrap
 
 console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 DEFAULT_MODEL = "vit_base_patch16_224"
@@ -132,6 +132,8 @@ class FinetuneConfig:
                                           "continues from exactly there). None = run to --epochs.", ge=0)
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N.")
     log_every: int = opt(20, "Print a progress line every N steps (rank 0); 0 = off.", ge=0)
+    deterministic: bool = opt(False, "Deterministic GPU kernels (torch.use_deterministic_algorithms, cuBLAS "
+                                     "workspace, no fused attention): exact resume on a GPU too, slower.")
     dist_timeout: float = opt(60.0, "Minutes a collective may wait under torchrun.", gt=0)
     log: list[str] = opt([], "Also log metrics to tensorboard (event files in OUT/tensorboard) or wandb (offline "
                              "unless WANDB_MODE=online) (repeatable); metrics.jsonl is always written.")
@@ -349,6 +351,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     cfg = resolve_model(cfg)
     check_trackers(cfg.log)
     device = use_device(cfg.device)
+    if cfg.deterministic:
+        make_deterministic()
     dist = init_distributed(device, cfg.dist_timeout)
     precision = resolve_precision(cfg.precision, device)
     outdir = OutputDir(cfg.out, cfg.storage_options)  # local, or mirrored to a URL

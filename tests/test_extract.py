@@ -36,6 +36,7 @@ def teacher_on_replayed_views(cache, source_spec):
             yield run_teacher(t, x), torch.from_numpy(targets)
 
 
+@pytest.mark.cuda  # on a GPU: extraction there (pinned uint8 batches, 2 workers), the check on the CPU
 @pytest.mark.parametrize("codec,threshold", [("fp16", 0.9999), ("int8", 0.999)])
 def test_cache_equals_teacher_on_replayed_views(tmp_path, train_spec, codec, threshold):
     url, summary = extract(extract_cfg(train_spec, str(tmp_path), codec=codec, workers=2), progress=False)

@@ -200,6 +200,7 @@ def test_a_one_epoch_cosine_decays_without_timm_saying_it_will_not(tmp_path, dat
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.cuda
 def test_finetune_from_student_beats_chance_with_the_full_recipe(tmp_path, data, student):
     """BEiT v2 recipe (mixup, cutmix, smoothing, RandAugment, erasing, layer decay, drop path, EMA)
     on 10 separable classes: chance is 10%."""
@@ -245,11 +246,23 @@ def test_from_scratch_baseline_is_the_same_command_without_init(tmp_path, data):
     assert all(0 <= x["data_wait"] <= 1 for x in rows)  # the share of the epoch spent waiting for the loader
 
 
-def test_resume_mid_epoch_is_exact(tmp_path, data, student):
+@pytest.fixture()
+def deterministic_undone():
+    """--deterministic sets process-wide torch flags: put them back for the tests that follow."""
+    yield
+    torch.use_deterministic_algorithms(False)
+    for enable in (torch.backends.cuda.enable_flash_sdp, torch.backends.cuda.enable_mem_efficient_sdp,
+                   torch.backends.cuda.enable_cudnn_sdp):
+        enable(True)
+
+
+@pytest.mark.cuda
+def test_resume_mid_epoch_is_exact(tmp_path, data, student, deterministic_undone):
     """3 epochs in one go == stop after 10 optimizer steps (mid epoch 1), then --resume auto: same
     weights, EMA and metrics. Mixup, RandAugment, erasing, drop path, EMA and 2 loader workers all draw
-    random numbers."""
-    kw = dict(init=student, epochs=3, workers=2, model_ema=True, model_ema_decay=0.9)
+    random numbers. --deterministic and fp32: bitwise on a GPU too (`pytest -m cuda` there)."""
+    kw = dict(init=student, epochs=3, workers=2, model_ema=True, model_ema_decay=0.9, deterministic=True,
+              precision="fp32")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     total = finetune(cfg(data, a, **kw))["step"]
     per_epoch = read_jsonl(os.path.join(a, "metrics.jsonl"))[0]["steps"]  # 2 workers x 2 shards: 3 batches each

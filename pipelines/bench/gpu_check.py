@@ -17,7 +17,8 @@ On one GPU (about 6-8 minutes; --budget-s, 450 by default, skips the stages that
   replay       the tensor replay on the GPU against the CPU (levels that differ)
   decode       nvJPEG (torchvision, batched) against PIL on the same JPEGs: levels that differ, images/s of
                each (PIL on one core), and decode + replay of 8 views per image on the GPU
-  tests        `pytest -m cuda` (exact resume and online == offline on the GPU, with --deterministic)
+  tests        `pytest -m cuda`: exact resume (pretrain, finetune) and online == offline on the GPU with
+               --deterministic, a full finetune recipe, extraction on the GPU against the teacher on the CPU
 
 --tiny runs every stage on the CPU with a tiny teacher and student in a minute (CI runs it); --dry-run
 prints the stages and writes the plan without running them. A stage that fails is recorded with its error
