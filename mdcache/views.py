@@ -428,7 +428,7 @@ def decode_batch(datas: list, device, failed: dict[int, str] | None = None, refu
                         refused.append(i)
             if len(fast) > 1 and all(x is None for x in decoded):  # the decoder is broken, not every file
                 raise RuntimeError(f"the {device} JPEG decoder refused all {len(fast)} JPEGs of a batch (the first: "
-                                   f"{first}); decode them in the loader workers instead (--replay-on device)")
+                                   f"{first}); decode them in the loader workers (--replay-on device)") from first
         for i, x in zip(fast, decoded):
             out[i] = x
     for i, d in enumerate(datas):

@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # The one-shot GPU check (pipelines/bench/gpu_check.py says what it measures): one JSON in --out.
-#   bash pipelines/bench/gpu_check.sh [--out runs/gpu_check] [--tiny] [--dry-run]
-# On a GPU machine without network: carry .venv along, or install the wheels first (docs/benchmarks.md).
+#   bash pipelines/bench/gpu_check.sh [--out runs/gpu_check] [--tiny] [--dry-run] [--budget-s 450]
+# Python: $PYTHON, else .venv/bin/python, else python3. On a GPU machine without network whose image holds
+# PyTorch: run pipelines/bench/gpu_wheels.sh where pip works and bring .whl/ along; its wheels are installed
+# into a scratch folder here first (docs/benchmarks.md, "Running it on a machine without network").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if compgen -G ".whl/*.whl" > /dev/null; then
+  SITE=$(mktemp -d /tmp/mdcache-site.XXXXXX)
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 exec "$PY" pipelines/bench/gpu_check.py "$@"
