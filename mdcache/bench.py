@@ -113,6 +113,8 @@ def bench(cfg: BenchConfig) -> dict:
                                                                                   p.storage_options)) if b.keys]
         if not batches:
             raise ConfigError(f"bench: no decodable image in the selected shards of {cfg.source}")
+        if p.device.type == "cuda":  # pinned, as the extraction's loader hands them over: the same copies
+            batches = [(first, b.pin_memory()) for first, b in batches]
         n = sum(len(b) for _, b in batches) // cfg.views
         fidelity = cfg.fidelity_images * cfg.views
         best = float("inf")

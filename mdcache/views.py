@@ -380,12 +380,14 @@ def encoded_tensor(data: bytes):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def _device_errors() -> tuple:
-    """A CUDA fault is a RuntimeError too (torch.AcceleratorError): caught as a file's, it would send every
-    image to PIL without a word."""
+def _device_error(e: BaseException) -> bool:
+    """A CUDA fault is a RuntimeError too (torch.AcceleratorError; torchvision's nvJPEG path rethrows the
+    device's own errors as plain RuntimeErrors, naming them): caught as a file's, it would send every image
+    to PIL without a word."""
     import torch
 
-    return (torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
+    kinds = (torch.OutOfMemoryError, *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()))
+    return isinstance(e, kinds) or any(w in str(e) for w in ("CUDA error", "out of memory", "CUDA_ERROR"))
 
 
 class ImageDecodeError(ValueError):
@@ -406,22 +408,21 @@ def decode_batch(datas: list, device, failed: dict[int, str] | None = None, refu
     quietly decoded by PIL instead."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    device_errors = _device_errors()
     out: list = [None] * len(datas)
     fast = [i for i, d in enumerate(datas) if jpeg_components(d) in (1, 3)]
     if fast:
         try:
             decoded = decode_jpeg([datas[i] for i in fast], mode=ImageReadMode.RGB, device=device)
-        except device_errors:
-            raise  # the device's trouble, not a file's
-        except RuntimeError:  # one file the decoder refuses fails the batch: each alone, PIL for the refused
+        except RuntimeError as e:  # one file the decoder refuses fails the batch: each alone, PIL for the refused
+            if _device_error(e):
+                raise  # the device's trouble, not a file's
             decoded, first = [], None
             for i in fast:
                 try:
                     decoded.append(decode_jpeg(datas[i], mode=ImageReadMode.RGB, device=device))
-                except device_errors:
-                    raise
                 except RuntimeError as e:
+                    if _device_error(e):
+                        raise
                     decoded.append(None)
                     first = first or e
                     if refused is not None:

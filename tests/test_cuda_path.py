@@ -199,6 +199,14 @@ def test_a_device_fault_in_the_jpeg_decoder_is_raised_not_decoded_by_pil(monkeyp
     with pytest.raises(torch.AcceleratorError, match="illegal memory access"):
         views.decode_batch(files, torch.device("cpu"))
 
+    def rethrown(*a, **kw):  # torchvision's nvJPEG path rethrows the device's errors as plain RuntimeErrors
+        raise RuntimeError("Error while decoding JPEG images: CUDA error: out of memory")
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", rethrown)
+    refused = []
+    with pytest.raises(RuntimeError, match="CUDA error: out of memory"):
+        views.decode_batch(files, torch.device("cpu"), refused=refused)
+    assert refused == []  # not blamed on a file
+
     def refuses_the_second(x, **kw):
         if isinstance(x, list) or torch.equal(x, files[1]):
             raise RuntimeError("nvjpeg: unsupported sampling")

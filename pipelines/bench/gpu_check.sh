@@ -5,12 +5,15 @@
 # PyTorch: run pipelines/bench/gpu_wheels.sh where pip works and bring .whl/ along; its wheels are installed
 # into a scratch folder here first (docs/benchmarks.md, "Running it on a machine without network").
 set -euo pipefail
+export MDCACHE_CHECK_T0=$(date +%s.%N)  # --budget-s counts from here: the install and start-up are in it
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 if compgen -G ".whl/*.whl" > /dev/null; then
   SITE=$(mktemp -d /tmp/mdcache-site.XXXXXX)
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || {
+    echo "gpu_check: the wheels in .whl/ do not install with $("$PY" -V 2>&1) (made for another Python?):" \
+         "bash pipelines/bench/gpu_wheels.sh --python-version X.Y where pip works, or remove .whl/" >&2; exit 2; }
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
