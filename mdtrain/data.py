@@ -302,8 +302,8 @@ def to_device(batch: dict, device: torch.device, cfg: StreamConfig | None = None
                 images = views.decode_batch(images, device)
             except views.ImageDecodeError as e:
                 raise DataError(f"shard {batch['shards'][e.index]!r}, sample {batch['keys'][e.index]!r}: {e}") from None
-        out["images"] = views.replay_batch(images, [p.numpy()[None] for p in out.pop("params")], cfg.image_size,
-                                           cfg.replay, device)
+        out["images"] = views.replay_batch(images, list(out.pop("params").numpy()[:, None]), cfg.image_size,
+                                           cfg.replay, device)  # one view per image
     else:
         out["images"] = batch["images"].to(device, non_blocking=True)
     out["mask"] = batch["mask"].to(device, non_blocking=True)

@@ -49,6 +49,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "pipelines" / "bench"))
 
+from mdcache.devices import resolve_device  # noqa: E402  (auto: this rank's GPU, else the CPU)
+
 TINY_CLIP = str(ROOT / "tests" / "assets" / "tiny-clip.json")
 STAGES = ("extraction", "training", "syncs", "codecs", "replay", "decode", "tests")
 NEEDED = ("open_clip", "timm", "webdataset", "zarr", "numcodecs", "typer", "rich", "safetensors", "fsspec",
@@ -159,7 +161,7 @@ def syncs_per_step(s: dict, cache: str, device: str, out_dir: str) -> dict:
                             batch_size=max(1, s["student_batch"] // 4), workers=training_workers(s), epochs=100,
                             warmup_epochs=0, lr=1e-4, progress=False, log_every=log_every, stop_after=steps,
                             device=device)
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
+    cuda = resolve_device(device).type == "cuda"
     pt.data.to_device = counting_to_device
     try:
         with warnings.catch_warnings():
@@ -183,8 +185,7 @@ def syncs_per_step(s: dict, cache: str, device: str, out_dir: str) -> dict:
 def codecs_on_device(device: str) -> dict:
     from mdcache import codecs
 
-    dev = torch.device("cuda") if device == "auto" and torch.cuda.is_available() else torch.device(
-        "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 196, 768, generator=g) * torch.linspace(0.1, 8, 768)
     out = {}
@@ -207,8 +208,7 @@ def codecs_on_device(device: str) -> dict:
 def replay_on_device(spec: str, size: int, device: str) -> dict:
     from mdcache import sources, views
 
-    dev = torch.device("cuda") if device == "auto" and torch.cuda.is_available() else torch.device(
-        "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     recipe = views.ViewRecipe(image_size=size, views=8, color_jitter=0.4)
     worst, differ, n = 0, 0, 0
     for _, sample in zip(range(32), sources.iter_samples(sources.list_source(spec)[0])):
@@ -224,8 +224,7 @@ def decode_on_device(spec: str, size: int, device: str) -> dict:
     """nvJPEG against PIL: the same JPEGs decoded both ways, pixels compared, and each one's rate."""
     from mdcache import sources, views
 
-    dev = torch.device("cuda") if device == "auto" and torch.cuda.is_available() else torch.device(
-        "cpu" if device == "auto" else device)
+    dev = resolve_device(device)
     datas = [smp.data for shard in sources.list_source(spec) for smp in sources.iter_samples(shard)][:256]
     files = [views.encoded_tensor(d) for d in datas]
     recipe = views.ViewRecipe(image_size=size, views=8, color_jitter=0.4)
