@@ -59,9 +59,10 @@ def _lock_path(copy: str) -> str:
 
 
 @contextlib.contextmanager
-def _flock(copy: str, mode: int) -> Iterator[bool]:
-    """The copy's lock in `mode` (LOCK_SH, LOCK_EX, | LOCK_NB): yields whether it was taken."""
-    path = _lock_path(copy)
+def _flock(copy: str, mode: int, path: str | None = None) -> Iterator[bool]:
+    """The copy's lock (or the lock file `path`) in `mode` (LOCK_SH, LOCK_EX, | LOCK_NB): yields whether it
+    was taken."""
+    path = path or _lock_path(copy)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -144,19 +145,21 @@ def copies(root: str) -> list[str]:
 
 def evict_lru(root: str, max_bytes: int, keep: str | None = None) -> list[str]:
     """Keep `root` under max_bytes by removing least recently used copies that no reader holds;
-    returns the removed copies."""
-    found = copies(root)
-    sizes = {s: _dir_bytes(s) for s in found}
-    total, removed = sum(sizes.values()), []
-    for s in sorted(found, key=_mtime):
-        if total <= max_bytes:
-            break
-        if s == keep:
-            continue
-        with _flock(s, fcntl.LOCK_EX | fcntl.LOCK_NB) as mine:
-            if not mine:  # a reader has it open: never deleted under it
+    returns the removed copies. One evictor at a time per root: two that measured the same total at once
+    would each remove the copy the other keeps, and empty the cache between them."""
+    with _flock(root, fcntl.LOCK_EX, path=os.path.join(root, "evict.lock")):
+        found = copies(root)
+        sizes = {s: _dir_bytes(s) for s in found}
+        total, removed = sum(sizes.values()), []
+        for s in sorted(found, key=_mtime):
+            if total <= max_bytes:
+                break
+            if s == keep:
                 continue
-            drop(s)
-        total -= sizes[s]
-        removed.append(s)
+            with _flock(s, fcntl.LOCK_EX | fcntl.LOCK_NB) as mine:
+                if not mine:  # a reader has it open: never deleted under it
+                    continue
+                drop(s)
+            total -= sizes[s]
+            removed.append(s)
     return removed

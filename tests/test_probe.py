@@ -433,3 +433,28 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_temp_file(caches, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"writing {out}/last.ckpt failed" in p.stderr and "the previous last.ckpt, if any, is intact" in p.stderr
     assert not list(out.glob("*.tmp*")) and not (out / "last.ckpt").exists()
+
+
+def test_two_evictors_at_once_never_empty_the_local_cache(tmp_path, monkeypatch):
+    """Two trainers sharing a --local-cache bounded at 1.5 copies, each keeping the copy it just read: both
+    measured 2 copies at once, each removed the other's, and the cache was left empty (CI saw it on S3). One
+    evictor at a time: the second finds the bound already met."""
+    import threading
+
+    root = tmp_path / "local"
+    a, b = (root / "cid" / "shards" / f"s{i}.attempt" for i in range(2))
+    for d in (a, b):
+        d.mkdir(parents=True)
+        (d / "data").write_bytes(b"x" * 1000)
+    mtime, other = local_copies._mtime, []
+
+    def meanwhile(path):  # the other trainer evicts while this one has measured but not yet removed anything
+        if not other:
+            other.append(threading.Thread(target=local_copies.evict_lru, args=(str(root), 1500, str(b))))
+            other[0].start()
+            other[0].join(timeout=1)  # it finishes here without the lock; with it, it waits for this evictor
+        return mtime(path)
+    monkeypatch.setattr(local_copies, "_mtime", meanwhile)
+    assert local_copies.evict_lru(str(root), 1500, keep=str(a)) == [str(b)]
+    other[0].join(timeout=10)
+    assert not other[0].is_alive() and a.is_dir() and not b.exists()
